@@ -1,0 +1,82 @@
+"""The one degradation module: training pairs, conditioning views, evaluation and tests use it.
+
+Tasks:
+
+* ``upscale2`` / ``upscale4``: the target is downsampled by the factor (bicubic, antialiased);
+  the *conditioning view* is that low-resolution copy brought back to the target size with
+  bicubic interpolation.
+* ``restore``: Gaussian blur (sigma 1.2 px), Gaussian noise (sigma 8/255), then JPEG at
+  quality 35, at the same size; the view is the degraded image itself.
+
+Every random choice is seeded from the sample key, so a view is identical at caching time, at
+inference time and across re-runs. :func:`condition_view` is the function both caching
+(``encode --tasks``) and inference (``restore``) use to turn a degraded input into the view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from .imaging import to_tensor_array
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    scale: int = 1  # output size / input size
+    blur_sigma: float = 0.0
+    noise_sigma: float = 0.0  # in 0..255 units
+    jpeg_quality: int = 0  # 0: no JPEG step
+
+
+TASKS: dict[str, Task] = {
+    "upscale2": Task("upscale2", scale=2),
+    "upscale4": Task("upscale4", scale=4),
+    "restore": Task("restore", blur_sigma=1.2, noise_sigma=8.0, jpeg_quality=35),
+}
+
+
+def seed_for(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+def degrade(task: str, im: Image.Image, seed: int) -> Image.Image:
+    """Make the degraded input a user would hand to ``restore`` for this task."""
+    t = TASKS[task]
+    out = im.convert("RGB")
+    if t.scale > 1:
+        w, h = out.size
+        out = out.resize((max(1, w // t.scale), max(1, h // t.scale)), Image.Resampling.BICUBIC, reducing_gap=None)
+    if t.blur_sigma:
+        out = out.filter(ImageFilter.GaussianBlur(t.blur_sigma))
+    if t.noise_sigma:
+        rng = np.random.default_rng(seed)
+        arr = np.asarray(out, dtype=np.float32) + rng.normal(0, t.noise_sigma, (out.height, out.width, 3))
+        out = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "RGB")
+    if t.jpeg_quality:
+        buf = io.BytesIO()
+        out.save(buf, format="JPEG", quality=t.jpeg_quality)
+        out = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return out
+
+
+def condition_view(task: str, degraded: Image.Image) -> Image.Image:
+    """The degraded input brought to the output size: the model's conditioning image."""
+    t = TASKS[task]
+    if t.scale == 1:
+        return degraded
+    w, h = degraded.size
+    return degraded.resize((w * t.scale, h * t.scale), Image.Resampling.BICUBIC)
+
+
+def task_view_pixels(task: str, target: Image.Image, key: str) -> np.ndarray:
+    """Caching-time view of a clean target image: degrade, then :func:`condition_view`."""
+    view = condition_view(task, degrade(task, target, seed_for(key)))
+    if view.size != target.size:  # sizes not divisible by the factor
+        view = view.resize(target.size, Image.Resampling.BICUBIC)
+    return to_tensor_array(view)
