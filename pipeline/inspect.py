@@ -39,10 +39,9 @@ def inspect(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     if storage.exists(storage.join(url, checkpoint.CONFIG_NAME), so):
         cfg = storage.read_json(storage.join(url, checkpoint.CONFIG_NAME), so)
         files = storage.listdir(url, so)
-        kind = ("diffusers-autoencoder" if cfg.get("_class_name") == "AutoencoderKL"
-                else f"{cfg.get('kind', 'unknown')}-checkpoint")
-        keep = ("kind", "model", "step", "scale", "shift", "task", "vae", "latent_shape", "metrics")
-        return {"kind": kind, "url": storage.redact(url), "files": files,
+        kind = "diffusers" if cfg.get("_class_name") == "AutoencoderKL" else cfg.get("kind", "unknown")
+        keep = ("model", "step", "scale", "shift", "task", "vae", "latent_shape", "metrics")
+        return {"kind": "checkpoint", "model_kind": kind, "url": storage.redact(url), "files": files,
                 **{k: cfg[k] for k in keep if k in cfg},
                 **({"scaling_factor": cfg.get("scaling_factor")} if "_class_name" in cfg else {})}
     shards = storage.expand(url if url.endswith(".tar") or "*" in url or "{" in url else storage.join(url, "*.tar"), so)
@@ -55,6 +54,6 @@ def inspect(url: str, storage_options: dict | None = None) -> dict[str, Any]:
                 samples += 1
                 if s.error:
                     errors[s.error] += 1
-                exts.update(s.fields)
+                exts.update(s.fields.keys())
     return {"kind": "image-shards", "url": storage.redact(url), "shards": len(shards), "samples": samples,
             "fields": dict(exts), "unreadable": dict(errors)}

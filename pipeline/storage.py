@@ -147,7 +147,11 @@ def expand(patterns: str | list[str], storage_options: dict[str, Any] | None = N
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(url, storage_options)
-    return retry(lambda: fs.exists(path), what=f"exists {redact(url)}")
+
+    def _exists() -> bool:
+        fs.invalidate_cache(path)  # other processes write here: never trust a cached listing
+        return fs.exists(path)
+    return retry(_exists, what=f"exists {redact(url)}")
 
 
 def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -50,6 +50,18 @@ def is_safe_key(key: str) -> bool:
     return all(seg not in (".", "..") and _KEY_SEGMENT.match(seg) for seg in key.split("/"))
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Notes header errors that ``tarfile`` would otherwise treat as a silent end of archive."""
+
+    @classmethod
+    def fromtarfile(cls, tar):  # type: ignore[override]
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            tar.corrupt_header = exc  # a zero block (EOFHeaderError) is the normal end
+            raise
+
+
 def iter_samples(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[Sample]:
     """Yield the samples of a tar stream (``.tar``, ``.tar.gz`` ...), in order."""
     seen: set[str] = set()
@@ -66,7 +78,7 @@ def iter_samples(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_
         yield s
 
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -80,6 +92,9 @@ def iter_samples(fileobj: IO[bytes], max_member_bytes: int = DEFAULT_MAX_MEMBER_
                     continue
                 f = tar.extractfile(member)
                 current.fields[ext] = f.read() if f is not None else b""
+            bad_header = getattr(tar, "corrupt_header", None)
+            if bad_header is not None:
+                raise tarfile.ReadError(f"invalid header after {tar.offset} bytes: {bad_header}")
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         yield from finish(current)
         current = None

@@ -1,0 +1,107 @@
+"""Test data: real photo crops and a corpus of bad inputs."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+from pipeline import sample_photos
+
+
+def photo_crops(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
+    """``n`` real photo crops (scikit-image photos) of ``size`` x ``size``."""
+    rng = np.random.default_rng(seed)
+    names = list(sample_photos.PHOTOS)
+    out = []
+    for i in range(n):
+        im = sample_photos.load_photo(names[i % len(names)])
+        im = im.resize((max(size, im.width // 3), max(size, im.height // 3)))
+        x = int(rng.integers(0, im.width - size + 1))
+        y = int(rng.integers(0, im.height - size + 1))
+        out.append(im.crop((x, y, x + size, y + size)))
+    return out
+
+
+def write_photo_folder(root: str, n: int = 12, size: int = 64) -> list[str]:
+    """A folder tree of JPEG/PNG photos in two class folders, with one caption sidecar."""
+    rels = []
+    for i, im in enumerate(photo_crops(n, size)):
+        cls = "a" if i % 2 == 0 else "b"
+        ext = "png" if i % 3 == 0 else "jpg"
+        rel = f"{cls}/img_{i:03d}.{ext}"
+        os.makedirs(os.path.join(root, cls), exist_ok=True)
+        im.save(os.path.join(root, rel), quality=95)
+        rels.append(rel)
+    with open(os.path.join(root, "a", "img_000.txt"), "w") as f:
+        f.write("a caption")
+    return rels
+
+
+def encode_image(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def bad_input_members() -> tuple[list[tuple[str, bytes]], dict[str, str | None]]:
+    """Tar members covering every bad-input case, and the expected outcome per key.
+
+    Outcome is a skip reason, or None for a sample that must be encoded.
+    """
+    photo = photo_crops(1, 64)[0]
+    jpeg = encode_image(photo, "JPEG", quality=90)
+    members: list[tuple[str, bytes]] = []
+    expect: dict[str, str | None] = {}
+
+    def add(key: str, ext: str, data: bytes, outcome: str | None) -> None:
+        members.append((f"{key}.{ext}", data))
+        expect[key] = outcome
+
+    add("good", "jpg", jpeg, None)
+    add("truncated", "jpg", jpeg[: len(jpeg) // 2], "corrupt_image")
+    add("zero", "jpg", b"", "empty_file")
+    add("notimage", "png", b"this is not an image at all", "not_an_image")
+    add("cmyk", "jpg", encode_image(photo.convert("CMYK"), "JPEG"), None)
+    arr16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    add("gray16", "png", encode_image(Image.fromarray(arr16), "PNG"), None)
+    add("palette", "png", encode_image(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), None)
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(128)
+    add("alpha", "png", encode_image(rgba, "PNG"), None)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    add("exif", "jpg", encode_image(photo.resize((64, 48)), "JPEG", exif=exif.tobytes()), None)
+    add("tiny", "png", encode_image(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), "too_small")
+    add("bomb", "png", _bomb_png(), "decompression_bomb")
+    add("badclass", "jpg", jpeg, "bad_class")
+    members.append(("badclass.cls", b"not-a-number"))
+    add("onlymeta", "json", b'{"a": 1}', "no_image")
+    add("dup", "jpg", jpeg, None)
+    members.append(("dup.jpg", jpeg))  # the same key again within the sample
+    members.append(("../escape.jpg", jpeg))
+    expect["../escape"] = "unsafe_key"
+    members.append(("/abs/path.jpg", jpeg))
+    expect["/abs/path"] = "unsafe_key"
+    return members, expect
+
+
+def _bomb_png() -> bytes:
+    """A small PNG that declares 20000 x 20000 pixels (400 MPix) of one colour."""
+    im = Image.new("1", (20000, 20000))
+    return encode_image(im, "PNG", optimize=True)
+
+
+def write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            add_member(tar, name, data)
