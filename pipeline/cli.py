@@ -56,12 +56,34 @@ def _run_demo(cfg):
     return run_demo(cfg)
 
 
+def _train_cls():
+    from .train_diffusion import TrainConfig
+    return TrainConfig
+
+
+def _run_train(cfg):
+    from .train_diffusion import run_train
+    return run_train(cfg)
+
+
+def _sample_cls():
+    from .sampling import SampleConfig
+    return SampleConfig
+
+
+def _run_sample(cfg):
+    from .sampling import run_sample
+    return run_sample(cfg)
+
+
 VERBS = [
     Verb("demo", "run the whole workflow on local Ray, local folders and bundled sample photos",
          _demo_cls, _run_demo),
     Verb("shards", "pack a folder of images into WebDataset image shards", _shards_cls, _run_shards,
          positional=("src", "out")),
     Verb("encode", "encode image shards into latent shards with Ray tasks", _encode_cls, _run_encode),
+    Verb("train", "train a latent diffusion model on cached latents with Ray Train", _train_cls, _run_train),
+    Verb("sample", "draw samples from a diffusion checkpoint into a PNG grid", _sample_cls, _run_sample),
 ]
 
 

@@ -98,13 +98,19 @@ def from_dict(cls: type[C], values: dict[str, Any], *, section: str = "") -> C:
     """Build ``cls`` from a mapping; unknown keys raise ConfigError listing the valid ones."""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in values if k.replace("-", "_") not in fields]
+
+    def field_name(key: str) -> str:  # `class` names the field `class_` (a Python keyword)
+        name = key.replace("-", "_")
+        return name + "_" if name not in fields and name + "_" in fields else name
+
+    unknown = [k for k in values if field_name(k) not in fields]
     if unknown:
         where = f" in {section}" if section else ""
-        raise ConfigError(f"unknown option {unknown[0]!r}{where}; valid options: {', '.join(sorted(fields))}")
+        valid = ", ".join(sorted(n.rstrip("_") for n in fields))
+        raise ConfigError(f"unknown option {unknown[0]!r}{where}; valid options: {valid}")
     kwargs = {}
     for key, value in values.items():
-        name = key.replace("-", "_")
+        name = field_name(key)
         kwargs[name] = coerce(name, hints[name], value)
     try:
         return cls(**kwargs)
@@ -147,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         if f.name in positional:
             parser.add_argument(f.name, nargs="?", default=None, help=help_text)
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + f.name.rstrip("_").replace("_", "-")
         if tp is bool:
             parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=help_text)

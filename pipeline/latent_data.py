@@ -1,0 +1,137 @@
+"""Streaming cached latents to a training rank: disjoint shards, a shuffle buffer, prefetch.
+
+Shard assignment: every "epoch" the shard list is shuffled with a seed shared by all ranks and
+dealt round-robin, so ranks read disjoint shards; when the count does not divide evenly, ranks
+that would get fewer shards get extra shards drawn at random (resampled), so every rank reads the
+same number of shards per epoch and no rank starves. The stream is endless; the training loop
+decides when to stop, so DDP ranks always take the same number of steps.
+
+The manifest's scale/shift are applied here through :func:`autoencoder.scale_latents` (the one
+function that does it); posterior sampling (mean + std * eps) is optional.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import manifest, storage
+from .autoencoder import scale_latents
+from .tarshards import iter_samples
+
+
+def rank_shards(shards: list[str], rank: int, world: int, epoch: int, seed: int) -> list[str]:
+    """The shards rank ``rank`` reads in ``epoch``; equal counts on every rank."""
+    order = list(shards)
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    per_rank = -(-len(order) // world)  # ceil
+    mine = order[rank::world]
+    extra = random.Random(seed * 7919 + epoch * 131 + rank)
+    while len(mine) < per_rank:
+        mine.append(extra.choice(order))
+    return mine
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor  # scaled latents (B, C, h, w)
+    cond: torch.Tensor | None  # scaled task view latents, or None
+    y: torch.Tensor | None  # class ids, or None
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class LatentStream:
+    """Endless iterator of :class:`Batch` for one rank, prefetched by a background thread."""
+
+    def __init__(self, root: str, *, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 1000, sample_posterior: bool = False, task: str = "",
+                 use_classes: bool = False, storage_options: dict | None = None, prefetch: int = 4):
+        self.man = manifest.load(root, storage_options)
+        if task and task not in self.man["tasks"]:
+            raise manifest.ManifestError(f"latent dataset has no '{task}' view (it has {self.man['tasks']}); "
+                                         f"re-encode with --tasks {task}")
+        self.shards = manifest.shard_urls(root, self.man)
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.shuffle_buffer, self.sample_posterior = shuffle_buffer, sample_posterior
+        self.task, self.use_classes, self.so = task, use_classes, storage_options
+        self.scale, self.shift = float(self.man["scale"]), float(self.man["shift"])
+        self.epoch = 0
+        self._q: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, daemon=True)
+        self._started = False
+
+    def _samples(self) -> Iterator[dict[str, bytes]]:
+        while not self._stop.is_set():
+            for url in rank_shards(self.shards, self.rank, self.world, self.epoch, self.seed):
+                with storage.open_read(url, self.so) as f:
+                    for s in iter_samples(f):
+                        if s.error is None:
+                            yield s.fields
+            self.epoch += 1
+
+    def _shuffled(self, rng: random.Random) -> Iterator[dict[str, bytes]]:
+        buf: list[dict[str, bytes]] = []
+        for s in self._samples():
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            i = rng.randrange(len(buf))
+            yield buf[i]
+            buf[i] = s
+
+    def _fill(self) -> None:
+        rng = random.Random(self.seed * 31 + self.rank)
+        gen = torch.Generator().manual_seed(self.seed * 17 + self.rank)
+        items = []
+        try:
+            for s in self._shuffled(rng):
+                items.append(s)
+                if len(items) == self.batch_size:
+                    self._q.put(self._collate(items, gen))
+                    items = []
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the consumer
+            self._q.put(exc)
+
+    def _collate(self, items: list[dict[str, bytes]], gen: torch.Generator) -> Batch:
+        mean = torch.from_numpy(np.stack([_load_npy(s["latent.npy"]) for s in items]).astype(np.float32))
+        if self.sample_posterior and "std.npy" in items[0]:
+            std = torch.from_numpy(np.stack([_load_npy(s["std.npy"]) for s in items]).astype(np.float32))
+            mean = mean + std * torch.randn(mean.shape, generator=gen)
+        cond = None
+        if self.task:
+            raw = np.stack([_load_npy(s[f"{self.task}.npy"]) for s in items]).astype(np.float32)
+            cond = scale_latents(torch.from_numpy(raw), self.scale, self.shift)
+        y = None
+        if self.use_classes:
+            y = torch.tensor([int(s["cls"].decode()) if "cls" in s else -1 for s in items], dtype=torch.long)
+        return Batch(scale_latents(mean, self.scale, self.shift), cond, y)
+
+    def __iter__(self) -> LatentStream:
+        if not self._started:
+            self._thread.start()
+            self._started = True
+        return self
+
+    def __next__(self) -> Batch:
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._q.empty():  # unblock the producer
+            self._q.get_nowait()
