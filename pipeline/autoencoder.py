@@ -132,6 +132,11 @@ class KLAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Posterior]:
+        """Training pass: reconstruction from a posterior sample, and the posterior."""
+        post = self.encode(x)
+        return self.decode(post.sample()), post
+
 
 # --------------------------------------------------------------------------- the interface
 
@@ -203,8 +208,11 @@ def save_kl(model: KLAutoencoder, url: str, *, scale: float = 1.0, shift: float 
 
 
 def load(url: str, storage_options: dict | None = None) -> Autoencoder:
-    """Load an autoencoder of either kind from a directory URL (local or object storage)."""
-    local = checkpoint.local_copy(url, storage_options)
+    """Load an autoencoder of either kind from a directory URL (local or object storage).
+
+    ``url`` may also be a ``train-vae`` output folder: its newest checkpoint is used.
+    """
+    local = checkpoint.local_copy(checkpoint.latest_checkpoint(url, storage_options), storage_options)
     cfg = checkpoint.read_config(local)
     if cfg.get("_class_name") == "AutoencoderKL":
         return _load_diffusers(local, cfg, url)

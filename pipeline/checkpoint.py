@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from . import storage
 
 CONFIG_NAME = "config.json"
+RUN_NAME = "run"  # a training output keeps its checkpoints in <output>/run/checkpoint_<step>/
 
 
 def save(local_dir: str, config: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -50,3 +51,16 @@ def load_tensors(local_dir: str, name: str) -> dict[str, torch.Tensor]:
 
 def sha256(local_dir: str, name: str) -> str:
     return storage.sha256_file(os.path.join(local_dir, f"{name}.safetensors"))
+
+
+def latest_checkpoint(url: str, storage_options: dict | None = None) -> str:
+    """``url`` itself when it is a checkpoint, else the newest checkpoint of a run output."""
+    if storage.exists(storage.join(url, CONFIG_NAME), storage_options):
+        return url
+    run = storage.join(url, RUN_NAME)
+    names = sorted(n for n in storage.listdir(run, storage_options) if n.startswith("checkpoint_"))
+    for name in reversed(names):
+        cand = storage.join(run, name)
+        if storage.exists(storage.join(cand, CONFIG_NAME), storage_options):
+            return cand
+    raise FileNotFoundError(f"no checkpoint at or under {storage.redact(url)}")

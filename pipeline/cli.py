@@ -76,11 +76,23 @@ def _run_sample(cfg):
     return run_sample(cfg)
 
 
+def _train_vae_cls():
+    from .train_vae import VAETrainConfig
+    return VAETrainConfig
+
+
+def _run_train_vae(cfg):
+    from .train_vae import run_train_vae
+    return run_train_vae(cfg)
+
+
 VERBS = [
     Verb("demo", "run the whole workflow on local Ray, local folders and bundled sample photos",
          _demo_cls, _run_demo),
     Verb("shards", "pack a folder of images into WebDataset image shards", _shards_cls, _run_shards,
          positional=("src", "out")),
+    Verb("train-vae", "train the built-in KL autoencoder on image shards with Ray Train",
+         _train_vae_cls, _run_train_vae),
     Verb("encode", "encode image shards into latent shards with Ray tasks", _encode_cls, _run_encode),
     Verb("train", "train a latent diffusion model on cached latents with Ray Train", _train_cls, _run_train),
     Verb("sample", "draw samples from a diffusion checkpoint into a PNG grid", _sample_cls, _run_sample),

@@ -16,7 +16,7 @@ import torch
 
 from . import autoencoder, checkpoint, denoiser, diffusion, manifest, storage
 from .config import ConfigError, option
-from .latent_data import LatentStream
+from .streams import latent_stream
 from .training import (LoopConfig, MetricsLog, ema_update, fit, lr_at, optimizer_from_tensors,
                        optimizer_to_tensors, public_config, restore_checkpoint, save_checkpoint, unwrap)
 
@@ -97,7 +97,7 @@ def train_loop(loop_config: dict) -> None:
         ema.load_state_dict(checkpoint.load_tensors(init, "ema"))
     ddp = ray.train.torch.prepare_model(model)
 
-    stream = iter(LatentStream(cfg.latents, batch_size=cfg.batch_size, rank=rank, world=world,
+    stream = iter(latent_stream(cfg.latents, batch_size=cfg.batch_size, rank=rank, world=world,
                                seed=cfg.seed + start, shuffle_buffer=cfg.shuffle_buffer,
                                sample_posterior=cfg.sample_posterior, task=cfg.task,
                                use_classes=cfg.num_classes > 0, storage_options=so))

@@ -28,7 +28,7 @@ import torch
 from . import checkpoint, storage
 from .config import ConfigError, option, to_dict
 
-RUN_NAME = "run"  # checkpoints land in <output>/run/checkpoint_<step>/
+from .checkpoint import RUN_NAME
 
 
 @dataclass
@@ -154,19 +154,6 @@ def restore_checkpoint() -> str | None:
         return None
     local = tempfile.mkdtemp(prefix="ckpt-")
     return ckpt.to_directory(local)
-
-
-def latest_checkpoint(url: str, storage_options: dict | None = None) -> str:
-    """``url`` itself when it is a checkpoint, else the newest checkpoint of a run output."""
-    if storage.exists(storage.join(url, checkpoint.CONFIG_NAME), storage_options):
-        return url
-    run = storage.join(url, RUN_NAME)
-    names = sorted(n for n in storage.listdir(run, storage_options) if n.startswith("checkpoint_"))
-    for name in reversed(names):
-        cand = storage.join(run, name)
-        if storage.exists(storage.join(cand, checkpoint.CONFIG_NAME), storage_options):
-            return cand
-    raise FileNotFoundError(f"no checkpoint at or under {storage.redact(url)}")
 
 
 # --------------------------------------------------------------------------- metrics

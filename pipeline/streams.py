@@ -1,4 +1,4 @@
-"""Streaming cached latents to a training rank: disjoint shards, a shuffle buffer, prefetch.
+"""Streaming shards to a training rank: disjoint shards, a shuffle buffer, prefetch.
 
 Shard assignment: every "epoch" the shard list is shuffled with a seed shared by all ranks and
 dealt round-robin, so ranks read disjoint shards; when the count does not divide evenly, ranks
@@ -16,8 +16,9 @@ import io
 import queue
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,21 +51,21 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-class LatentStream:
-    """Endless iterator of :class:`Batch` for one rank, prefetched by a background thread."""
+class BatchStream:
+    """Endless iterator of collated batches for one rank, filled by a background thread.
 
-    def __init__(self, root: str, *, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, sample_posterior: bool = False, task: str = "",
-                 use_classes: bool = False, storage_options: dict | None = None, prefetch: int = 4):
-        self.man = manifest.load(root, storage_options)
-        if task and task not in self.man["tasks"]:
-            raise manifest.ManifestError(f"latent dataset has no '{task}' view (it has {self.man['tasks']}); "
-                                         f"re-encode with --tasks {task}")
-        self.shards = manifest.shard_urls(root, self.man)
+    Reads this rank's shards (:func:`rank_shards`), skips unreadable samples, shuffles through a
+    buffer, and calls ``collate(samples, generator)`` on every ``batch_size`` samples.
+    """
+
+    def __init__(self, shards: list[str], collate: Callable[[list[dict[str, bytes]], torch.Generator], Any], *,
+                 batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
+                 storage_options: dict | None = None, prefetch: int = 4):
+        if not shards:
+            raise ValueError("no shards to stream")
+        self.shards, self.collate = shards, collate
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.shuffle_buffer, self.sample_posterior = shuffle_buffer, sample_posterior
-        self.task, self.use_classes, self.so = task, use_classes, storage_options
-        self.scale, self.shift = float(self.man["scale"]), float(self.man["shift"])
+        self.shuffle_buffer, self.so = shuffle_buffer, storage_options
         self.epoch = 0
         self._q: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -98,34 +99,20 @@ class LatentStream:
             for s in self._shuffled(rng):
                 items.append(s)
                 if len(items) == self.batch_size:
-                    self._q.put(self._collate(items, gen))
+                    self._q.put(self.collate(items, gen))
                     items = []
                 if self._stop.is_set():
                     return
         except BaseException as exc:  # noqa: BLE001 - surfaced to the consumer
             self._q.put(exc)
 
-    def _collate(self, items: list[dict[str, bytes]], gen: torch.Generator) -> Batch:
-        mean = torch.from_numpy(np.stack([_load_npy(s["latent.npy"]) for s in items]).astype(np.float32))
-        if self.sample_posterior and "std.npy" in items[0]:
-            std = torch.from_numpy(np.stack([_load_npy(s["std.npy"]) for s in items]).astype(np.float32))
-            mean = mean + std * torch.randn(mean.shape, generator=gen)
-        cond = None
-        if self.task:
-            raw = np.stack([_load_npy(s[f"{self.task}.npy"]) for s in items]).astype(np.float32)
-            cond = scale_latents(torch.from_numpy(raw), self.scale, self.shift)
-        y = None
-        if self.use_classes:
-            y = torch.tensor([int(s["cls"].decode()) if "cls" in s else -1 for s in items], dtype=torch.long)
-        return Batch(scale_latents(mean, self.scale, self.shift), cond, y)
-
-    def __iter__(self) -> LatentStream:
+    def __iter__(self) -> BatchStream:
         if not self._started:
             self._thread.start()
             self._started = True
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> Any:
         item = self._q.get()
         if isinstance(item, BaseException):
             raise item
@@ -135,3 +122,31 @@ class LatentStream:
         self._stop.set()
         while not self._q.empty():  # unblock the producer
             self._q.get_nowait()
+
+
+def latent_stream(root: str, *, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                  shuffle_buffer: int = 1000, sample_posterior: bool = False, task: str = "",
+                  use_classes: bool = False, storage_options: dict | None = None) -> BatchStream:
+    """A stream of :class:`Batch` from a latent dataset (its manifest is checked first)."""
+    man = manifest.load(root, storage_options)
+    if task and task not in man["tasks"]:
+        raise manifest.ManifestError(f"latent dataset has no '{task}' view (it has {man['tasks']}); "
+                                     f"re-encode with --tasks {task}")
+    scale, shift = float(man["scale"]), float(man["shift"])
+
+    def collate(items: list[dict[str, bytes]], gen: torch.Generator) -> Batch:
+        mean = torch.from_numpy(np.stack([_load_npy(s["latent.npy"]) for s in items]).astype(np.float32))
+        if sample_posterior and "std.npy" in items[0]:
+            std = torch.from_numpy(np.stack([_load_npy(s["std.npy"]) for s in items]).astype(np.float32))
+            mean = mean + std * torch.randn(mean.shape, generator=gen)
+        cond = None
+        if task:
+            raw = np.stack([_load_npy(s[f"{task}.npy"]) for s in items]).astype(np.float32)
+            cond = scale_latents(torch.from_numpy(raw), scale, shift)
+        y = None
+        if use_classes:
+            y = torch.tensor([int(s["cls"].decode()) if "cls" in s else -1 for s in items], dtype=torch.long)
+        return Batch(scale_latents(mean, scale, shift), cond, y)
+
+    return BatchStream(manifest.shard_urls(root, man), collate, batch_size=batch_size, rank=rank, world=world,
+                       seed=seed, shuffle_buffer=shuffle_buffer, storage_options=storage_options)
