@@ -31,8 +31,11 @@ from .config import ConfigError
 # --------------------------------------------------------------------------- latent scale
 
 
-def scale_latents(z: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
-    """Raw posterior latents -> the normalised latents diffusion works on. The one place."""
+def scale_latents(z, scale: float, shift: float):
+    """Raw posterior latents -> the normalised latents diffusion works on. The one place.
+
+    Works on torch tensors and numpy arrays alike.
+    """
     return (z - shift) * scale
 
 
