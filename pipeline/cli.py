@@ -86,6 +86,26 @@ def _run_train_vae(cfg):
     return run_train_vae(cfg)
 
 
+def _restore_cls():
+    from .restore_job import RestoreConfig
+    return RestoreConfig
+
+
+def _run_restore(cfg):
+    from .restore_job import run_restore
+    return run_restore(cfg)
+
+
+def _eval_cls():
+    from .evaluate import EvalConfig
+    return EvalConfig
+
+
+def _run_eval(cfg):
+    from .evaluate import evaluate
+    return evaluate(cfg)
+
+
 VERBS = [
     Verb("demo", "run the whole workflow on local Ray, local folders and bundled sample photos",
          _demo_cls, _run_demo),
@@ -96,6 +116,9 @@ VERBS = [
     Verb("encode", "encode image shards into latent shards with Ray tasks", _encode_cls, _run_encode),
     Verb("train", "train a latent diffusion model on cached latents with Ray Train", _train_cls, _run_train),
     Verb("sample", "draw samples from a diffusion checkpoint into a PNG grid", _sample_cls, _run_sample),
+    Verb("restore", "restore / upscale images in bulk with Ray Data actors", _restore_cls, _run_restore),
+    Verb("eval", "score a restoration checkpoint against bicubic, Lanczos and the autoencoder",
+         _eval_cls, _run_eval),
 ]
 
 

@@ -4,7 +4,7 @@ Tasks:
 
 * ``upscale2`` / ``upscale4``: the target is downsampled by the factor (bicubic, antialiased);
   the *conditioning view* is that low-resolution copy brought back to the target size with
-  bicubic interpolation.
+  Lanczos interpolation (the classical baseline restoration must never fall below).
 * ``restore``: Gaussian blur (sigma 1.2 px), Gaussian noise (sigma 8/255), then JPEG at
   quality 35, at the same size; the view is the degraded image itself.
 
@@ -71,12 +71,12 @@ def condition_view(task: str, degraded: Image.Image) -> Image.Image:
     if t.scale == 1:
         return degraded
     w, h = degraded.size
-    return degraded.resize((w * t.scale, h * t.scale), Image.Resampling.BICUBIC)
+    return degraded.resize((w * t.scale, h * t.scale), Image.Resampling.LANCZOS)
 
 
 def task_view_pixels(task: str, target: Image.Image, key: str) -> np.ndarray:
     """Caching-time view of a clean target image: degrade, then :func:`condition_view`."""
     view = condition_view(task, degrade(task, target, seed_for(key)))
     if view.size != target.size:  # sizes not divisible by the factor
-        view = view.resize(target.size, Image.Resampling.BICUBIC)
+        view = view.resize(target.size, Image.Resampling.LANCZOS)
     return to_tensor_array(view)

@@ -182,6 +182,15 @@ def walk_files(url: str, storage_options: dict[str, Any] | None = None) -> list[
     return sorted(rels)
 
 
+def safe_relpath(rel: str) -> bool:
+    """Whether ``rel`` may be joined under an output root: relative, no ``..``, no odd characters."""
+    if not rel or rel.startswith(("/", "~")) or "\\" in rel or len(rel) > 1024:
+        return False
+    if any(ord(c) < 32 for c in rel):
+        return False
+    return all(seg not in ("", ".", "..") for seg in rel.split("/"))
+
+
 # --------------------------------------------------------------------------- reading
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:

@@ -16,6 +16,7 @@ import torch
 
 from . import autoencoder, checkpoint, denoiser, diffusion, manifest, storage
 from .config import ConfigError, option
+from .restoration import residual_target
 from .streams import latent_stream
 from .training import (LoopConfig, MetricsLog, ema_update, fit, lr_at, optimizer_from_tensors,
                        optimizer_to_tensors, public_config, restore_checkpoint, save_checkpoint, unwrap)
@@ -63,6 +64,7 @@ def train_loop(loop_config: dict) -> None:
 
     quiet_ray_loggers()
     cfg: TrainConfig = loop_config["cfg"]
+    residual_scale = loop_config["residual_scale"]
     so = cfg.storage_options
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -108,7 +110,8 @@ def train_loop(loop_config: dict) -> None:
 
     ckpt_config = {"kind": "diffusion", "model": denoiser.to_dict(mcfg), "train": public_config(cfg),
                    "task": cfg.task, "latent_shape": man["latent_shape"], "scale": man["scale"],
-                   "shift": man["shift"], "vae": {"path": "vae", "identity": man["encoder"]},
+                   "shift": man["shift"], "residual_scale": residual_scale,
+                   "vae": {"path": "vae", "identity": man["encoder"]},
                    "latents": storage.redact(cfg.latents)}
 
     # ---- the loop
@@ -124,6 +127,8 @@ def train_loop(loop_config: dict) -> None:
             window["wait"] += time.perf_counter() - t_wait
             x0 = batch.x0.to(dev)
             cond = batch.cond.to(dev) if batch.cond is not None else None
+            if cond is not None:  # a task model generates the residual over the classical view
+                x0 = residual_target(x0, cond, residual_scale)
             y = batch.y.to(dev) if batch.y is not None else None
             if y is not None and cfg.label_dropout:
                 drop = torch.rand(y.shape, generator=gen).to(dev) < cfg.label_dropout
@@ -178,6 +183,18 @@ def _write_sample_grid(cfg: TrainConfig, model, step: int, generate, grid) -> No
                         cfg.storage_options)
 
 
+def measure_residual_scale(cfg: TrainConfig, batches: int = 4) -> float:
+    """1 / std of the task residual (latent - view) over a few batches, so targets are ~unit scale.
+
+    Measured once by the driver and passed to every rank, so all ranks agree.
+    """
+    stream = iter(latent_stream(cfg.latents, batch_size=cfg.batch_size, task=cfg.task, shuffle_buffer=1,
+                                storage_options=cfg.storage_options))
+    res = torch.cat([residual_target(b.x0, b.cond, 1.0) for b in (next(stream) for _ in range(batches))])
+    stream.close()
+    return float(1.0 / res.std().clamp_min(1e-4))
+
+
 def run_train(cfg: TrainConfig, log=print):
     man = manifest.load(cfg.latents, cfg.storage_options)  # refuse a bad dataset before starting workers
     if cfg.task and cfg.task not in man["tasks"]:
@@ -185,7 +202,8 @@ def run_train(cfg: TrainConfig, log=print):
     log(f"[train] {cfg.workers} worker(s), {man['totals']['written']} latents in {len(man['shards'])} shards, "
         f"model {cfg.model}{', task ' + cfg.task if cfg.task else ''} -> {storage.redact(cfg.output)}")
     t0 = time.time()
-    result = fit(train_loop, {"cfg": cfg}, cfg)
+    residual_scale = measure_residual_scale(cfg) if cfg.task else 1.0
+    result = fit(train_loop, {"cfg": cfg, "residual_scale": residual_scale}, cfg)
     if result.error:
         raise result.error
     log(f"[train] finished step {result.metrics.get('step')} in {time.time() - t0:.0f}s; "
