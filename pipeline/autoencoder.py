@@ -215,7 +215,7 @@ def load(url: str, storage_options: dict | None = None) -> Autoencoder:
 
     ``url`` may also be a ``train-vae`` output folder: its newest checkpoint is used.
     """
-    local = checkpoint.local_copy(checkpoint.latest_checkpoint(url, storage_options), storage_options)
+    local = checkpoint.local_copy(url, storage_options)
     cfg = checkpoint.read_config(local)
     if cfg.get("_class_name") == "AutoencoderKL":
         return _load_diffusers(local, cfg, url)

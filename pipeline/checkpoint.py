@@ -30,8 +30,8 @@ def save(local_dir: str, config: dict[str, Any], tensors: dict[str, dict[str, to
 
 
 def local_copy(url: str, storage_options: dict | None = None) -> str:
-    """A local directory holding the checkpoint at ``url``."""
-    path = storage.download_dir(url, storage_options)
+    """A local directory holding the checkpoint at ``url`` (or a run output's newest checkpoint)."""
+    path = storage.download_dir(latest_checkpoint(url, storage_options), storage_options)
     if not os.path.exists(os.path.join(path, CONFIG_NAME)):
         raise FileNotFoundError(f"{storage.redact(url)} is not a checkpoint: no {CONFIG_NAME}")
     return path

@@ -19,6 +19,7 @@ the encoder on full batches, so download/decode overlap with compute.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from . import imaging, manifest, storage
+from . import checkpoint, imaging, manifest, storage
 from .config import ConfigError, option, to_dict
 from .progress import Progress, format_seconds
 from .tarshards import Sample, TarShardWriter, iter_samples
@@ -281,6 +282,8 @@ def run_encode(cfg: EncodeConfig, log=print) -> dict:
 
     t0 = time.time()
     so = cfg.storage_options
+    # pin a training output to its newest checkpoint now, so every shard uses the same weights
+    cfg = dataclasses.replace(cfg, vae=checkpoint.latest_checkpoint(cfg.vae, so))
     pairs = plan(cfg)
     vae = autoencoder.load(cfg.vae, so)
     identity = vae.identity

@@ -87,6 +87,15 @@ def adain(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (x - xm) / xs * rs + rm
 
 
+@dataclass
+class Parts:
+    base: torch.Tensor  # classical result, padded (1, 3, H, W) in [-1, 1]
+    residual: torch.Tensor  # the model's pixel detail, same shape
+    h: int
+    w: int
+    gain: float  # the gain the options ask for
+
+
 class Restorer:
     """Holds a loaded checkpoint and restores images with it."""
 
@@ -127,12 +136,18 @@ class Restorer:
     @torch.no_grad()
     def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image:
         """Restore one RGB image (``mask``: L image, white = fill, for ``inpaint``)."""
-        o = self.opts
-        gen = torch.Generator().manual_seed(o.seed)
-        if o.task == "inpaint":
+        if self.opts.task == "inpaint":
             if mask is None:
                 raise ValueError("inpaint needs a mask (a mask image or the input's alpha)")
-            return self._inpaint(im, mask, gen)
+            return self._inpaint(im, mask, torch.Generator().manual_seed(self.opts.seed))
+        parts = self.parts(im)
+        return self.compose(parts, parts.gain)
+
+    @torch.no_grad()
+    def parts(self, im: Image.Image) -> Parts:
+        """The classical base and the model's projected pixel residual for one image."""
+        o = self.opts
+        gen = torch.Generator().manual_seed(o.seed)
         base_img = degrade.condition_view(o.task, im.convert("RGB"))
         base, (h, w) = _pad_to(torch.from_numpy(to_tensor_array(base_img))[None], self.multiple)
         base = base.to(self.device)
@@ -151,10 +166,14 @@ class Restorer:
         scale = degrade.TASKS[o.task].scale
         if scale > 1:
             residual = project_upscale(residual, scale)
-        out = base + gain * residual
-        if o.color_fix == "adain":
-            out = adain(out, base)
-        return from_tensor_array(out[0, :, :h, :w].clamp(-1, 1).cpu().numpy())
+        return Parts(base, residual, h, w, gain)
+
+    def compose(self, parts: Parts, gain: float) -> Image.Image:
+        """``base + gain * residual`` (gain 0: exactly the classical result)."""
+        out = parts.base + gain * parts.residual
+        if self.opts.color_fix == "adain":
+            out = adain(out, parts.base)
+        return from_tensor_array(out[0, :, :parts.h, :parts.w].clamp(-1, 1).cpu().numpy())
 
     def _inpaint(self, im: Image.Image, mask: Image.Image, gen: torch.Generator) -> Image.Image:
         o = self.opts

@@ -45,7 +45,7 @@ class DiffusionModel:
 def load(url: str, storage_options: dict | None = None, use_ema: bool = True,
          device: str | None = None) -> DiffusionModel:
     """Load the denoiser (EMA weights by default) and its autoencoder from a checkpoint URL."""
-    local = checkpoint.local_copy(checkpoint.latest_checkpoint(url, storage_options), storage_options)
+    local = checkpoint.local_copy(url, storage_options)
     cfg = checkpoint.read_config(local)
     if cfg.get("kind") != "diffusion":
         raise ConfigError(f"{storage.redact(url)} is not a diffusion checkpoint (kind={cfg.get('kind')!r})")

@@ -140,7 +140,7 @@ def train_loop(loop_config: dict) -> None:
         optimizer_from_tensors(opt, checkpoint.load_tensors(resumed, "optimizer"), saved["optimizer"])
         start, initial = int(saved["step"]), saved["metrics"].get("psnr_initial")
     elif cfg.init_from:
-        init = checkpoint.local_copy(checkpoint.latest_checkpoint(cfg.init_from, so), so)
+        init = checkpoint.local_copy(cfg.init_from, so)
         model.load_state_dict(checkpoint.load_tensors(init, "model"))
         ema.load_state_dict(checkpoint.load_tensors(init, "model"))
     if initial is None:
