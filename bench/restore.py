@@ -1,0 +1,138 @@
+"""Benchmark restoration: the Ray Data job vs a naive loop, and peak memory of the tiled path.
+
+(1) naive single-process loop (one torch thread = one core): read each file, restore, write;
+(2) the Ray Data job (`run_restore`) with the same model, inputs and output format, using the
+    whole machine; compared per core: (2) / cores vs (1), end to end (actor start-up and model
+    loading included) and in steady state (after the first results);
+(3) peak memory (RSS sampled every 2 ms in a fresh process, above its level before the call)
+    restoring one image of growing size with a fixed tile size, next to the untiled path:
+    flat in image size means memory is bounded by the tile.
+The model: a tiny upscale2 checkpoint trained here for a few steps (speed does not depend on
+how well it is trained). Prints JSON (also written to --json).
+Usage: python bench/restore.py [--images 160 --size 96 --steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from helpers import photo_crops, write_photo_folder  # noqa: E402
+
+from pipeline import autoencoder, storage  # noqa: E402
+from pipeline.encode import EncodeConfig, run_encode  # noqa: E402
+from pipeline.ray_setup import ensure_ray  # noqa: E402
+from pipeline.restore_job import RestoreActor, RestoreConfig, run_restore  # noqa: E402
+from pipeline.shards import ShardsConfig, run_shards  # noqa: E402
+from pipeline.train_diffusion import TrainConfig, run_train  # noqa: E402
+
+MEMORY_PROBE = """
+import sys, threading, time, numpy as np, psutil
+from PIL import Image
+from pipeline import sampling
+from pipeline.restoration import Restorer, RestoreOptions
+size, tile, ckpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+model = sampling.load(ckpt)
+r = Restorer(model, RestoreOptions(task="upscale2", steps=2, tile=tile, overlap=min(32, tile // 8)))
+r.restore(Image.new("RGB", (16, 16)))  # warm-up
+rng = np.random.default_rng(0)
+im = Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8))
+proc, peak, done = psutil.Process(), [0], []
+start = proc.memory_info().rss
+def watch():
+    while not done:
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.002)
+t = threading.Thread(target=watch); t.start()
+r.restore(im)
+done.append(1); t.join()
+print((peak[0] - start) / 2**20)
+"""
+
+
+def build_model(root: str) -> str:
+    write_photo_folder(os.path.join(root, "photos"), n=24, size=64)
+    run_shards(ShardsConfig(src=os.path.join(root, "photos"), out=os.path.join(root, "shards"),
+                            samples_per_shard=12), log=lambda m: None)
+    autoencoder.save_kl(autoencoder.new_kl("tiny")[0], os.path.join(root, "vae"))
+    run_encode(EncodeConfig(input=os.path.join(root, "shards", "*.tar"), output=os.path.join(root, "lat"),
+                            vae=os.path.join(root, "vae"), resolution=64, tasks=["upscale2"]), log=lambda m: None)
+    run_train(TrainConfig(latents=os.path.join(root, "lat"), output=os.path.join(root, "run"), task="upscale2",
+                          steps=5, batch_size=8, checkpoint_every=5, log_every=5, warmup_steps=1), log=lambda m: None)
+    return os.path.join(root, "run")
+
+
+def naive_loop(cfg: RestoreConfig, files: list[str]) -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    actor = RestoreActor(cfg)
+    t = time.perf_counter()
+    for f in files:
+        rel = os.path.relpath(f, cfg.input)
+        actor._one(rel, storage.read_bytes(f))
+    return len(files) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--memory-sizes", default="128,256,512,1024")
+    ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--json", default="bench/results/restore.json")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+
+    with tempfile.TemporaryDirectory() as root:
+        ensure_ray()
+        ckpt = build_model(root)
+        inp = os.path.join(root, "in")
+        os.makedirs(inp)
+        for i, im in enumerate(photo_crops(args.images, args.size, seed=5)):
+            im.save(os.path.join(inp, f"img{i:04d}.png"))
+        files = sorted(os.path.join(inp, f) for f in os.listdir(inp))
+        common = dict(input=inp, checkpoint=ckpt, steps=args.steps, task="upscale2", batch_size=2)
+        naive = naive_loop(RestoreConfig(output=os.path.join(root, "naive"), **common), files)
+        marks: list[tuple[float, int]] = []
+
+        def progress(msg: str) -> None:  # "[restore] images N/total ..." lines, every ~2 s
+            if msg.startswith("[restore] images "):
+                marks.append((time.perf_counter(), int(msg.split()[2].split("/")[0])))
+        t = time.perf_counter()
+        report = run_restore(RestoreConfig(output=os.path.join(root, "ray"), cpus_per_actor=0.75, **common),
+                             log=progress)
+        ray_rate = report["written"] / (time.perf_counter() - t)
+        (t1, n1), (t2, n2) = marks[0], marks[-1]
+        steady = (n2 - n1) / (t2 - t1) if t2 > t1 else ray_rate
+
+        memory: dict[str, dict[str, float]] = {"tiled": {}, "untiled": {}}
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        for size in (int(s) for s in args.memory_sizes.split(",")):
+            for kind, tile in (("tiled", args.tile), ("untiled", 4 * size)):
+                out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(size // 2), str(tile), ckpt],
+                                     capture_output=True, text=True, env=env, check=True)
+                memory[kind][f"{size}px"] = round(float(out.stdout.strip().splitlines()[-1]), 1)
+
+    result = {"images": args.images, "input_px": args.size, "output_px": 2 * args.size, "steps": args.steps,
+              "cores": cores, "naive_loop_img_s_1_core": round(naive, 3), "ray_job_img_s": round(ray_rate, 3),
+              "ray_actors": len(report["actors"]),
+              "ray_per_core_vs_naive": round(ray_rate / cores / naive, 3),
+              "ray_job_steady_img_s": round(steady, 3), "startup_s": round(marks[0][0] - t, 1),
+              "ray_steady_per_core_vs_naive": round(steady / cores / naive, 3),
+              "peak_extra_rss_mb_by_output_size": memory, "tile_px": args.tile,
+              "targets": {"ray_per_core_vs_naive": 0.9, "memory": "flat in image size"}}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        storage.write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
