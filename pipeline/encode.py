@@ -232,7 +232,10 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
     reasons = Counter(s["reason"] for s in skips)
     if seen != written + len(skips):  # the invariant every stage keeps
         raise RuntimeError(f"{shard_url}: seen {seen} != written {written} + skipped {len(skips)}")
-    record = {"shard": storage.basename(out_url), "source": storage.redact(shard_url),
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    record = {"shard": storage.basename(out_url), "source": storage.redact(shard_url), "node": node,
               "samples": written, "bytes": size, "sha256": digest, "seen": seen, "written": written,
               "skipped": dict(reasons), "errors": skips, "fingerprint": fingerprint,
               "seconds": round(time.time() - t0, 3)}
