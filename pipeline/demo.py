@@ -1,8 +1,13 @@
-"""``latent-pipeline demo``: the embedded default, the workflow end to end on one machine.
+"""``latent-pipeline demo``: the embedded default, the whole workflow end to end on one machine.
 
-Local Ray, local folders, photos shipped by scikit-image. Every stage goes through the same
-functions the cluster jobs use, and each stage is skipped when its output is already complete,
-so an interrupted demo resumes where it stopped.
+Local Ray, local folders, photos shipped by scikit-image. Every stage calls the same function
+as its CLI verb and cluster job. A stage whose output is complete is skipped, and the training
+stages resume from their latest checkpoint, so an interrupted demo picks up where it stopped.
+
+Stages: photos (crops of the bundled photos; one photo held out) -> shards -> train-vae ->
+encode (with the upscale4 view) -> train (class-conditional generator) -> train --task upscale4
+-> sample -> eval (held-out photos vs bicubic / Lanczos / autoencoder) -> restore (Ray Data
+job over the degraded held-out photos) -> report.html.
 """
 
 from __future__ import annotations
@@ -12,50 +17,131 @@ import os
 import time
 from dataclasses import dataclass
 
-from . import autoencoder, sample_photos, storage
+from . import checkpoint, degrade, sample_photos, storage
 from .config import option
 from .encode import EncodeConfig, run_encode
-from .inspect import inspect
+from .evaluate import EvalConfig, evaluate
 from .manifest import MANIFEST_NAME
+from .report import write_report
+from .restore_job import RestoreConfig, run_restore
+from .sampling import SampleConfig, run_sample
 from .shards import ShardsConfig, run_shards
+from .train_diffusion import TrainConfig, run_train
+from .train_vae import VAETrainConfig, run_train_vae
 
 
 @dataclass
 class DemoConfig:
     workdir: str = option("demo-out", "folder for every artefact of the demo")
-    quick: bool = option(False, "a reduced run for tests (fewer crops, fewer steps)")
+    quick: bool = option(False, "a reduced run (fewer crops and steps) for tests and a first look")
     ray_address: str = option("", "Ray cluster address (default: a local Ray)")
 
 
+@dataclass(frozen=True)
+class Budget:
+    crops_per_photo: int
+    vae_steps: int
+    diffusion_steps: int
+    task_steps: int
+    heldout: int
+    sample_steps: int
+    restore_steps: int
+
+
+FULL = Budget(crops_per_photo=48, vae_steps=600, diffusion_steps=600, task_steps=600, heldout=6,
+              sample_steps=30, restore_steps=20)
+QUICK = Budget(crops_per_photo=8, vae_steps=40, diffusion_steps=30, task_steps=30, heldout=3,
+               sample_steps=6, restore_steps=4)
+
+
+def _checkpoint_step(url: str) -> int:
+    try:
+        return int(storage.read_json(storage.join(checkpoint.latest_checkpoint(url), "config.json"))["step"])
+    except (FileNotFoundError, KeyError):
+        return 0
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
-    t0 = time.time()
+    t_start = time.time()
+    b = QUICK if cfg.quick else FULL
     wd = os.path.abspath(cfg.workdir)
-    photos, shards_dir = os.path.join(wd, "photos"), os.path.join(wd, "image-shards")
-    vae_dir, latents = os.path.join(wd, "vae"), os.path.join(wd, "latents")
-    timings: dict[str, float] = {}
+    p = {name: os.path.join(wd, name) for name in
+         ("photos", "heldout", "lowres", "image-shards", "vae", "latents", "diffusion", "upscale4",
+          "samples.png", "eval", "restored")}
+    stages: dict[str, dict] = {}
+    state_file = os.path.join(wd, "stages.json")
+    if os.path.exists(state_file):
+        stages = json.load(open(state_file))
 
-    def stage(name: str, done: bool, fn) -> None:
-        if done:
-            log(f"[demo] {name}: already done, skipped")
+    def stage(name: str, done: bool, fn, items: int | None = None, unit: str = "") -> None:
+        if done and name in stages:
+            log(f"[demo] {name}: already done ({stages[name]['seconds']}s earlier), skipped")
             return
-        s = time.time()
+        log(f"[demo] === {name} ===")
+        t0 = time.time()
         fn()
-        timings[name] = round(time.time() - s, 2)
+        secs = round(time.time() - t0, 2)
+        stages[name] = {"seconds": secs, "items": items, "unit": unit,
+                        "rate": round(items / secs, 2) if items and secs else None}
+        os.makedirs(wd, exist_ok=True)
+        with open(state_file, "w") as f:
+            json.dump(stages, f, indent=2)
 
-    per_photo = 6 if cfg.quick else 24
-    stage("photos", os.path.exists(os.path.join(photos, ".done")),
-          lambda: (sample_photos.write_crops(photos, per_photo=per_photo),
-                   open(os.path.join(photos, ".done"), "w").close()))
-    stage("shards", os.path.exists(os.path.join(shards_dir, "_index.json")),
-          lambda: run_shards(ShardsConfig(src=photos, out=shards_dir, samples_per_shard=32,
-                                          class_from="folder"), log=log))
-    stage("vae", os.path.exists(os.path.join(vae_dir, "config.json")),
-          lambda: autoencoder.save_kl(autoencoder.new_kl("tiny")[0], vae_dir))
-    stage("encode", os.path.exists(os.path.join(latents, MANIFEST_NAME)),
-          lambda: run_encode(EncodeConfig(input=storage.join(shards_dir, "shard-*.tar"), output=latents,
-                                          vae=vae_dir, resolution=64, batch_size=32,
-                                          ray_address=cfg.ray_address), log=log))
-    summary = {"workdir": wd, "seconds": round(time.time() - t0, 2), "stage_seconds": timings,
-               "latents": inspect(latents)}
-    log(json.dumps(summary, indent=2))
-    return summary
+    def photos() -> None:
+        sample_photos.write_crops(p["photos"], per_photo=b.crops_per_photo)
+        held = sample_photos.write_held_out(p["heldout"], size=128, count=b.heldout)
+        os.makedirs(p["lowres"], exist_ok=True)
+        for path in held:  # the degraded inputs a user would bring to `restore`
+            name = os.path.basename(path)
+            from PIL import Image
+            degrade.degrade("upscale4", Image.open(path), degrade.seed_for(name)).save(os.path.join(p["lowres"], name))
+        open(os.path.join(p["photos"], ".done"), "w").close()
+
+    n_crops = b.crops_per_photo * len(sample_photos.PHOTOS)
+    stage("photos", os.path.exists(os.path.join(p["photos"], ".done")), photos, n_crops, "images")
+    stage("shards", os.path.exists(os.path.join(p["image-shards"], "_index.json")),
+          lambda: run_shards(ShardsConfig(src=p["photos"], out=p["image-shards"], samples_per_shard=48,
+                                          class_from="folder"), log=log), n_crops, "images")
+    common = dict(workers=2, ray_address=cfg.ray_address, log_every=10 if cfg.quick else 50)
+    stage("train-vae", _checkpoint_step(p["vae"]) >= b.vae_steps,
+          lambda: run_train_vae(VAETrainConfig(
+              images=storage.join(p["image-shards"], "shard-*.tar"), output=p["vae"], steps=b.vae_steps,
+              batch_size=16, resolution=64, lr=2e-3, warmup_steps=min(50, b.vae_steps // 4),
+              checkpoint_every=max(10, b.vae_steps // 3), eval_images=24, **common), log=log),
+          b.vae_steps * 16 * 2, "samples")
+    stage("encode", os.path.exists(os.path.join(p["latents"], MANIFEST_NAME)),
+          lambda: run_encode(EncodeConfig(input=storage.join(p["image-shards"], "shard-*.tar"), output=p["latents"],
+                                          vae=p["vae"], resolution=64, tasks=["upscale4"],
+                                          ray_address=cfg.ray_address), log=log), n_crops, "images")
+    num_classes = len(sample_photos.PHOTOS)
+    stage("train", _checkpoint_step(p["diffusion"]) >= b.diffusion_steps,
+          lambda: run_train(TrainConfig(latents=p["latents"], output=p["diffusion"], steps=b.diffusion_steps,
+                                        batch_size=32, lr=1e-3, warmup_steps=min(50, b.diffusion_steps // 4),
+                                        checkpoint_every=max(10, b.diffusion_steps // 3), num_classes=num_classes,
+                                        sample_steps=b.sample_steps, **common), log=log),
+          b.diffusion_steps * 32 * 2, "samples")
+    stage("train-upscale4", _checkpoint_step(p["upscale4"]) >= b.task_steps,
+          lambda: run_train(TrainConfig(latents=p["latents"], output=p["upscale4"], task="upscale4",
+                                        steps=b.task_steps, batch_size=32, lr=1e-3,
+                                        warmup_steps=min(50, b.task_steps // 4),
+                                        checkpoint_every=max(10, b.task_steps // 3), **common), log=log),
+          b.task_steps * 32 * 2, "samples")
+    stage("sample", os.path.exists(p["samples.png"]),
+          lambda: run_sample(SampleConfig(checkpoint=p["diffusion"], out=p["samples.png"], n=2 * num_classes,
+                                          steps=b.sample_steps, sampler="heun", cfg_scale=2.0,
+                                          class_=list(range(num_classes))), log=log), 2 * num_classes, "images")
+    result: dict = {}
+
+    def do_eval() -> None:
+        result.update(evaluate(EvalConfig(task="upscale4", checkpoint=p["upscale4"], images=p["heldout"],
+                                          out=p["eval"], steps=b.restore_steps), log=log))
+    stage("eval", os.path.exists(os.path.join(p["eval"], "eval.json")), do_eval, b.heldout, "images")
+    ev = storage.read_json(os.path.join(p["eval"], "eval.json"))
+    stage("restore", os.path.exists(os.path.join(p["restored"], "_report.json")),
+          lambda: run_restore(RestoreConfig(input=p["lowres"], output=p["restored"], checkpoint=p["upscale4"],
+                                            task="upscale4", steps=b.restore_steps,
+                                            strength=ev["recommended_strength"], cpus_per_actor=0.75,
+                                            ray_address=cfg.ray_address), log=log), b.heldout, "images")
+    report = write_report(wd, p, stages, total_seconds=round(time.time() - t_start, 1))
+    log(f"[demo] finished in {time.time() - t_start:.0f}s; report: {report}")
+    return {"report": report, "stages": stages, "eval": ev}
