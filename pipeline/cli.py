@@ -7,9 +7,9 @@ the top level or under a section named after the verb (``encode:``), and flags o
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,106 +19,43 @@ from .config import ConfigError
 
 @dataclass
 class Verb:
+    """A verb: its config class and run function, as ``module:attribute`` (imported lazily)."""
+
     name: str
     help: str
-    config_cls: Callable[[], type]
-    run: Callable[[Any], Any]
+    config: str
+    run: str
     positional: tuple[str, ...] = ()
 
+    def config_cls(self) -> type:
+        return _load(self.config)
 
-def _shards_cls():
-    from .shards import ShardsConfig
-    return ShardsConfig
-
-
-def _run_shards(cfg):
-    from .shards import run_shards
-    return run_shards(cfg)
+    def __call__(self, cfg: Any) -> Any:
+        return _load(self.run)(cfg)
 
 
-def _encode_cls():
-    from .encode import EncodeConfig
-    return EncodeConfig
-
-
-def _run_encode(cfg):
-    from .encode import run_encode
-    return run_encode(cfg)
-
-
-def _demo_cls():
-    from .demo import DemoConfig
-    return DemoConfig
-
-
-def _run_demo(cfg):
-    from .demo import run_demo
-    return run_demo(cfg)
-
-
-def _train_cls():
-    from .train_diffusion import TrainConfig
-    return TrainConfig
-
-
-def _run_train(cfg):
-    from .train_diffusion import run_train
-    return run_train(cfg)
-
-
-def _sample_cls():
-    from .sampling import SampleConfig
-    return SampleConfig
-
-
-def _run_sample(cfg):
-    from .sampling import run_sample
-    return run_sample(cfg)
-
-
-def _train_vae_cls():
-    from .train_vae import VAETrainConfig
-    return VAETrainConfig
-
-
-def _run_train_vae(cfg):
-    from .train_vae import run_train_vae
-    return run_train_vae(cfg)
-
-
-def _restore_cls():
-    from .restore_job import RestoreConfig
-    return RestoreConfig
-
-
-def _run_restore(cfg):
-    from .restore_job import run_restore
-    return run_restore(cfg)
-
-
-def _eval_cls():
-    from .evaluate import EvalConfig
-    return EvalConfig
-
-
-def _run_eval(cfg):
-    from .evaluate import evaluate
-    return evaluate(cfg)
+def _load(ref: str) -> Any:
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(f"pipeline.{module}"), attr)
 
 
 VERBS = [
     Verb("demo", "run the whole workflow on local Ray, local folders and bundled sample photos",
-         _demo_cls, _run_demo),
-    Verb("shards", "pack a folder of images into WebDataset image shards", _shards_cls, _run_shards,
-         positional=("src", "out")),
+         "demo:DemoConfig", "demo:run_demo"),
+    Verb("shards", "pack a folder of images into WebDataset image shards", "shards:ShardsConfig",
+         "shards:run_shards", positional=("src", "out")),
     Verb("train-vae", "train the built-in KL autoencoder on image shards with Ray Train",
-         _train_vae_cls, _run_train_vae),
-    Verb("encode", "encode image shards into latent shards with Ray tasks", _encode_cls, _run_encode),
-    Verb("train", "train a latent diffusion model on cached latents with Ray Train", _train_cls, _run_train),
-    Verb("sample", "draw samples from a diffusion checkpoint into a PNG grid", _sample_cls, _run_sample),
-    Verb("restore", "restore / upscale images in bulk with Ray Data actors", _restore_cls, _run_restore),
+         "train_vae:VAETrainConfig", "train_vae:run_train_vae"),
+    Verb("encode", "encode image shards into latent shards with Ray tasks", "encode:EncodeConfig",
+         "encode:run_encode"),
+    Verb("train", "train a latent diffusion model on cached latents with Ray Train", "train_diffusion:TrainConfig",
+         "train_diffusion:run_train"),
+    Verb("sample", "draw samples from a diffusion checkpoint into a PNG grid", "sampling:SampleConfig",
+         "sampling:run_sample"),
+    Verb("restore", "restore / upscale images in bulk with Ray Data actors", "restore_job:RestoreConfig",
+         "restore_job:run_restore"),
     Verb("eval", "score a restoration checkpoint against bicubic, Lanczos and the autoencoder",
-         _eval_cls, _run_eval),
+         "evaluate:EvalConfig", "evaluate:evaluate"),
 ]
 
 
@@ -153,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         verb: Verb = args._verb
         cfg = cfgmod.from_args(verb.config_cls(), args, section=verb.name.replace("-", "_"))
-        verb.run(cfg)
+        verb(cfg)
         return 0
     except (ConfigError, FileNotFoundError) as exc:
         print(f"latent-pipeline {args.verb}: error: {exc}", file=sys.stderr)

@@ -17,9 +17,18 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sample_t(n: int, device, generator: torch.Generator | None = None, mean: float = 0.0,
-             std: float = 1.0) -> torch.Tensor:
-    """Logit-normal time samples in (0, 1)."""
-    return torch.sigmoid(torch.randn(n, generator=generator, device=device) * std + mean)
+             std: float = 1.0, uniform_share: float = 0.0) -> torch.Tensor:
+    """Logit-normal time samples in (0, 1); ``uniform_share`` of them uniform instead.
+
+    Logit-normal sampling rarely visits t near 1, where restoration starts; task models mix in
+    uniform times so the first step (the conditional mean of the residual) is well trained.
+    """
+    t = torch.sigmoid(torch.randn(n, generator=generator, device=device) * std + mean)
+    if uniform_share > 0:
+        u = torch.rand(n, generator=generator, device=device)
+        pick = torch.rand(n, generator=generator, device=device) < uniform_share
+        t = torch.where(pick, u, t)
+    return t
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -248,14 +248,7 @@ def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None =
     if is_remote(url):
         retry(lambda: fs.put_file(local_path, path), what=f"upload {redact(url)}")
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _local_part_name(path)
-    try:
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _local_atomic(path, lambda tmp: shutil.copyfile(local_path, tmp))
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
@@ -264,13 +257,21 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     if is_remote(url):
         retry(lambda: fs.pipe_file(path, data), what=f"write {redact(url)}")
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _local_part_name(path)
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    _local_atomic(path, write)
+
+
+def _local_atomic(path: str, fill: Callable[[str], None]) -> None:
+    """Fill a hidden ``.part`` file beside ``path``, then rename it into place (or remove it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _local_part_name(path)
+    try:
+        fill(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

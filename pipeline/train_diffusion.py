@@ -18,7 +18,7 @@ from . import autoencoder, checkpoint, denoiser, diffusion, manifest, storage
 from .config import ConfigError, option
 from .restoration import residual_target
 from .streams import latent_stream
-from .training import (LoopConfig, MetricsLog, ema_update, fit, lr_at, optimizer_from_tensors,
+from .training import (LoopConfig, MetricsLog, ema_decay_at, ema_update, fit, lr_at, optimizer_from_tensors,
                        optimizer_to_tensors, public_config, restore_checkpoint, save_checkpoint, unwrap)
 
 
@@ -133,7 +133,7 @@ def train_loop(loop_config: dict) -> None:
             if y is not None and cfg.label_dropout:
                 drop = torch.rand(y.shape, generator=gen).to(dev) < cfg.label_dropout
                 y = torch.where(drop, torch.full_like(y, -1), y)
-            t = diffusion.sample_t(x0.shape[0], "cpu", gen).to(dev)
+            t = diffusion.sample_t(x0.shape[0], "cpu", gen, uniform_share=0.5 if cfg.task else 0.0).to(dev)
             noise = torch.randn(x0.shape, generator=gen).to(dev)
             sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or world == 1 else ddp.no_sync()
             with sync, autocast:
@@ -143,7 +143,7 @@ def train_loop(loop_config: dict) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(ema, unwrap(ddp), cfg.ema_decay)
+        ema_update(ema, unwrap(ddp), ema_decay_at(step, cfg.ema_decay))
 
         window["loss"] += loss_sum
         window["grad_norm"] += float(grad_norm)

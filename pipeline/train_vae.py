@@ -23,7 +23,7 @@ from .config import ConfigError, option
 from .metrics import psnr, ssim
 from .streams import BatchStream
 from .tarshards import iter_samples
-from .training import (LoopConfig, MetricsLog, ema_update, fit, lr_at, optimizer_from_tensors,
+from .training import (LoopConfig, MetricsLog, ema_decay_at, ema_update, fit, lr_at, optimizer_from_tensors,
                        optimizer_to_tensors, public_config, restore_checkpoint, save_checkpoint, unwrap)
 
 
@@ -184,7 +184,7 @@ def train_loop(loop_config: dict) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema_update(ema, unwrap(ddp), cfg.ema_decay)
+        ema_update(ema, unwrap(ddp), ema_decay_at(step, cfg.ema_decay))
 
         window["loss"] += loss_sum
         window["l1"] += l1_sum

@@ -89,6 +89,12 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA warm-up: ``min(decay, (1 + step) / (10 + step))``, so a short run's EMA is not
+    dominated by the random initial weights (0.999 ** 600 would still keep 55% of them)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):

@@ -1,0 +1,34 @@
+"""The embedded default: a reduced demo runs end to end and its report has every section with numbers."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pipeline.demo import DemoConfig, run_demo
+from pipeline.report import SECTIONS
+
+
+def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster):
+    wd = tmp_path / "demo"
+    out = run_demo(DemoConfig(workdir=str(wd), quick=True))
+    report = (wd / "report.html").read_text()
+    for section in SECTIONS:
+        assert f"id='{section}'" in report, section
+    assert report.count("data:image/png;base64,") >= 5  # self-contained: every image embedded
+    assert "src=\"http" not in report and "src='http" not in report
+    stages = json.loads((wd / "stages.json").read_text())
+    assert set(stages) == {"photos", "shards", "train-vae", "encode", "train", "train-upscale4", "sample", "eval",
+                           "restore"}
+    assert all(s["seconds"] > 0 for s in stages.values())
+    ev = out["eval"]
+    for name in ("model", "bicubic", "lanczos", "autoencoder"):
+        assert 5 < ev["scores"][name]["psnr"] < 60 and 0 < ev["scores"][name]["ssim"] <= 1
+        assert re.search(rf"<td>{name}</td><td>{ev['scores'][name]['psnr']:.2f}</td>", report)
+    assert (wd / "restored" / "_report.json").exists()
+    assert json.loads((wd / "restored" / "_report.json").read_text())["written"] == 3
+
+    # a second run finds every stage done and only rewrites the report
+    lines = []
+    run_demo(DemoConfig(workdir=str(wd), quick=True), log=lines.append)
+    assert sum("already done" in line for line in lines) == len(stages)
