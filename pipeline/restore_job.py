@@ -137,17 +137,17 @@ def read_shard(row: dict[str, Any], cfg: RestoreConfig, existing: frozenset) -> 
             for s in iter_samples(f):
                 if s.error:
                     rows.append({"rel": f"{name}/{s.key}" if s.key else name, "data": b"",
-                                 "error": s.error, "shard_key": s.key})
+                                 "error": s.error})
                     continue
                 ext = next((e for e in imaging.IMAGE_EXTS if e in s.fields), None)
                 rel = f"{s.key}.{ext or 'png'}"
                 if not cfg.overwrite and output_rel(rel, cfg.format) in existing:
-                    rows.append({"rel": rel, "data": b"", "error": EXISTS, "shard_key": s.key})
+                    rows.append({"rel": rel, "data": b"", "error": EXISTS})
                     continue
                 rows.append({"rel": rel, "data": s.fields.get(ext, b"") if ext else b"",
-                             "error": "" if ext else "no_image", "shard_key": s.key})
+                             "error": "" if ext else "no_image"})
     except OSError as exc:
-        rows.append({"rel": name, "data": b"", "error": f"unreadable: {type(exc).__name__}", "shard_key": ""})
+        rows.append({"rel": name, "data": b"", "error": f"unreadable: {type(exc).__name__}"})
     return rows
 
 

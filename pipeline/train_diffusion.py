@@ -18,8 +18,9 @@ from . import autoencoder, checkpoint, denoiser, diffusion, manifest, storage
 from .config import ConfigError, option
 from .restoration import residual_target
 from .streams import latent_stream
-from .training import (LoopConfig, MetricsLog, ema_decay_at, ema_update, fit, lr_at, optimizer_from_tensors,
-                       optimizer_to_tensors, public_config, restore_checkpoint, save_checkpoint, unwrap)
+from .training import (LoopConfig, MetricsLog, StepWindow, ema_decay_at, ema_update, fit, lr_at,
+                       optimizer_from_tensors, optimizer_to_tensors, public_config, restore_checkpoint,
+                       save_checkpoint, unwrap)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def train_loop(loop_config: dict) -> None:
     log = MetricsLog(cfg.output, start, so) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank + start)
-    window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
+    window = StepWindow(cfg.batch_size * cfg.grad_accum * world)
 
     ckpt_config = {"kind": "diffusion", "model": denoiser.to_dict(mcfg), "train": public_config(cfg),
                    "task": cfg.task, "latent_shape": man["latent_shape"], "scale": man["scale"],
@@ -124,7 +125,7 @@ def train_loop(loop_config: dict) -> None:
         for micro in range(cfg.grad_accum):
             t_wait = time.perf_counter()
             batch = next(stream)
-            window["wait"] += time.perf_counter() - t_wait
+            window.waited(time.perf_counter() - t_wait)
             x0 = batch.x0.to(dev)
             cond = batch.cond.to(dev) if batch.cond is not None else None
             if cond is not None:  # a task model generates the residual over the classical view
@@ -145,18 +146,11 @@ def train_loop(loop_config: dict) -> None:
         opt.zero_grad(set_to_none=True)
         ema_update(ema, unwrap(ddp), ema_decay_at(step, cfg.ema_decay))
 
-        window["loss"] += loss_sum
-        window["grad_norm"] += float(grad_norm)
-        window["steps"] += 1
-        window["time"] += time.perf_counter() - t_step
+        window.step(time.perf_counter() - t_step, loss=loss_sum, grad_norm=grad_norm)
         done = step + 1
         metrics = {}
         if done % cfg.log_every == 0 or done == cfg.steps:
-            n = window["steps"]
-            metrics = {"loss": window["loss"] / n, "lr": lr, "grad_norm": window["grad_norm"] / n,
-                       "samples_per_s": n * cfg.batch_size * cfg.grad_accum * world / window["time"],
-                       "data_wait_share": window["wait"] / window["time"]}
-            window = dict.fromkeys(window, 0.0)
+            metrics = window.flush(lr=lr)
             if log is not None:
                 log.log(done, metrics)
                 print(f"[train] step {done}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "

@@ -23,8 +23,9 @@ from .config import ConfigError, option
 from .metrics import psnr, ssim
 from .streams import BatchStream
 from .tarshards import iter_samples
-from .training import (LoopConfig, MetricsLog, ema_decay_at, ema_update, fit, lr_at, optimizer_from_tensors,
-                       optimizer_to_tensors, public_config, restore_checkpoint, save_checkpoint, unwrap)
+from .training import (LoopConfig, MetricsLog, StepWindow, ema_decay_at, ema_update, fit, lr_at,
+                       optimizer_from_tensors, optimizer_to_tensors, public_config, restore_checkpoint,
+                       save_checkpoint, unwrap)
 
 
 @dataclass
@@ -157,7 +158,7 @@ def train_loop(loop_config: dict) -> None:
                               seed=cfg.seed + start, shuffle_buffer=cfg.shuffle_buffer, storage_options=so))
     log = MetricsLog(cfg.output, start, so) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
-    window = {"loss": 0.0, "l1": 0.0, "steps": 0, "wait": 0.0, "time": 0.0, "grad_norm": 0.0}
+    window = StepWindow(cfg.batch_size * cfg.grad_accum * world)
 
     for step in range(start, cfg.steps):
         t_step = time.perf_counter()
@@ -170,7 +171,7 @@ def train_loop(loop_config: dict) -> None:
             x = next(stream)
             while x is None:  # a batch of only unreadable images: take the next one
                 x = next(stream)
-            window["wait"] += time.perf_counter() - t_wait
+            window.waited(time.perf_counter() - t_wait)
             x = x.to(dev)
             sync = ddp.no_sync() if micro < cfg.grad_accum - 1 and world > 1 else contextlib.nullcontext()
             with sync, autocast:
@@ -186,20 +187,11 @@ def train_loop(loop_config: dict) -> None:
         opt.zero_grad(set_to_none=True)
         ema_update(ema, unwrap(ddp), ema_decay_at(step, cfg.ema_decay))
 
-        window["loss"] += loss_sum
-        window["l1"] += l1_sum
-        window["grad_norm"] += float(grad_norm)
-        window["steps"] += 1
-        window["time"] += time.perf_counter() - t_step
+        window.step(time.perf_counter() - t_step, loss=loss_sum, l1=l1_sum, grad_norm=grad_norm)
         done = step + 1
         metrics: dict[str, float] = {}
         if done % cfg.log_every == 0 or done == cfg.steps:
-            n = window["steps"]
-            metrics = {"loss": window["loss"] / n, "l1": window["l1"] / n, "lr": lr,
-                       "grad_norm": window["grad_norm"] / n,
-                       "samples_per_s": n * cfg.batch_size * cfg.grad_accum * world / window["time"],
-                       "data_wait_share": window["wait"] / window["time"]}
-            window = dict.fromkeys(window, 0.0)
+            metrics = window.flush(lr=lr)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             scores = evaluate(ema, heldout, dev)
             metrics.update(psnr_initial=initial, **scores)

@@ -75,12 +75,6 @@ def public_config(cfg: Any) -> dict:
     return d
 
 
-def device() -> torch.device:
-    import ray.train.torch
-
-    return ray.train.torch.get_device()
-
-
 def lr_at(step: int, cfg: LoopConfig) -> float:
     """Linear warmup, then cosine decay to 10% of the peak at ``cfg.steps``."""
     if step < cfg.warmup_steps:
@@ -105,6 +99,36 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+class StepWindow:
+    """Sums over the steps since the last metric line: averaged values, throughput, data wait."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.wait, self.seconds = 0, 0.0, 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def step(self, seconds: float, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.steps += 1
+        self.seconds += seconds
+
+    def flush(self, **extra: float) -> dict[str, float]:
+        """The window's metrics (means, samples/s, data-wait share), then start a new window."""
+        n = max(self.steps, 1)
+        out = {k: v / n for k, v in self.sums.items()}
+        out.update(extra, samples_per_s=n * self.samples_per_step / max(self.seconds, 1e-9),
+                   data_wait_share=self.wait / max(self.seconds, 1e-9))
+        self._reset()
+        return out
 
 
 # --------------------------------------------------------------------------- optimizer state

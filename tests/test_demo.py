@@ -15,7 +15,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster):
     report = (wd / "report.html").read_text()
     for section in SECTIONS:
         assert f"id='{section}'" in report, section
-    assert report.count("data:image/png;base64,") >= 5  # self-contained: every image embedded
+    assert report.count("data:image/png;base64,") == 4  # self-contained: every figure embedded
     assert "src=\"http" not in report and "src='http" not in report
     stages = json.loads((wd / "stages.json").read_text())
     assert set(stages) == {"photos", "shards", "train-vae", "encode", "train", "train-upscale4", "sample", "eval",
