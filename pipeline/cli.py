@@ -68,7 +68,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latent-pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="latent-pipeline", description="latent caching, diffusion training "
+                                     "and restoration as Ray jobs: one verb per stage")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
         p = sub.add_parser(verb.name, help=verb.help, description=verb.help)
