@@ -76,7 +76,7 @@ def naive_loop(cfg: RestoreConfig, files: list[str]) -> float:
     t = time.perf_counter()
     for f in files:
         rel = os.path.relpath(f, cfg.input)
-        actor._one(rel, storage.read_bytes(f))
+        actor.restore_one(rel, storage.read_bytes(f))
     return len(files) / (time.perf_counter() - t)
 
 
@@ -99,7 +99,7 @@ def main() -> None:
         for i, im in enumerate(photo_crops(args.images, args.size, seed=5)):
             im.save(os.path.join(inp, f"img{i:04d}.png"))
         files = sorted(os.path.join(inp, f) for f in os.listdir(inp))
-        common = dict(input=inp, checkpoint=ckpt, steps=args.steps, task="upscale2", batch_size=2)
+        common = dict(input=inp, checkpoint=ckpt, steps=args.steps, task="upscale2", batch_size=8)
         naive = naive_loop(RestoreConfig(output=os.path.join(root, "naive"), **common), files)
         marks: list[tuple[float, int]] = []
 

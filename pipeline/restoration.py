@@ -140,19 +140,40 @@ class Restorer:
             if mask is None:
                 raise ValueError("inpaint needs a mask (a mask image or the input's alpha)")
             return self._inpaint(im, mask, torch.Generator().manual_seed(self.opts.seed))
-        parts = self.parts(im)
-        return self.compose(parts, parts.gain)
+        return self.restore_many([im])[0]
 
     @torch.no_grad()
+    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
+        """Restore several images, batching those of the same size into one model call each.
+
+        Every image gets the same noise it would get alone, so batching does not change results
+        (beyond float rounding).
+        """
+        out: list[Image.Image | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.size, []).append(i)
+        for idx in groups.values():
+            for i, parts in zip(idx, self.parts_many([images[i] for i in idx])):
+                out[i] = self.compose(parts, parts.gain)
+        return out  # type: ignore[return-value]
+
     def parts(self, im: Image.Image) -> Parts:
         """The classical base and the model's projected pixel residual for one image."""
+        return self.parts_many([im])[0]
+
+    @torch.no_grad()
+    def parts_many(self, images: list[Image.Image]) -> list[Parts]:
+        """:meth:`parts` for images of one size, computed as one batch."""
         o = self.opts
-        gen = torch.Generator().manual_seed(o.seed)
-        base_img = degrade.condition_view(o.task, im.convert("RGB"))
-        base, (h, w) = _pad_to(torch.from_numpy(to_tensor_array(base_img))[None], self.multiple)
-        base = base.to(self.device)
+        bases = [_pad_to(torch.from_numpy(to_tensor_array(degrade.condition_view(o.task, im.convert("RGB"))))[None],
+                         self.multiple) for im in images]
+        (h, w) = bases[0][1]
+        base = torch.cat([b for b, _ in bases]).to(self.device)
         z_base = self._encode(base)
-        noise = torch.randn(z_base.shape, generator=gen).to(self.device)
+        shape = (1, *z_base.shape[1:])
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(o.seed))
+                           for _ in images]).to(self.device)
         sample = diffusion.SAMPLERS[o.sampler]
         if self.conditional:
             r = sample(self._model_fn(z_base), noise, o.steps)
@@ -166,7 +187,7 @@ class Restorer:
         scale = degrade.TASKS[o.task].scale
         if scale > 1:
             residual = project_upscale(residual, scale)
-        return Parts(base, residual, h, w, gain)
+        return [Parts(base[i:i + 1], residual[i:i + 1], h, w, gain) for i in range(len(images))]
 
     def compose(self, parts: Parts, gain: float) -> Image.Image:
         """``base + gain * residual`` (gain 0: exactly the classical result)."""

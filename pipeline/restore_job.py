@@ -50,7 +50,7 @@ class RestoreConfig:
     tile: int = option(256, "tile size in pixels (memory is bounded by it)")
     overlap: int = option(32, "tile overlap in pixels")
     format: str = option("png", "output format: png, jpg, webp, or same (as the input)")
-    batch_size: int = option(4, "images per actor batch")
+    batch_size: int = option(8, "images per actor batch (same-size images share model calls)")
     actors: int = option(0, "actor pool size (0: as many as the cluster fits, leaving room for reads)")
     cpus_per_actor: float = option(1.0, "CPUs per actor")
     gpus_per_actor: float = option(0.0, "GPUs per actor (fractional allowed)")
@@ -179,32 +179,49 @@ class RestoreActor:
         self.actor_id = f"{os.getpid()}-{id(self)}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"rel": [], "status": [], "reason": [], "detail": [], "seconds": [],
-                                "actor": [], "loads": []}
-        for rel, data, err in zip(batch["rel"], batch["data"], batch["error"]):
-            t0 = time.perf_counter()
-            status, reason, detail = "written", "", ""
+        t0 = time.perf_counter()
+        rels = [str(r) for r in batch["rel"]]
+        status, reason, detail = ["written"] * len(rels), [""] * len(rels), [""] * len(rels)
+        loaded: dict[int, tuple] = {}  # index -> (decoded image, mask)
+        for i, (rel, data, err) in enumerate(zip(rels, batch["data"], batch["error"])):
             if err == EXISTS:
-                status = "skipped"
+                status[i] = "skipped"
             elif err:
-                status, reason = "error", str(err)
-            elif not storage.safe_relpath(str(rel)):
-                status, reason = "error", "unsafe_path"
+                status[i], reason[i] = "error", str(err)
+            elif not storage.safe_relpath(rel):
+                status[i], reason[i] = "error", "unsafe_path"
             else:
-                try:
-                    self._one(str(rel), bytes(data))
-                except imaging.BadImage as exc:
-                    status, reason, detail = "error", exc.reason, str(exc)
-                except Exception as exc:  # noqa: BLE001 - one bad image never fails the job
-                    status, reason, detail = "error", "restore_failed", f"{type(exc).__name__}: {str(exc)[:200]}"
-            out["rel"].append(str(rel))
-            out["status"].append(status)
-            out["reason"].append(reason)
-            out["detail"].append(detail)
-            out["seconds"].append(time.perf_counter() - t0)
-            out["actor"].append(self.actor_id)
-            out["loads"].append(RestoreActor.loads)
-        return out
+                self._guard(i, status, reason, detail, lambda i=i, data=data: loaded.__setitem__(
+                    i, self._load(rels[i], bytes(data))))
+        # same-size images go through the model together; a failing group is retried one by one
+        outputs: dict[int, Any] = {}
+        plain = [i for i in loaded if loaded[i][1] is None]
+        if plain:
+            try:
+                outputs.update(zip(plain, self.restorer.restore_many([imaging.to_rgb(loaded[i][0]) for i in plain])))
+            except Exception:  # noqa: BLE001 - isolate the bad image below
+                pass
+        for i in loaded:
+            if i not in outputs:
+                im, mask = loaded[i]
+                self._guard(i, status, reason, detail, lambda i=i, im=im, mask=mask: outputs.__setitem__(
+                    i, self.restorer.restore(imaging.to_rgb(im), mask)))
+        for i in outputs:
+            self._guard(i, status, reason, detail, lambda i=i: self._write(rels[i], loaded[i][0], outputs[i]))
+        seconds = (time.perf_counter() - t0) / max(1, len(rels))
+        return {"rel": rels, "status": status, "reason": reason, "detail": detail,
+                "seconds": [seconds] * len(rels), "actor": [self.actor_id] * len(rels),
+                "loads": [RestoreActor.loads] * len(rels)}
+
+    @staticmethod
+    def _guard(i: int, status: list, reason: list, detail: list, fn) -> None:
+        """Run ``fn``; a failure marks image ``i`` as an error row instead of failing the job."""
+        try:
+            fn()
+        except imaging.BadImage as exc:
+            status[i], reason[i], detail[i] = "error", exc.reason, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad image never fails the job
+            status[i], reason[i], detail[i] = "error", "restore_failed", f"{type(exc).__name__}: {str(exc)[:200]}"
 
     def _mask(self, rel: str, im) -> Any:
         cfg = self.cfg
@@ -222,14 +239,16 @@ class RestoreActor:
                 return imaging.decode(storage.read_bytes(url, cfg.storage_options), cfg.max_pixels)
         raise imaging.BadImage("no_mask", f"no mask for {rel} under {storage.redact(cfg.mask)}")
 
-    def _one(self, rel: str, data: bytes) -> None:
+    def _load(self, rel: str, data: bytes) -> tuple:
+        im = imaging.decode(data, self.cfg.max_pixels)
+        return im, self._mask(rel, im)
+
+    def _write(self, rel: str, im, out) -> None:
+        """Carry alpha and grey over from the input ``im`` and write the restored ``out``."""
         from PIL import Image
 
         cfg = self.cfg
-        im = imaging.decode(data, cfg.max_pixels)
-        mask = self._mask(rel, im)
         alpha = imaging.split_alpha(im) if self.task != "inpaint" else None
-        out = self.restorer.restore(imaging.to_rgb(im), mask)
         if im.mode in GREY_MODES or im.mode == "LA":
             out = out.convert("L")
         fmt = cfg.format if cfg.format != "same" else (rel.rsplit(".", 1)[-1].lower() if "." in rel else "png")
@@ -242,6 +261,11 @@ class RestoreActor:
                  **({"quality": 95} if fmt in ("jpg", "webp") else {}))
         storage.write_bytes(storage.join(cfg.output, output_rel(rel, cfg.format)), buf.getvalue(),
                             cfg.storage_options)
+
+    def restore_one(self, rel: str, data: bytes) -> None:
+        """Decode, restore and write one image (the unbatched path, used by bench/restore.py)."""
+        im, mask = self._load(rel, data)
+        self._write(rel, im, self.restorer.restore(imaging.to_rgb(im), mask))
 
 
 # --------------------------------------------------------------------------- driver

@@ -186,3 +186,16 @@ def test_degradations_are_seeded_by_key():
     c = degrade.degrade("restore", im, degrade.seed_for("k2"))
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
     assert degrade.degrade("upscale4", im, 0).size == (16, 16)
+
+
+def test_batched_restore_matches_one_by_one(upscale_model):
+    from pipeline import sampling
+
+    model = sampling.load(upscale_model)
+    r = Restorer(model, RestoreOptions(task="upscale2", steps=3))
+    images = photo_crops(3, 32, seed=11) + [photo_crops(1, 40, seed=12)[0]]  # two sizes: two groups
+    together = r.restore_many(images)
+    for im, out in zip(images, together):
+        alone = np.asarray(r.restore(im), np.int16)
+        assert out.size == (2 * im.width, 2 * im.height)
+        assert np.abs(np.asarray(out, np.int16) - alone).max() <= 1
