@@ -48,20 +48,13 @@ def _t(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(imaging.to_tensor_array(im))[None]
 
 
-def _list_images(url: str, so: dict) -> list[str]:
-    exts = tuple("." + e for e in imaging.IMAGE_EXTS)
-    if any(c in url for c in "*?[{"):
-        return [u for u in storage.expand(url, so) if u.lower().endswith(exts)]
-    return [storage.join(url, r) for r in storage.walk_files(url, so) if r.lower().endswith(exts)]
-
-
 def evaluate(cfg: EvalConfig, log=print) -> dict:
     so = cfg.storage_options
     model = sampling.load(cfg.checkpoint, so)
     restorer = Restorer(model, RestoreOptions(task=cfg.task, steps=cfg.steps, strength=cfg.strength, tile=cfg.tile,
                                               overlap=cfg.overlap, seed=cfg.seed))
     scale = degrade.TASKS[cfg.task].scale
-    urls = _list_images(cfg.images, so)[: cfg.max_images]
+    urls = [u for u, _ in storage.list_files(cfg.images, imaging.IMAGE_SUFFIXES, so)][: cfg.max_images]
     if not urls:
         raise FileNotFoundError(f"no images at {storage.redact(cfg.images)}")
     rows = {k: {"psnr": [], "ssim": []} for k in ("model", "bicubic", "lanczos", "autoencoder")}

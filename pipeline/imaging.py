@@ -26,6 +26,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit before decoding
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 MPix: a 8k x 8k photo passes, a bomb does not
 
 

@@ -98,14 +98,10 @@ def list_inputs(cfg: RestoreConfig) -> list[dict]:
     so = cfg.storage_options
     if _is_shards(cfg):
         return [{"url": u, "rel": ""} for u in storage.expand(cfg.input, so)]
-    exts = tuple("." + e for e in imaging.IMAGE_EXTS)
-    if any(c in cfg.input for c in "*?[{"):
-        urls = storage.expand(cfg.input, so)
-        return [{"url": u, "rel": storage.basename(u)} for u in urls if u.lower().endswith(exts)]
-    rels = [r for r in storage.walk_files(cfg.input, so) if r.lower().endswith(exts) and not r.startswith("_")]
-    if not rels:
+    files = [(u, r) for u, r in storage.list_files(cfg.input, imaging.IMAGE_SUFFIXES, so) if not r.startswith("_")]
+    if not files:
         raise FileNotFoundError(f"no images under {storage.redact(cfg.input)}")
-    return [{"url": storage.join(cfg.input, r), "rel": r} for r in rels]
+    return [{"url": u, "rel": r} for u, r in files]
 
 
 # --------------------------------------------------------------------------- read stage (tasks)

@@ -59,16 +59,16 @@ def make_key(rel_path: str) -> str:
     return "__".join(_UNSAFE.sub("_", seg).strip("_") or "_" for seg in stem.split("/"))
 
 
-def list_images(cfg: ShardsConfig) -> list[tuple[str, str]]:
-    """(url, relative path) of each image under SRC, sorted by relative path."""
+def list_images(cfg: ShardsConfig) -> tuple[list[tuple[str, str]], set[str]]:
+    """(url, relative path) of each image under SRC, sorted by relative path, and the set of
+    every file name under SRC (for caption sidecars; empty for a ``.txt`` list)."""
     so = cfg.storage_options
     if cfg.src.endswith(".txt"):
         lines = storage.read_bytes(cfg.src, so).decode("utf-8").splitlines()
         urls = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-        return [(u, storage.basename(u)) for u in urls]
-    rels = storage.walk_files(cfg.src, so)
-    exts = tuple("." + e for e in imaging.IMAGE_EXTS)
-    return [(storage.join(cfg.src, r), r) for r in rels if r.lower().endswith(exts)]
+        return [(u, storage.basename(u)) for u in urls], set()
+    files = storage.list_files(cfg.src, storage_options=so)
+    return [(u, r) for u, r in files if r.lower().endswith(imaging.IMAGE_SUFFIXES)], {r for _, r in files}
 
 
 def _class_map(cfg: ShardsConfig, rels: list[str]) -> dict[str, int] | None:
@@ -93,11 +93,10 @@ def run_shards(cfg: ShardsConfig, log=print) -> dict:
     """Pack the images; returns the ``_index.json`` content."""
     t0 = time.time()
     so = cfg.storage_options
-    images = list_images(cfg)
+    images, all_names = list_images(cfg)
     if not images:
         raise FileNotFoundError(f"no images found in {storage.redact(cfg.src)}")
     classes = _class_map(cfg, [r for _, r in images])
-    all_names = set(storage.walk_files(cfg.src, so)) if not cfg.src.endswith(".txt") else set()
 
     keys: Counter[str] = Counter(make_key(r) for _, r in images)
     errors: list[dict] = []

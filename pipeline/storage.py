@@ -191,6 +191,19 @@ def safe_relpath(rel: str) -> bool:
     return all(seg not in ("", ".", "..") for seg in rel.split("/"))
 
 
+def list_files(url: str, suffixes: tuple[str, ...] = (), storage_options: dict[str, Any] | None = None
+               ) -> list[tuple[str, str]]:
+    """``(url, relative path)`` of the files of a folder/prefix (walked recursively) or of a
+    glob/brace pattern (relative path = the file name), keeping names ending in ``suffixes``
+    (case-insensitive; all when empty). Hidden files are skipped."""
+    keep = tuple(x.lower() for x in suffixes)
+    if _GLOB_CHARS.search(url) or "{" in url:
+        pairs = [(u, basename(u)) for u in expand(url, storage_options)]
+    else:
+        pairs = [(join(url, r), r) for r in walk_files(url, storage_options)]
+    return [(u, r) for u, r in pairs if not keep or r.lower().endswith(keep)]
+
+
 # --------------------------------------------------------------------------- reading
 
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
