@@ -29,9 +29,10 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     quiet_ray_loggers()
 
 
-def cluster_slots(num_cpus: float, num_gpus: float) -> int:
-    """How many tasks of this shape the cluster can run at once (at least 1)."""
+def cluster_slots(num_cpus: float, num_gpus: float, reserve_cpus: float = 0.0) -> int:
+    """How many tasks/actors of this shape the cluster can run at once (at least 1), leaving
+    ``reserve_cpus`` free for other work (CPU-only shapes)."""
     res = ray.cluster_resources()
     if num_gpus > 0:
         return max(1, int(res.get("GPU", 0) / num_gpus))
-    return max(1, int(res.get("CPU", 1) / max(num_cpus, 1e-3)))
+    return max(1, int((res.get("CPU", 1) - reserve_cpus) / max(num_cpus, 1e-3)))

@@ -268,15 +268,10 @@ class RestoreActor:
 
 
 def _pool_size(cfg: RestoreConfig) -> int:
-    import ray
+    from .ray_setup import cluster_slots
 
-    if cfg.actors:
-        return cfg.actors
-    res = ray.cluster_resources()
-    if cfg.gpus_per_actor:
-        return max(1, int(res.get("GPU", 0) / cfg.gpus_per_actor))
     # leave half a CPU for the read tasks: a pool that takes every CPU deadlocks Ray Data
-    return max(1, int((res.get("CPU", 1) - 0.5) / cfg.cpus_per_actor))
+    return cfg.actors or cluster_slots(cfg.cpus_per_actor, cfg.gpus_per_actor, reserve_cpus=0.5)
 
 
 def run_restore(cfg: RestoreConfig, log=print) -> dict:
@@ -294,16 +289,17 @@ def run_restore(cfg: RestoreConfig, log=print) -> dict:
     ensure_ray(cfg.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     pool = _pool_size(cfg)
+    shards = _is_shards(cfg)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
-    if _is_shards(cfg):
+    if shards:
         ds = ds.flat_map(read_shard, fn_args=(cfg, existing), num_cpus=0.5)
     else:
         ds = ds.map_batches(read_files, fn_args=(cfg, existing), batch_size=cfg.batch_size, num_cpus=0.5)
     ds = ds.map_batches(RestoreActor, fn_constructor_args=(cfg,), batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=cfg.cpus_per_actor,
                         num_gpus=cfg.gpus_per_actor or None)
-    total = None if _is_shards(cfg) else len(items)
-    log(f"[restore] {len(items)} input {'shards' if _is_shards(cfg) else 'images'}, "
+    total = None if shards else len(items)
+    log(f"[restore] {len(items)} input {'shards' if shards else 'images'}, "
         f"{len(existing)} outputs already present; {pool} actor(s) -> {storage.redact(cfg.output)}")
     progress = Progress("restore", total=total, unit="images", log=log)
     rows = []
