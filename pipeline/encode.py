@@ -126,7 +126,7 @@ def prepare_sample(sample: Sample, cfg: EncodeConfig) -> _Prepared:
     """Decode and preprocess one sample; raises BadImage with the skip reason."""
     from .degrade import task_view_pixels
 
-    img_ext = next((e for e in imaging.IMAGE_EXTS if e in sample.fields), None)
+    img_ext = imaging.image_field(sample.fields)
     if img_ext is None:
         raise imaging.BadImage("no_image", f"fields: {sorted(sample.fields)}")
     im = imaging.decode(sample.fields[img_ext], cfg.max_pixels)

@@ -61,6 +61,19 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     return im
 
 
+def image_field(fields: dict[str, bytes]) -> str | None:
+    """The extension of a sample's image member (first of :data:`IMAGE_EXTS`), or None."""
+    return next((e for e in IMAGE_EXTS if e in fields), None)
+
+
+def sample_rgb(fields: dict[str, bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A shard sample's image decoded to RGB; BadImage (``no_image``, ...) when there is none."""
+    ext = image_field(fields)
+    if ext is None:
+        raise BadImage("no_image", f"fields: {sorted(fields)}")
+    return to_rgb(decode(fields[ext], max_pixels))
+
+
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB by the rule in the module docstring."""
     mode = im.mode

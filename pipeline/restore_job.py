@@ -135,7 +135,7 @@ def read_shard(row: dict[str, Any], cfg: RestoreConfig, existing: frozenset) -> 
                     rows.append({"rel": f"{name}/{s.key}" if s.key else name, "data": b"",
                                  "error": s.error})
                     continue
-                ext = next((e for e in imaging.IMAGE_EXTS if e in s.fields), None)
+                ext = imaging.image_field(s.fields)
                 rel = f"{s.key}.{ext or 'png'}"
                 if not cfg.overwrite and output_rel(rel, cfg.format) in existing:
                     rows.append({"rel": rel, "data": b"", "error": EXISTS})

@@ -62,11 +62,8 @@ def split_shards(cfg: VAETrainConfig) -> tuple[list[str], list[str]]:
 
 
 def _random_crop(fields: dict[str, bytes], size: int, rng: np.random.Generator) -> np.ndarray | None:
-    ext = next((e for e in imaging.IMAGE_EXTS if e in fields), None)
-    if ext is None:
-        return None
     try:
-        im = imaging.to_rgb(imaging.decode(fields[ext]))
+        im = imaging.sample_rgb(fields)
     except imaging.BadImage:
         return None
     short = min(im.size)
@@ -85,11 +82,10 @@ def heldout_batch(shards: list[str], cfg: VAETrainConfig) -> torch.Tensor:
     for url in shards:
         with storage.open_read(url, cfg.storage_options) as f:
             for s in iter_samples(f):
-                ext = next((e for e in imaging.IMAGE_EXTS if e in s.fields), None)
-                if s.error or ext is None:
+                if s.error:
                     continue
                 try:
-                    im = imaging.to_rgb(imaging.decode(s.fields[ext]))
+                    im = imaging.sample_rgb(s.fields)
                 except imaging.BadImage:
                     continue
                 out.append(imaging.to_tensor_array(imaging.resize_center_crop(im, cfg.resolution)[0]))
