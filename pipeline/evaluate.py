@@ -66,22 +66,21 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         hr = hr.crop((0, 0, hr.width - hr.width % m, hr.height - hr.height % m))
         lr = degrade.degrade(cfg.task, hr, degrade.seed_for(storage.basename(url)))
         parts = restorer.parts(lr)
+        target = _t(hr)
+
+        def score(into: dict, pred: torch.Tensor) -> None:
+            into["psnr"].append(float(psnr(pred, target)))
+            into["ssim"].append(float(ssim(pred, target)))
         for g in GAINS:
-            im = restorer.compose(parts, g)
-            calib[g]["psnr"].append(float(psnr(_t(im), _t(hr))))
-            calib[g]["ssim"].append(float(ssim(_t(im), _t(hr))))
+            score(calib[g], _t(restorer.compose(parts, g)))
         outs = {"model": restorer.compose(parts, parts.gain),
                 "bicubic": lr.resize(hr.size, Image.Resampling.BICUBIC),
                 "lanczos": lr.resize(hr.size, Image.Resampling.LANCZOS)}
-        with torch.no_grad():
-            x = _t(hr).to(restorer.device)
-            recon = model.vae.decode(model.vae.encode(x).mean).float().clamp(-1, 1).cpu()
-        target = _t(hr)
         for name, im in outs.items():
-            rows[name]["psnr"].append(float(psnr(_t(im), target)))
-            rows[name]["ssim"].append(float(ssim(_t(im), target)))
-        rows["autoencoder"]["psnr"].append(float(psnr(recon, target)))
-        rows["autoencoder"]["ssim"].append(float(ssim(recon, target)))
+            score(rows[name], _t(im))
+        with torch.no_grad():
+            recon = model.vae.decode(model.vae.encode(target.to(restorer.device)).mean).float().clamp(-1, 1).cpu()
+        score(rows["autoencoder"], recon)
         if len(panels) < 4:
             panels.append([lr.resize(hr.size, Image.Resampling.NEAREST), outs["bicubic"], outs["lanczos"],
                            outs["model"], hr])
