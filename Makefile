@@ -3,20 +3,35 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench install
+.PHONY: demo test test-fast lint typecheck check bench install
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 demo: install
 	RAY_AUTH_MODE=disabled $(VENV)/bin/latent-pipeline demo --workdir demo-out
 
+# the full suite: real Ray, a real S3 endpoint, real models (about 6 minutes on 2 cores)
 test: install
 	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q
+
+# the tests that need no Ray (under a minute): options, storage, formats, models, hostile input
+test-fast: install
+	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q -m "not ray and not slow"
+
+lint: install
+	$(VENV)/bin/ruff check pipeline tests bench jobs
+	$(VENV)/bin/ruff format --check pipeline tests bench jobs
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+# what CI runs
+check: lint typecheck test
 
 bench: install
 	RAY_AUTH_MODE=disabled $(PY) bench/encode.py

@@ -23,12 +23,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from helpers import encode_image, photo_crops, write_tar  # noqa: E402
-
-from pipeline import autoencoder, imaging, storage  # noqa: E402
-from pipeline.encode import EncodeConfig, run_encode  # noqa: E402
-from pipeline.ray_setup import ensure_ray  # noqa: E402
-from pipeline.tarshards import TarShardWriter, iter_samples  # noqa: E402
+from helpers import encode_image, photo_crops, write_tar
+from pipeline.io import imaging, storage
+from pipeline.io.tarshards import TarShardWriter, iter_samples
+from pipeline.models import autoencoder
+from pipeline.ray_setup import ensure_ray
+from pipeline.stages.encode import EncodeConfig, run_encode
 
 
 def make_shards(root: str, shards: int, per_shard: int, size: int) -> list[str]:
@@ -48,7 +48,7 @@ def bare_forward(vae, images: list[Image.Image], batch: int) -> float:
         vae.encode(x[:batch])  # warm-up
         t = time.perf_counter()
         for i in range(0, len(x), batch):
-            vae.encode(x[i:i + batch])
+            vae.encode(x[i : i + batch])
         return len(x) / (time.perf_counter() - t)
 
 
@@ -64,11 +64,14 @@ def naive_loop(vae, shard_paths: list[str], out_dir: str, resolution: int, batch
             im, _ = imaging.resize_center_crop(imaging.to_rgb(imaging.decode(s.fields["jpg"])), resolution)
             arrays.append(imaging.to_tensor_array(im))
             keys.append(s.key)
-        with open(os.path.join(out_dir, os.path.basename(path)), "wb") as f, TarShardWriter(f) as w, \
-                torch.inference_mode():
+        with (
+            open(os.path.join(out_dir, os.path.basename(path)), "wb") as f,
+            TarShardWriter(f) as w,
+            torch.inference_mode(),
+        ):
             for i in range(0, len(arrays), batch):
-                post = vae.encode(torch.from_numpy(np.stack(arrays[i:i + batch])))
-                for k, m in zip(keys[i:i + batch], post.mean.numpy().astype(np.float16)):
+                post = vae.encode(torch.from_numpy(np.stack(arrays[i : i + batch])))
+                for k, m in zip(keys[i : i + batch], post.mean.numpy().astype(np.float16)):
                     buf = io.BytesIO()
                     np.save(buf, m, allow_pickle=False)
                     w.write(k, {"latent.npy": buf.getvalue()})
@@ -91,23 +94,38 @@ def main() -> None:
         vae_dir = os.path.join(root, "vae")
         autoencoder.save_kl(autoencoder.new_kl(args.preset)[0], vae_dir)
         vae = autoencoder.load(vae_dir)
-        images = [imaging.to_rgb(imaging.decode(s.fields["jpg"]))
-                  for p in shard_paths for s in iter_samples(open(p, "rb"))]
+        images = [
+            imaging.to_rgb(imaging.decode(s.fields["jpg"])) for p in shard_paths for s in iter_samples(open(p, "rb"))
+        ]
 
         ceiling = bare_forward(vae, images, args.batch_size)
         os.makedirs(os.path.join(root, "naive"))
         naive = naive_loop(vae, shard_paths, os.path.join(root, "naive"), args.resolution, args.batch_size)
         ensure_ray()  # cluster start-up is not part of a job's time
         t = time.perf_counter()
-        man = run_encode(EncodeConfig(input=os.path.join(root, "in-*.tar"), output=os.path.join(root, "ray"),
-                                      vae=vae_dir, resolution=args.resolution, batch_size=args.batch_size),
-                         log=lambda m: None)
+        man = run_encode(
+            EncodeConfig(
+                input=os.path.join(root, "in-*.tar"),
+                output=os.path.join(root, "ray"),
+                vae=vae_dir,
+                resolution=args.resolution,
+                batch_size=args.batch_size,
+            ),
+        )
         ray_rate = man["totals"]["written"] / (time.perf_counter() - t)
 
-    result = {"images": len(images), "resolution": args.resolution, "preset": args.preset,
-              "cpus": os.cpu_count(), "bare_forward_img_s": round(ceiling, 2), "naive_loop_img_s": round(naive, 2),
-              "ray_job_img_s": round(ray_rate, 2), "ray_vs_bare": round(ray_rate / ceiling, 3),
-              "ray_vs_naive": round(ray_rate / naive, 3), "targets": {"ray_vs_bare": 0.9, "ray_vs_naive": 1.0}}
+    result = {
+        "images": len(images),
+        "resolution": args.resolution,
+        "preset": args.preset,
+        "cpus": os.cpu_count(),
+        "bare_forward_img_s": round(ceiling, 2),
+        "naive_loop_img_s": round(naive, 2),
+        "ray_job_img_s": round(ray_rate, 2),
+        "ray_vs_bare": round(ray_rate / ceiling, 3),
+        "ray_vs_naive": round(ray_rate / naive, 3),
+        "targets": {"ray_vs_bare": 0.9, "ray_vs_naive": 1.0},
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         storage.write_json(args.json, result)

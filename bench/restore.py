@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,23 +24,24 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from helpers import photo_crops, write_photo_folder  # noqa: E402
-
-from pipeline import autoencoder, storage  # noqa: E402
-from pipeline.encode import EncodeConfig, run_encode  # noqa: E402
-from pipeline.ray_setup import ensure_ray  # noqa: E402
-from pipeline.restore_job import RestoreActor, RestoreConfig, run_restore  # noqa: E402
-from pipeline.shards import ShardsConfig, run_shards  # noqa: E402
-from pipeline.train_diffusion import TrainConfig, run_train  # noqa: E402
+from helpers import photo_crops, write_photo_folder
+from pipeline.io import storage
+from pipeline.models import autoencoder
+from pipeline.ray_setup import ensure_ray
+from pipeline.restoration.restorer import RestoreSettings
+from pipeline.stages.encode import EncodeConfig, run_encode
+from pipeline.stages.restore import RestoreActor, RestoreConfig, run_restore
+from pipeline.stages.shards import ShardsConfig, run_shards
+from pipeline.train.diffusion import TrainConfig, run_train
 
 MEMORY_PROBE = """
 import sys, threading, time, numpy as np, psutil
 from PIL import Image
-from pipeline import sampling
-from pipeline.restoration import Restorer, RestoreOptions
+from pipeline.models import loading
+from pipeline.restoration.restorer import Restorer, RestoreSettings
 size, tile, ckpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-model = sampling.load(ckpt)
-r = Restorer(model, RestoreOptions(task="upscale2", steps=2, tile=tile, overlap=min(32, tile // 8)))
+model = loading.load(ckpt)
+r = Restorer(model, "upscale2", RestoreSettings(steps=2, tile=tile, overlap=min(32, tile // 8)))
 r.restore(Image.new("RGB", (16, 16)))  # warm-up
 rng = np.random.default_rng(0)
 im = Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8))
@@ -58,13 +60,31 @@ print((peak[0] - start) / 2**20)
 
 def build_model(root: str) -> str:
     write_photo_folder(os.path.join(root, "photos"), n=24, size=64)
-    run_shards(ShardsConfig(src=os.path.join(root, "photos"), out=os.path.join(root, "shards"),
-                            samples_per_shard=12), log=lambda m: None)
+    run_shards(
+        ShardsConfig(src=os.path.join(root, "photos"), out=os.path.join(root, "shards"), samples_per_shard=12),
+    )
     autoencoder.save_kl(autoencoder.new_kl("tiny")[0], os.path.join(root, "vae"))
-    run_encode(EncodeConfig(input=os.path.join(root, "shards", "*.tar"), output=os.path.join(root, "lat"),
-                            vae=os.path.join(root, "vae"), resolution=64, tasks=["upscale2"]), log=lambda m: None)
-    run_train(TrainConfig(latents=os.path.join(root, "lat"), output=os.path.join(root, "run"), task="upscale2",
-                          steps=5, batch_size=8, checkpoint_every=5, log_every=5, warmup_steps=1), log=lambda m: None)
+    run_encode(
+        EncodeConfig(
+            input=os.path.join(root, "shards", "*.tar"),
+            output=os.path.join(root, "lat"),
+            vae=os.path.join(root, "vae"),
+            resolution=64,
+            tasks=["upscale2"],
+        ),
+    )
+    run_train(
+        TrainConfig(
+            latents=os.path.join(root, "lat"),
+            output=os.path.join(root, "run"),
+            task="upscale2",
+            steps=5,
+            batch_size=8,
+            checkpoint_every=5,
+            log_every=5,
+            warmup_steps=1,
+        ),
+    )
     return os.path.join(root, "run")
 
 
@@ -72,7 +92,7 @@ def naive_loop(cfg: RestoreConfig, files: list[str]) -> float:
     import torch
 
     torch.set_num_threads(1)
-    actor = RestoreActor(cfg)
+    actor = RestoreActor(cfg, "upscale2")
     t = time.perf_counter()
     for f in files:
         rel = os.path.relpath(f, cfg.input)
@@ -99,16 +119,27 @@ def main() -> None:
         for i, im in enumerate(photo_crops(args.images, args.size, seed=5)):
             im.save(os.path.join(inp, f"img{i:04d}.png"))
         files = sorted(os.path.join(inp, f) for f in os.listdir(inp))
-        common = dict(input=inp, checkpoint=ckpt, steps=args.steps, task="upscale2", batch_size=8)
+        common = {
+            "input": inp,
+            "checkpoint": ckpt,
+            "task": "upscale2",
+            "batch_size": 8,
+            "settings": RestoreSettings(steps=args.steps),
+        }
         naive = naive_loop(RestoreConfig(output=os.path.join(root, "naive"), **common), files)
         marks: list[tuple[float, int]] = []
 
-        def progress(msg: str) -> None:  # "[restore] images N/total ..." lines, every ~2 s
-            if msg.startswith("[restore] images "):
-                marks.append((time.perf_counter(), int(msg.split()[2].split("/")[0])))
+        class Progress(logging.Handler):  # "[restore] images N/total ..." lines, every ~2 s
+            def emit(self, record: logging.LogRecord) -> None:
+                msg = record.getMessage()
+                if msg.startswith("[restore] images "):
+                    marks.append((time.perf_counter(), int(msg.split()[2].split("/")[0])))
+
+        restore_log = logging.getLogger("pipeline.restore")
+        restore_log.setLevel(logging.INFO)
+        restore_log.addHandler(Progress())
         t = time.perf_counter()
-        report = run_restore(RestoreConfig(output=os.path.join(root, "ray"), cpus_per_actor=0.75, **common),
-                             log=progress)
+        report = run_restore(RestoreConfig(output=os.path.join(root, "ray"), cpus_per_actor=0.75, **common))
         ray_rate = report["written"] / (time.perf_counter() - t)
         (t1, n1), (t2, n2) = marks[0], marks[-1]
         steady = (n2 - n1) / (t2 - t1) if t2 > t1 else ray_rate
@@ -117,18 +148,32 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         for size in (int(s) for s in args.memory_sizes.split(",")):
             for kind, tile in (("tiled", args.tile), ("untiled", 4 * size)):
-                out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(size // 2), str(tile), ckpt],
-                                     capture_output=True, text=True, env=env, check=True)
+                out = subprocess.run(
+                    [sys.executable, "-c", MEMORY_PROBE, str(size // 2), str(tile), ckpt],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=True,
+                )
                 memory[kind][f"{size}px"] = round(float(out.stdout.strip().splitlines()[-1]), 1)
 
-    result = {"images": args.images, "input_px": args.size, "output_px": 2 * args.size, "steps": args.steps,
-              "cores": cores, "naive_loop_img_s_1_core": round(naive, 3), "ray_job_img_s": round(ray_rate, 3),
-              "ray_actors": len(report["actors"]),
-              "ray_per_core_vs_naive": round(ray_rate / cores / naive, 3),
-              "ray_job_steady_img_s": round(steady, 3), "startup_s": round(marks[0][0] - t, 1),
-              "ray_steady_per_core_vs_naive": round(steady / cores / naive, 3),
-              "peak_extra_rss_mb_by_output_size": memory, "tile_px": args.tile,
-              "targets": {"ray_per_core_vs_naive": 0.9, "memory": "flat in image size"}}
+    result = {
+        "images": args.images,
+        "input_px": args.size,
+        "output_px": 2 * args.size,
+        "steps": args.steps,
+        "cores": cores,
+        "naive_loop_img_s_1_core": round(naive, 3),
+        "ray_job_img_s": round(ray_rate, 3),
+        "ray_actors": len(report["actors"]),
+        "ray_per_core_vs_naive": round(ray_rate / cores / naive, 3),
+        "ray_job_steady_img_s": round(steady, 3),
+        "startup_s": round(marks[0][0] - t, 1),
+        "ray_steady_per_core_vs_naive": round(steady / cores / naive, 3),
+        "peak_extra_rss_mb_by_output_size": memory,
+        "tile_px": args.tile,
+        "targets": {"ray_per_core_vs_naive": 0.9, "memory": "flat in image size"},
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         storage.write_json(args.json, result)

@@ -1,20 +1,26 @@
 """The ``latent-pipeline`` console script: one verb per stage, each ``--config FILE.yaml`` + flags.
 
-Each verb's options are the fields of its typed config dataclass; a YAML file may hold them at
-the top level or under a section named after the verb (``encode:``), and flags override it.
+Each verb's options are the fields of its typed config dataclass (option groups flattened into
+plain flags); a YAML file may hold them at the top level or under a section named after the verb
+(``encode:``), and flags override it. Every mistake ends in one line that names it and a
+non-zero exit: 2 for a wrong option or input, 1 for a job that ran and failed; ``--verbose``
+adds the traceback and the libraries' own logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
-import json
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from . import config as cfgmod
-from .config import ConfigError
+from pipeline import config as cfgmod
+from pipeline.config import ConfigError, JobFailed
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -40,65 +46,125 @@ def _load(ref: str) -> Any:
 
 
 VERBS = [
-    Verb("demo", "run the whole workflow on local Ray, local folders and bundled sample photos",
-         "demo:DemoConfig", "demo:run_demo"),
-    Verb("shards", "pack a folder of images into WebDataset image shards", "shards:ShardsConfig",
-         "shards:run_shards", positional=("src", "out")),
-    Verb("train-vae", "train the built-in KL autoencoder on image shards with Ray Train",
-         "train_vae:VAETrainConfig", "train_vae:run_train_vae"),
-    Verb("encode", "encode image shards into latent shards with Ray tasks", "encode:EncodeConfig",
-         "encode:run_encode"),
-    Verb("train", "train a latent diffusion model on cached latents with Ray Train", "train_diffusion:TrainConfig",
-         "train_diffusion:run_train"),
-    Verb("sample", "draw samples from a diffusion checkpoint into a PNG grid", "sampling:SampleConfig",
-         "sampling:run_sample"),
-    Verb("restore", "restore / upscale images in bulk with Ray Data actors", "restore_job:RestoreConfig",
-         "restore_job:run_restore"),
-    Verb("eval", "score a restoration checkpoint against bicubic, Lanczos and the autoencoder",
-         "evaluate:EvalConfig", "evaluate:evaluate"),
+    Verb(
+        "demo",
+        "run the whole workflow on local Ray, local folders and bundled sample photos",
+        "stages.demo:DemoConfig",
+        "stages.demo:run_demo",
+    ),
+    Verb(
+        "shards",
+        "pack a folder of images into WebDataset image shards",
+        "stages.shards:ShardsConfig",
+        "stages.shards:run_shards",
+        positional=("src", "out"),
+    ),
+    Verb(
+        "train-vae",
+        "train the built-in KL autoencoder on image shards with Ray Train",
+        "train.autoencoder:VAETrainConfig",
+        "train.autoencoder:run_train_vae",
+    ),
+    Verb(
+        "encode",
+        "encode image shards into latent shards with Ray tasks",
+        "stages.encode:EncodeConfig",
+        "stages.encode:run_encode",
+    ),
+    Verb(
+        "train",
+        "train a latent diffusion model on cached latents with Ray Train",
+        "train.diffusion:TrainConfig",
+        "train.diffusion:run_train",
+    ),
+    Verb(
+        "sample",
+        "draw samples from a diffusion checkpoint into a PNG grid",
+        "stages.sample:SampleConfig",
+        "stages.sample:run_sample",
+    ),
+    Verb(
+        "restore",
+        "restore / upscale images in bulk with Ray Data actors",
+        "stages.restore:RestoreConfig",
+        "stages.restore:run_restore",
+    ),
+    Verb(
+        "eval",
+        "score a restoration checkpoint against bicubic, Lanczos and the autoencoder",
+        "stages.eval:EvalConfig",
+        "stages.eval:evaluate",
+    ),
+    Verb(
+        "inspect",
+        "summarise a latent dataset, image shards or a checkpoint (--verify: check every shard)",
+        "stages.inspect:InspectConfig",
+        "stages.inspect:run_inspect",
+        positional=("url",),
+    ),
 ]
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect
-
-    so = json.loads(args.storage_options) if args.storage_options else None
-    print(json.dumps(inspect(args.url, so), indent=2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latent-pipeline", description="latent caching, diffusion training "
-                                     "and restoration as Ray jobs: one verb per stage")
+    parser = argparse.ArgumentParser(
+        prog="latent-pipeline",
+        description="latent caching, diffusion training and restoration as Ray jobs: one verb per stage",
+    )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
         p = sub.add_parser(verb.name, help=verb.help, description=verb.help)
         p.add_argument("--config", help="YAML file of options (flags override it)")
+        p.add_argument(
+            "-v", "--verbose", action="store_true", help="show Ray's and the libraries' logs, and tracebacks"
+        )
         cfgmod.add_arguments(p, verb.config_cls(), positional=verb.positional)
         p.set_defaults(_verb=verb)
-    p = sub.add_parser("inspect", help="summarise a latent dataset, image shards or a checkpoint")
-    p.add_argument("url")
-    p.add_argument("--storage-options", default="", help="JSON of fsspec storage options")
-    p.set_defaults(_inspect=True)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    from pipeline.io.storage import redact
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        text = f"no space left on the device{f' ({exc.filename})' if exc.filename else ''}: free space and re-run"
+    elif isinstance(exc, (ConfigError, JobFailed)) or type(exc).__name__ in ("CheckpointError", "ManifestError"):
+        text = str(exc)
+    elif isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        text = (
+            f"{type(exc).__name__.replace('Error', '').replace('NotADirectory', 'not a directory')}: "
+            f"{exc.filename or exc}"
+            if exc.filename
+            else str(exc)
+        )
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    lines = [ln for ln in redact(text).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:500]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.console import setup_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    verb: Verb = args._verb
     try:
-        if getattr(args, "_inspect", False):
-            return _inspect(args)
-        verb: Verb = args._verb
-        cfg = cfgmod.from_args(verb.config_cls(), args, section=verb.name.replace("-", "_"))
+        cfg: Any = cfgmod.from_args(verb.config_cls(), args, section=verb.name.replace("-", "_"))
         verb(cfg)
         return 0
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"latent-pipeline {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"latent-pipeline {args.verb}: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(f"latent-pipeline {verb.name}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose:
+            log.exception("traceback")
+        user = isinstance(
+            exc, (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+        )
+        hint = "" if user or args.verbose else " (run with --verbose for the traceback)"
+        print(f"latent-pipeline {verb.name}: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 2 if user else 1
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """Typed configs: dataclasses loaded from YAML with command-line overrides.
 
-Each stage has one dataclass whose fields carry their help text in ``metadata["help"]``.
-The same class drives the YAML loader, the ``--flag`` parser of the CLI and validation
-(``__post_init__`` raises :class:`ConfigError` naming the option). Precedence:
-dataclass defaults < ``--config FILE.yaml`` < command-line flags.
+Each verb has one dataclass whose fields carry their help text in ``metadata["help"]``.
+Option *groups* (:class:`StorageOptions`, :class:`RayOptions`, the restorer's
+``RestoreSettings``, ...) are dataclasses declared once and composed into every verb that
+needs them with :func:`group`, in the style of litgpt's argument dataclasses. A group's
+options appear as ordinary flat flags (``--storage-options``) and flat YAML keys; a YAML file
+may also nest them under the group's field name (``storage: {options: ...}``).
+
+The same classes drive the YAML loader, the ``--flag`` parser of the CLI and validation
+(``__post_init__`` raises :class:`ConfigError` naming the option). Precedence: dataclass
+defaults < ``--config FILE.yaml`` < command-line flags.
 """
 
 from __future__ import annotations
@@ -11,29 +17,136 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import yaml
+
+from pipeline.errors import ConfigError, JobFailed
+
+__all__ = ["ConfigError", "JobFailed", "RayOptions", "StorageOptions", "from_args", "from_dict", "group", "option"]
 
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
-    """An unknown or invalid option; the message names it."""
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
-    """A dataclass field with help text (shown by ``--help``)."""
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002 - the name argparse and dataclass users expect
+    *,
+    flag: str = "",
+    short: str = "",
+    **kw: Any,
+) -> Any:
+    """A dataclass field with help text (shown by ``--help``); ``flag`` overrides the flag name
+    (``storage_options`` for ``--storage-options``), ``short`` adds a one-letter flag (``-n``)."""
+    meta: dict[str, Any] = {"help": help, "flag": flag} if flag else {"help": help}
+    if short:
+        meta["short"] = (short,)
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def group(cls: type, *, private: bool = False) -> Any:
+    """A field holding an option group; ``private`` groups (credentials, cluster addresses)
+    are left out of :func:`public_dict`, so they never reach a manifest or checkpoint."""
+    return dataclasses.field(default_factory=cls, metadata={"group": True, "private": private})
+
+
+# --------------------------------------------------------------------------- the shared groups
+
+
+@dataclass
+class StorageOptions:
+    """How to reach object storage. Credentials here are never written anywhere."""
+
+    options: dict = option({}, "JSON of fsspec storage options (endpoint, credentials)", flag="storage_options")
+
+    def __post_init__(self) -> None:
+        from pipeline.io.storage import register_secrets
+
+        register_secrets(self.options)  # so that no message can show them
+
+
+@dataclass
+class RayOptions:
+    """Which Ray to run on."""
+
+    address: str = option("", "Ray cluster address (default: RAY_ADDRESS or a local Ray)", flag="ray_address")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def require(cfg: Any, *names: str) -> None:
+    """Raise ConfigError for the first of ``names`` that is empty."""
+    for name in names:
+        if not getattr(cfg, name):
+            raise ConfigError(f"option {flag_of(name)!r} is required")
+
+
+def check_range(
+    name: str,
+    value: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    """Raise ConfigError unless ``value`` is a finite number in the range (NaN never passes)."""
+    bad = not math.isfinite(value)
+    bad = bad or (lo is not None and (value <= lo if lo_open else value < lo))
+    bad = bad or (hi is not None and (value >= hi if hi_open else value > hi))
+    if bad:
+        lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+        hi_s = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        where = f"in {lo_s or '(-inf'}, {hi_s or 'inf)'}"
+        raise ConfigError(f"option {flag_of(name)!r} must be a finite number {where}, got {value!r}")
+
+
+def check_choice(name: str, value: str, choices: typing.Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"option {flag_of(name)!r}: {value!r} is not one of {', '.join(choices)}")
+
+
+def flag_of(name: str) -> str:
+    return name.rstrip("_").replace("_", "-")
+
+
+# --------------------------------------------------------------------------- fields, flattened
 
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _is_group(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("group"))
+
+
+def _flat_fields(cls: type) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """(path of field names, field, type) of every option, groups flattened."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if _is_group(f):
+            for path, sub, tp in _flat_fields(hints[f.name]):
+                yield (f.name, *path), sub, tp
+        else:
+            yield (f.name,), f, hints[f.name]
+
+
+def _key(f: dataclasses.Field) -> str:
+    """The flat name of an option: its flag without dashes (``storage_options``)."""
+    return f.metadata.get("flag", f.name)
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -51,7 +164,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"option {name!r} may not be empty")
+        raise ConfigError(f"option {flag_of(name)!r} may not be empty")
     origin = typing.get_origin(tp)
     try:
         if tp is bool:
@@ -88,38 +201,64 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(value)
             return dict(value)
-    except (ValueError, TypeError, json.JSONDecodeError):
-        shown = "<hidden>" if "storage" in name or "secret" in name else repr(value)
-        raise ConfigError(f"option {name!r}: cannot read {shown} as {getattr(tp, '__name__', tp)}") from None
+    except (ValueError, TypeError, OverflowError, json.JSONDecodeError):
+        shown = "<hidden>" if "storage" in name or "secret" in name else repr(value)[:80]
+        raise ConfigError(f"option {flag_of(name)!r}: cannot read {shown} as {getattr(tp, '__name__', tp)}") from None
     return value
 
 
 def from_dict(cls: type[C], values: dict[str, Any], *, section: str = "") -> C:
-    """Build ``cls`` from a mapping; unknown keys raise ConfigError listing the valid ones."""
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-
-    def field_name(key: str) -> str:  # `class` names the field `class_` (a Python keyword)
-        name = key.replace("-", "_")
-        return name + "_" if name not in fields and name + "_" in fields else name
-
-    unknown = [k for k in values if field_name(k) not in fields]
+    """Build ``cls`` from a flat mapping (group options by their flat names, or nested under
+    the group's field name); unknown keys raise ConfigError listing the valid ones."""
+    flat = {_key(f): (path, tp) for path, f, tp in _flat_fields(cls)}
+    groups = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if _is_group(f)}
+    pairs: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in groups and isinstance(value, dict):
+            inner = {_key(f): f.name for f in dataclasses.fields(_hints(cls)[name])}
+            by_field = {v: k for k, v in inner.items()}
+            pairs += [(by_field.get(str(k).replace("-", "_"), str(k)), v) for k, v in value.items()]
+        else:
+            pairs.append((name if name in flat or name + "_" not in flat else name + "_", value))
+    unknown = [k for k, _ in pairs if k not in flat]
     if unknown:
         where = f" in {section}" if section else ""
-        valid = ", ".join(sorted(n.rstrip("_") for n in fields))
-        raise ConfigError(f"unknown option {unknown[0]!r}{where}; valid options: {valid}")
-    kwargs = {}
-    for key, value in values.items():
-        name = field_name(key)
-        kwargs[name] = coerce(name, hints[name], value)
+        valid = ", ".join(sorted(flag_of(n) for n in flat))
+        raise ConfigError(f"unknown option {flag_of(unknown[0])!r}{where}; valid options: {valid}")
+    nested: dict[str, Any] = {}
+    for key, value in pairs:
+        path, tp = flat[key]
+        target = nested
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = coerce(key, tp, value)
+    return _build(cls, nested)
+
+
+def _build(cls: type[C], kwargs: dict[str, Any]) -> C:
+    hints = _hints(cls)
+    for name, value in list(kwargs.items()):
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and not _is_plain_dict(hints[name]):
+            kwargs[name] = _build(hints[name], value)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required option is missing
-        missing = [n for n, f in fields.items() if n not in kwargs
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cast(Any, cls))
+            if f.name not in kwargs
+            and f.init
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
-            raise ConfigError(f"missing required option {missing[0]!r}") from None
+            raise ConfigError(f"missing required option {flag_of(missing[0])!r}") from None
         raise ConfigError(str(exc)) from None
+
+
+def _is_plain_dict(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -127,10 +266,41 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    from . import storage
+def public_dict(cfg: Any) -> dict[str, Any]:
+    """A config as recorded in manifests and checkpoints: private groups (storage options,
+    Ray address) left out and every string passed through :func:`storage.redact`."""
+    from pipeline.io.storage import redact
 
-    data = yaml.safe_load(storage.read_bytes(path).decode("utf-8")) or {}
+    def walk(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return {
+                f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("private")
+            }
+        if isinstance(obj, dict):
+            return {str(k): walk(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [walk(v) for v in obj]
+        return redact(obj) if isinstance(obj, str) else obj
+
+    return json.loads(json.dumps(walk(cfg)))
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """A ``--config`` file: one mapping of option: value (plain YAML, no tags)."""
+    from pipeline.io import storage
+
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+        data = yaml.safe_load(text) or {}
+    except (IsADirectoryError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        raise ConfigError(
+            f"config file {path!r}: {type(exc).__name__.replace('Error', '').lower() or 'error'}: {exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {path!r} is not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
     return data
@@ -138,27 +308,29 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- CLI glue
 
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag`` per field of ``cls`` (defaults left to the dataclass)."""
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp, _ = _strip_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+    """Add one ``--flag`` per option of ``cls``, groups flattened (defaults left to the dataclass)."""
+    for _path, f, tp in _flat_fields(cls):
+        tp, _ = _strip_optional(tp)
+        key = _key(f)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         help_text = f.metadata.get("help", "")
-        if default not in (None, "", [], ()) and "storage" not in f.name:
-            help_text += f" (default: {default if not isinstance(default, (list, tuple)) else ','.join(map(str, default))})"
-        if f.name in positional:
-            parser.add_argument(f.name, nargs="?", default=None, help=help_text)
+        if default not in (None, "", [], (), {}) and "storage" not in key:
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            help_text += f" (default: {shown})"
+        if key in positional:
+            parser.add_argument(key, nargs="?", default=None, help=help_text)
             continue
-        flag = "--" + f.name.rstrip("_").replace("_", "-")
+        flags = ["--" + flag_of(key)] + [f"-{s}" for s in f.metadata.get("short", ())]
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=help_text)
+            parser.add_argument(*flags, dest=key, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+            parser.add_argument(*flags, dest=key, default=None, metavar=key.rstrip("_").upper(), help=help_text)
 
 
 def from_args(cls: type[C], args: argparse.Namespace, *, section: str) -> C:
@@ -169,9 +341,8 @@ def from_args(cls: type[C], args: argparse.Namespace, *, section: str) -> C:
         if section in data and isinstance(data[section], dict):
             data = data[section]
         values.update(data)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for name in names:
-        v = getattr(args, name, None)
+    for _path, f, _tp in _flat_fields(cls):
+        v = getattr(args, _key(f), None)
         if v is not None:
-            values[name] = v
+            values[_key(f)] = v
     return from_dict(cls, values, section=section)

@@ -1,19 +1,16 @@
-"""Connecting to Ray: a cluster when one is given (``--ray-address`` or ``RAY_ADDRESS``), else local."""
+"""Connecting to Ray: a cluster when one is given (``--ray-address`` or ``RAY_ADDRESS``), else
+local; and checking a job's resource request against the cluster before anything waits on it."""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 
-_NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
-
-
-def quiet_ray_loggers() -> None:
-    """Silence Ray Train v2's state-API warnings on minimal installs."""
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+from pipeline.config import ConfigError
+from pipeline.console import quiet_libraries
 
 
 def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
@@ -21,12 +18,18 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs = {}
+    verbose = logging.getLogger("pipeline").level == logging.DEBUG
+    quiet_libraries(verbose)
+    kwargs: dict[str, Any] = {}
     if not (address or os.environ.get("RAY_ADDRESS")) and num_cpus:
         kwargs["num_cpus"] = num_cpus
-    ray.init(address=address or None, ignore_reinit_error=True,
-             logging_config=ray.LoggingConfig(log_level="WARNING"), **kwargs)
-    quiet_ray_loggers()
+    ray.init(
+        address=address or None,
+        ignore_reinit_error=True,
+        logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
+        **kwargs,
+    )
+    quiet_libraries(verbose)
 
 
 def cluster_slots(num_cpus: float, num_gpus: float, reserve_cpus: float = 0.0) -> int:
@@ -36,3 +39,40 @@ def cluster_slots(num_cpus: float, num_gpus: float, reserve_cpus: float = 0.0) -
     if num_gpus > 0:
         return max(1, int(res.get("GPU", 0) / num_gpus))
     return max(1, int((res.get("CPU", 1) - reserve_cpus) / max(num_cpus, 1e-3)))
+
+
+def check_fits(
+    *,
+    cpus: float,
+    gpus: float,
+    count: int = 1,
+    reserve_cpus: float = 0.0,
+    options: tuple[str, str, str] = ("num_cpus", "num_gpus", ""),
+) -> None:
+    """Refuse (ConfigError naming the option) a request the cluster can never schedule, instead of
+    waiting forever: ``count`` units of ``cpus`` + ``gpus`` each, ``reserve_cpus`` kept free.
+
+    The cluster's *total* resources are used, so an autoscaling cluster's current size decides;
+    set ``--ray-address`` to a running cluster of the right size.
+    """
+    res = ray.cluster_resources()
+    cpu_opt, gpu_opt, count_opt = options
+    have_cpu, have_gpu = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    if gpus > 0 and have_gpu < gpus:
+        raise ConfigError(
+            f"option {gpu_opt.replace('_', '-')!r}: {gpus:g} GPU(s) asked for, the Ray cluster has {have_gpu:g}"
+        )
+    if cpus > have_cpu:
+        raise ConfigError(
+            f"option {cpu_opt.replace('_', '-')!r}: {cpus:g} CPU(s) asked for, the Ray cluster has {have_cpu:g}"
+        )
+    if count_opt and count > 1:
+        fit_cpu = int((have_cpu - reserve_cpus + 1e-9) // cpus) if cpus else count
+        fit_gpu = int((have_gpu + 1e-9) // gpus) if gpus else count
+        if min(fit_cpu, fit_gpu) < count:
+            raise ConfigError(
+                f"option {count_opt.replace('_', '-')!r}: {count} at {cpus:g} CPU / {gpus:g} GPU each do "
+                f"not fit the Ray cluster ({have_cpu:g} CPU, {have_gpu:g} GPU"
+                f"{f', {reserve_cpus:g} CPU kept for reads' if reserve_cpus else ''}); "
+                f"at most {max(0, min(fit_cpu, fit_gpu))}"
+            )

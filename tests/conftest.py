@@ -30,12 +30,14 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    os.environ.update({
-        "AWS_ENDPOINT_URL": url,
-        "AWS_ACCESS_KEY_ID": "testing-key-id",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    })
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_ACCESS_KEY_ID": "testing-key-id",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     yield url
     server.stop()
 
@@ -60,3 +62,23 @@ def bucket(s3_endpoint):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the session's Ray (or start Ray nodes) are marked ``ray``: `make test-fast`
+    runs the rest (options, storage, formats, models, hostile inputs refused on the driver)."""
+    for item in items:
+        if {"ray_cluster", "two_node_cluster"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _pipeline_logging_propagates():
+    """`cli.main` sets up console logging (its own handler, no propagation); undo that after
+    each test so that pytest's `caplog` sees the `pipeline` loggers in the tests that follow."""
+    yield
+    import logging
+
+    root = logging.getLogger("pipeline")
+    root.handlers = [h for h in root.handlers if not getattr(h, "_pipeline", False)]
+    root.propagate = True

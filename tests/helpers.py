@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from pipeline import sample_photos
+from pipeline.io import sample_photos
 
 
 def photo_crops(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
@@ -72,7 +72,7 @@ def bad_input_members() -> tuple[list[tuple[str, bytes]], dict[str, str | None]]
     add("zero", "jpg", b"", "empty_file")
     add("notimage", "png", b"this is not an image at all", "not_an_image")
     add("cmyk", "jpg", encode_image(photo.convert("CMYK"), "JPEG"), None)
-    arr16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    arr16 = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
     add("gray16", "png", encode_image(Image.fromarray(arr16), "PNG"), None)
     add("palette", "png", encode_image(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), None)
     rgba = photo.convert("RGBA")
@@ -105,3 +105,24 @@ def write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             add_member(tar, name, data)
+
+
+def tiny_diffusion_checkpoint(path: str, num_classes: int = 0, task: str = "") -> str:
+    """A real (untrained) diffusion checkpoint written through the library's own functions:
+    a tiny denoiser, its autoencoder under ``vae/`` and the checkpoint description."""
+    import torch
+
+    from pipeline.io import checkpoint
+    from pipeline.models import autoencoder, denoiser
+
+    vae_dir = os.path.join(path, checkpoint.VAE_DIR)
+    autoencoder.save_kl(autoencoder.new_kl("tiny", seed=0)[0], vae_dir)
+    vae = autoencoder.load(vae_dir)
+    cfg = denoiser.config_for("tiny", num_classes=num_classes, cond_channels=4 if task else 0)
+    torch.manual_seed(0)
+    net = denoiser.Denoiser(cfg)
+    info = checkpoint.CheckpointInfo(
+        kind="diffusion", model=denoiser.to_dict(cfg), task=task, latent_shape=[4, 8, 8], vae_identity=vae.identity
+    )
+    checkpoint.save(path, info, {"model": net.state_dict(), "ema": net.state_dict()})
+    return path

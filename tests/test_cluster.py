@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -19,9 +20,11 @@ import pytest
 import yaml
 
 from helpers import write_photo_folder
-from pipeline import autoencoder, config, storage
+from pipeline import config
 from pipeline.cli import VERBS
-from pipeline.shards import ShardsConfig, run_shards
+from pipeline.io import storage
+from pipeline.models import autoencoder
+from pipeline.stages.shards import ShardsConfig, run_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -65,8 +68,11 @@ def _closed(schema):
     """Close every object that lists properties (as kubeconform does); relax metadata."""
     if isinstance(schema, dict):
         out = {k: _closed(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out \
-                and not out.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         if "metadata" in out.get("properties", {}):
             out["properties"]["metadata"] = {"type": "object"}
@@ -76,8 +82,10 @@ def _closed(schema):
     return schema
 
 
-SCHEMAS = {kind: _closed(json.load(open(os.path.join(DATA, f"kuberay-v1.7.0-{name}-v1.json"))))
-           for kind, name in (("RayJob", "rayjobs"), ("RayCluster", "rayclusters"))}
+SCHEMAS = {
+    kind: _closed(json.load(open(os.path.join(DATA, f"kuberay-v1.7.0-{name}-v1.json"))))
+    for kind, name in (("RayJob", "rayjobs"), ("RayCluster", "rayclusters"))
+}
 
 
 def _validate(doc):
@@ -98,8 +106,9 @@ def _manifest_files():
 def _render():
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed: rendered manifests not checked")
-    out = subprocess.run(["kubectl", "kustomize", os.path.join(ROOT, "manifests")], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        ["kubectl", "kustomize", os.path.join(ROOT, "manifests")], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -172,31 +181,54 @@ def two_node_cluster(s3_endpoint):
     temp = tempfile.mkdtemp(prefix="lp-ray-")
     gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(7)
     # the cluster's `python` is the environment the project is installed in, as on a real node
-    env = dict(os.environ, RAY_AUTH_MODE="disabled",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    )
     env.pop("RAY_ADDRESS", None)
-    head = [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
-            "--num-cpus=1", f"--temp-dir={temp}", "--include-dashboard=true", "--disable-usage-stats"]
+    head = [
+        _ray_bin(),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
+        "--num-cpus=1",
+        f"--temp-dir={temp}",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+    ]
     out = subprocess.run(head, env=env, capture_output=True, text=True, timeout=180)
     try:
         assert out.returncode == 0, out.stdout + out.stderr
         a_http, a_grpc, r_env, m2 = _free_ports(4)
-        worker = [_ray_bin(), "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-                  "--num-cpus=1", f"--dashboard-agent-listen-port={a_http}", f"--dashboard-agent-grpc-port={a_grpc}",
-                  f"--runtime-env-agent-port={r_env}", f"--metrics-export-port={m2}", "--disable-usage-stats"]
+        worker = [
+            _ray_bin(),
+            "start",
+            f"--address=127.0.0.1:{gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            f"--dashboard-agent-listen-port={a_http}",
+            f"--dashboard-agent-grpc-port={a_grpc}",
+            f"--runtime-env-agent-port={r_env}",
+            f"--metrics-export-port={m2}",
+            "--disable-usage-stats",
+        ]
         out = subprocess.run(worker, env=env, capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stdout + out.stderr
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
         for p in psutil.process_iter(["cmdline"]):
             if temp in " ".join(p.info["cmdline"] or []):
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     p.send_signal(signal.SIGKILL)
-                except psutil.NoSuchProcess:
-                    pass
         time.sleep(1)
         left = [p.pid for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
         shutil.rmtree(temp, ignore_errors=True)
@@ -207,11 +239,38 @@ def test_ray_job_submit_encode_on_two_nodes(two_node_cluster, bucket, tmp_path):
     write_photo_folder(str(tmp_path / "photos"), n=8, size=64)
     run_shards(ShardsConfig(src=str(tmp_path / "photos"), out=f"{bucket}/shards", samples_per_shard=2))
     autoencoder.save_kl(autoencoder.new_kl("tiny")[0], f"{bucket}/vae")
-    cmd = [_ray_bin(), "job", "submit", "--address", two_node_cluster["dashboard"], "--working-dir", ROOT,
-           "--", "python", "jobs/encode.py", "--config", "jobs/configs/encode.yaml",
-           "--input", f"{bucket}/shards/shard-*.tar", "--output", f"{bucket}/latents", "--vae", f"{bucket}/vae",
-           "--resolution", "64", "--batch-size", "2", "--precision", "fp32", "--num-gpus", "0", "--num-cpus", "1",
-           "--tasks", ""]
+    cmd = [
+        _ray_bin(),
+        "job",
+        "submit",
+        "--address",
+        two_node_cluster["dashboard"],
+        "--working-dir",
+        ROOT,
+        "--",
+        "python",
+        "jobs/encode.py",
+        "--config",
+        "jobs/configs/encode.yaml",
+        "--input",
+        f"{bucket}/shards/shard-*.tar",
+        "--output",
+        f"{bucket}/latents",
+        "--vae",
+        f"{bucket}/vae",
+        "--resolution",
+        "64",
+        "--batch-size",
+        "2",
+        "--precision",
+        "fp32",
+        "--num-gpus",
+        "0",
+        "--num-cpus",
+        "1",
+        "--tasks",
+        "",
+    ]
     out = subprocess.run(cmd, env=two_node_cluster["env"], capture_output=True, text=True, timeout=400)
     logs = out.stdout + out.stderr
     assert out.returncode == 0, logs[-4000:]

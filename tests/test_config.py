@@ -1,8 +1,10 @@
+import os
+
 import pytest
 
 from pipeline import cli
 from pipeline.config import ConfigError, from_dict
-from pipeline.encode import EncodeConfig
+from pipeline.stages.encode import EncodeConfig
 
 
 def test_unknown_option_is_named():
@@ -24,11 +26,14 @@ def test_invalid_values_are_named():
 def test_yaml_then_flags_precedence(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("encode:\n  input: in/*.tar\n  output: out\n  vae: v\n  resolution: 128\n  batch_size: 8\n")
-    args = cli.build_parser().parse_args(["encode", "--config", str(cfg_file), "--resolution", "64",
-                                          "--tasks", "upscale2,restore", "--overwrite"])
+    args = cli.build_parser().parse_args(
+        ["encode", "--config", str(cfg_file), "--resolution", "64", "--tasks", "upscale2,restore", "--overwrite"]
+    )
     from pipeline.config import from_args
+
     cfg = from_args(EncodeConfig, args, section="encode")
-    assert (cfg.resolution, cfg.batch_size, cfg.input) == (64, 8, "in/*.tar")
+    # relative local paths are resolved on the driver (Ray workers run in another folder)
+    assert (cfg.resolution, cfg.batch_size, cfg.input) == (64, 8, os.path.abspath("in/*.tar"))
     assert cfg.tasks == ["upscale2", "restore"] and cfg.overwrite is True
 
 
@@ -38,8 +43,7 @@ def test_cli_reports_bad_option_cleanly(capsys):
 
 
 def test_storage_options_never_echoed(capsys):
-    rc = cli.main(["encode", "--input", "x", "--output", "y", "--vae", "z",
-                   "--storage-options", "{not json SECRETKEY"])
+    rc = cli.main(["encode", "--input", "x", "--output", "y", "--vae", "z", "--storage-options", "{not json SECRETKEY"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "storage_options" in err and "SECRETKEY" not in err
+    assert "storage-options" in err and "SECRETKEY" not in err

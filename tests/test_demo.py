@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
-from pipeline.demo import DemoConfig, run_demo
-from pipeline.report import SECTIONS
+from pipeline.stages.demo import DemoConfig, run_demo
+from pipeline.stages.report import SECTIONS
 
 
-def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster):
+def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster, caplog):
     wd = tmp_path / "demo"
     out = run_demo(DemoConfig(workdir=str(wd), quick=True))
     report = (wd / "report.html").read_text()
     for section in SECTIONS:
         assert f"id='{section}'" in report, section
     assert report.count("data:image/png;base64,") == 4  # self-contained: every figure embedded
-    assert "src=\"http" not in report and "src='http" not in report
+    assert 'src="http' not in report and "src='http" not in report
     stages = json.loads((wd / "stages.json").read_text())
-    assert set(stages) == {"photos", "shards", "train-vae", "encode", "train", "train-upscale4", "sample", "eval",
-                           "restore"}
+    assert set(stages) == {
+        "photos",
+        "shards",
+        "train-vae",
+        "encode",
+        "train",
+        "train-upscale4",
+        "sample",
+        "eval",
+        "restore",
+    }
     assert all(s["seconds"] > 0 for s in stages.values())
     ev = out["eval"]
     for name in ("model", "bicubic", "lanczos", "autoencoder"):
@@ -29,6 +39,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster):
     assert json.loads((wd / "restored" / "_report.json").read_text())["written"] == 3
 
     # a second run finds every stage done and only rewrites the report
-    lines = []
-    run_demo(DemoConfig(workdir=str(wd), quick=True), log=lines.append)
-    assert sum("already done" in line for line in lines) == len(stages)
+    caplog.set_level(logging.INFO, logger="pipeline")
+    caplog.clear()
+    run_demo(DemoConfig(workdir=str(wd), quick=True))
+    assert sum("already done" in line for line in caplog.messages) == len(stages)

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from helpers import bad_input_members, encode_image, photo_crops
-from pipeline import imaging
+from pipeline.io import imaging
 
 
 def test_exif_orientation_is_applied():
@@ -39,8 +39,12 @@ def test_alpha_is_composited_over_white():
 def test_bad_inputs_raise_reasons():
     members, expect = bad_input_members()
     data = dict(members)
-    for name, reason in [("truncated.jpg", "corrupt_image"), ("zero.jpg", "empty_file"),
-                         ("notimage.png", "not_an_image"), ("bomb.png", "decompression_bomb")]:
+    for name, reason in [
+        ("truncated.jpg", "corrupt_image"),
+        ("zero.jpg", "empty_file"),
+        ("notimage.png", "not_an_image"),
+        ("bomb.png", "decompression_bomb"),
+    ]:
         with pytest.raises(imaging.BadImage) as err:
             imaging.decode(data[name])
         assert err.value.reason == reason == expect[name.split(".")[0]]

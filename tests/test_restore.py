@@ -11,15 +11,18 @@ import torch
 from PIL import Image
 
 from helpers import photo_crops, write_photo_folder
-from pipeline import autoencoder, degrade, denoiser, storage, tiling
-from pipeline.encode import EncodeConfig, run_encode
-from pipeline.evaluate import EvalConfig, evaluate
-from pipeline.restoration import Restorer, RestoreOptions, project_upscale
-from pipeline.restore_job import RestoreConfig, run_restore
-from pipeline.sampling import DiffusionModel
-from pipeline.shards import ShardsConfig, run_shards
-from pipeline.train_diffusion import TrainConfig, run_train
-from pipeline.train_vae import VAETrainConfig, run_train_vae
+from pipeline.config import JobFailed
+from pipeline.io import storage
+from pipeline.io.checkpoint import CheckpointInfo
+from pipeline.models import autoencoder, degrade, denoiser, loading, tiling
+from pipeline.models.loading import DiffusionModel
+from pipeline.restoration.restorer import Restorer, RestoreSettings, project_upscale
+from pipeline.stages.encode import EncodeConfig, run_encode
+from pipeline.stages.eval import EvalConfig, evaluate
+from pipeline.stages.restore import RestoreConfig, run_restore
+from pipeline.stages.shards import ShardsConfig, run_shards
+from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
+from pipeline.train.diffusion import TrainConfig, run_train
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +32,42 @@ def upscale_model(tmp_path_factory, ray_cluster):
     write_photo_folder(str(root / "photos"), n=24, size=64)
     run_shards(ShardsConfig(src=str(root / "photos"), out=str(root / "shards"), samples_per_shard=12))
     # a briefly trained autoencoder: a random one decodes noise, and residuals of noise mean nothing
-    run_train_vae(VAETrainConfig(images=str(root / "shards" / "*.tar"), output=str(root / "vae"), workers=1,
-                                 steps=60, batch_size=8, resolution=32, checkpoint_every=60, warmup_steps=10,
-                                 eval_images=8, log_every=20))
-    run_encode(EncodeConfig(input=str(root / "shards" / "*.tar"), output=str(root / "lat"), vae=str(root / "vae"),
-                            resolution=64, tasks=["upscale2"]))
-    run_train(TrainConfig(latents=str(root / "lat"), output=str(root / "run"), task="upscale2", workers=1,
-                          steps=30, batch_size=8, checkpoint_every=30, log_every=10, warmup_steps=5))
+    run_train_vae(
+        VAETrainConfig(
+            images=str(root / "shards" / "*.tar"),
+            output=str(root / "vae"),
+            workers=1,
+            steps=60,
+            batch_size=8,
+            resolution=32,
+            checkpoint_every=60,
+            warmup_steps=10,
+            eval_images=8,
+            log_every=20,
+        )
+    )
+    run_encode(
+        EncodeConfig(
+            input=str(root / "shards" / "*.tar"),
+            output=str(root / "lat"),
+            vae=str(root / "vae"),
+            resolution=64,
+            tasks=["upscale2"],
+        )
+    )
+    run_train(
+        TrainConfig(
+            latents=str(root / "lat"),
+            output=str(root / "run"),
+            task="upscale2",
+            workers=1,
+            steps=30,
+            batch_size=8,
+            checkpoint_every=30,
+            log_every=10,
+            warmup_steps=5,
+        )
+    )
     return str(root / "run")
 
 
@@ -58,12 +90,20 @@ def test_restore_job_on_s3(upscale_model, bucket, ray_cluster):
     storage.write_bytes(f"{bucket}/in/empty.jpg", b"")
     # the checkpoint is read from the bucket too
     storage.upload_dir(upscale_model, f"{bucket}/model", commit_last="")
-    cfg = RestoreConfig(input=f"{bucket}/in", output=f"{bucket}/out", checkpoint=f"{bucket}/model", scale=2,
-                        steps=3, batch_size=1, actors=1, cpus_per_actor=1.0)
+    cfg = RestoreConfig(
+        input=f"{bucket}/in",
+        output=f"{bucket}/out",
+        checkpoint=f"{bucket}/model",
+        scale=2,
+        settings=RestoreSettings(steps=3),
+        batch_size=1,
+        actors=1,
+        cpus_per_actor=1.0,
+    )
     report = run_restore(cfg)
     assert (report["seen"], report["written"], report["errors"]) == (6, 4, 2)
     assert report["errors_by_reason"] == {"not_an_image": 1, "empty_file": 1}
-    assert list(report["model_loads"].values()) == [1]  # one actor, loaded once, for 6 batches
+    assert len(report["actors"]) == 1  # one actor (it loads the model in its constructor) for 6 batches
     files = set(storage.walk_files(f"{bucket}/out"))
     assert files == {"a.png", "sub/b.png", "alpha.png", "grey.png", "_errors.jsonl", "_report.json"}
     out = Image.open(io.BytesIO(storage.read_bytes(f"{bucket}/out/a.png")))
@@ -72,13 +112,19 @@ def test_restore_job_on_s3(upscale_model, bucket, ray_cluster):
     assert grey.size == (48, 32) and grey.mode == "L"
     a = Image.open(io.BytesIO(storage.read_bytes(f"{bucket}/out/alpha.png")))
     assert a.mode == "RGBA" and a.size == (64, 64)
-    np.testing.assert_allclose(np.asarray(a.getchannel("A"), np.float32),
-                               np.asarray(alpha.resize((64, 64), Image.Resampling.LANCZOS), np.float32), atol=1)
+    np.testing.assert_allclose(
+        np.asarray(a.getchannel("A"), np.float32),
+        np.asarray(alpha.resize((64, 64), Image.Resampling.LANCZOS), np.float32),
+        atol=1,
+    )
     errors = [json.loads(x) for x in storage.read_bytes(f"{bucket}/out/_errors.jsonl").decode().splitlines()]
     assert sorted(e["key"] for e in errors) == ["broken.png", "empty.jpg"]
 
-    # a re-run skips finished outputs and retries only the bad inputs
-    again = run_restore(cfg)
+    # a re-run skips finished outputs and retries only the bad inputs; as every input it tried
+    # failed, it fails (exit code non-zero), with its report written
+    with pytest.raises(JobFailed, match="2 of 2 inputs failed"):
+        run_restore(cfg)
+    again = json.loads(storage.read_bytes(f"{bucket}/out/_report.json"))
     assert (again["written"], again["skipped_existing"], again["errors"]) == (0, 4, 2)
 
 
@@ -91,11 +137,36 @@ def _jpeg(im):
 def test_restore_job_reads_image_shards(upscale_model, tmp_path, ray_cluster):
     write_photo_folder(str(tmp_path / "p"), n=5, size=32)
     run_shards(ShardsConfig(src=str(tmp_path / "p"), out=str(tmp_path / "shards"), samples_per_shard=3))
-    report = run_restore(RestoreConfig(input=str(tmp_path / "shards" / "shard-*.tar"), output=str(tmp_path / "o"),
-                                       checkpoint=upscale_model, steps=2, format="jpg", cpus_per_actor=0.5))
+    report = run_restore(
+        RestoreConfig(
+            input=str(tmp_path / "shards" / "shard-*.tar"),
+            output=str(tmp_path / "o"),
+            checkpoint=upscale_model,
+            settings=RestoreSettings(steps=2),
+            format="jpg",
+            cpus_per_actor=0.5,
+        )
+    )
     assert report["written"] == 5 and report["errors"] == 0
-    outs = sorted(p.name for p in (tmp_path / "o").glob("*.jpg"))
-    assert len(outs) == 5 and Image.open(tmp_path / "o" / outs[0]).size == (64, 64)
+    outs = sorted(p.relative_to(tmp_path / "o") for p in (tmp_path / "o").glob("*/*.jpg"))
+    assert len(outs) == 5 and {p.parts[0] for p in outs} == {"shard-000000", "shard-000001"}
+    assert Image.open(tmp_path / "o" / outs[0]).size == (64, 64)
+
+
+def test_a_rerun_with_nothing_left_to_do_starts_no_actor(upscale_model, tmp_path, ray_cluster):
+    (tmp_path / "in").mkdir()
+    for i, im in enumerate(photo_crops(2, 32, seed=3)):
+        im.save(tmp_path / "in" / f"p{i}.png")
+    cfg = RestoreConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "o"),
+        checkpoint=upscale_model,
+        settings=RestoreSettings(steps=2),
+    )
+    first = run_restore(cfg)
+    assert (first["written"], first["pool"]) == (2, 1)  # two images: one batch, one actor
+    again = run_restore(cfg)
+    assert (again["written"], again["skipped_existing"], again["pool"], again["actors"]) == (0, 2, 0, [])
 
 
 def test_tiled_apply_matches_untiled_for_local_ops():
@@ -107,14 +178,12 @@ def test_tiled_apply_matches_untiled_for_local_ops():
 
 
 def test_tiled_restore_agrees_with_untiled_on_a_gradient(upscale_model):
-    from pipeline import sampling
-
-    model = sampling.load(upscale_model)
+    model = loading.load(upscale_model)
     ramp = np.linspace(40, 210, 96, dtype=np.float32)
     grad = np.stack([ramp[None, :].repeat(64, 0), ramp[:, None].repeat(96, 1)[:64], np.full((64, 96), 128.0)], -1)
     im = Image.fromarray(grad.astype(np.uint8), "RGB")
-    whole = Restorer(model, RestoreOptions(task="upscale2", steps=4, tile=512, overlap=32))
-    tiled = Restorer(model, RestoreOptions(task="upscale2", steps=4, tile=64, overlap=16))
+    whole = Restorer(model, "upscale2", RestoreSettings(steps=4, tile=512, overlap=32))
+    tiled = Restorer(model, "upscale2", RestoreSettings(steps=4, tile=64, overlap=16))
     a = np.asarray(whole.restore(im), np.float32)
     b = np.asarray(tiled.restore(im), np.float32)
     assert a.shape == b.shape == (128, 192, 3)
@@ -123,9 +192,9 @@ def test_tiled_restore_agrees_with_untiled_on_a_gradient(upscale_model):
     redges = sorted({e for s in tiling._starts(128, 64, 16) for e in (s, s + 64)})
     interior = np.ones((128, 192), bool)
     for e in edges:
-        interior[:, max(0, e - 8):e + 8] = False
+        interior[:, max(0, e - 8) : e + 8] = False
     for e in redges:
-        interior[max(0, e - 8):e + 8, :] = False
+        interior[max(0, e - 8) : e + 8, :] = False
     assert interior.sum() > 0.2 * interior.size
     assert np.abs(a - b)[interior].mean() < 2.0
     # no step at tile boundaries: the jump across a boundary is no larger than jumps elsewhere
@@ -136,11 +205,9 @@ def test_tiled_restore_agrees_with_untiled_on_a_gradient(upscale_model):
 
 
 def test_gain_zero_is_exactly_lanczos_and_projection_keeps_low_frequencies(upscale_model):
-    from pipeline import sampling
-
-    model = sampling.load(upscale_model)
+    model = loading.load(upscale_model)
     lr = photo_crops(1, 32, seed=4)[0]
-    out = Restorer(model, RestoreOptions(task="upscale2", steps=2, strength=0.0)).restore(lr)
+    out = Restorer(model, "upscale2", RestoreSettings(steps=2, gain=0.0)).restore(lr)
     lanczos = lr.resize((64, 64), Image.Resampling.LANCZOS)
     assert np.abs(np.asarray(out, np.int16) - np.asarray(lanczos, np.int16)).max() <= 1
     r = torch.randn(1, 3, 64, 64)
@@ -151,31 +218,41 @@ def test_gain_zero_is_exactly_lanczos_and_projection_keeps_low_frequencies(upsca
 
 def test_zero_shot_inpaint_keeps_known_pixels(tmp_path):
     vae_m, _ = autoencoder.new_kl("tiny", seed=0)
-    vae = autoencoder.Autoencoder(vae_m, "kl", {}, latent_channels=4, downsample=4, scale=1.0, shift=0.0,
-                                  weights_sha256="x")
+    vae = autoencoder.Autoencoder(
+        vae_m, "kl", {}, latent_channels=4, downsample=4, scale=1.0, shift=0.0, weights_sha256="x"
+    )
     net = denoiser.Denoiser(denoiser.config_for("tiny")).eval()
-    model = DiffusionModel(net, vae, {"latent_shape": [4, 16, 16], "scale": 1.0, "shift": 0.0, "task": ""})
+    info = CheckpointInfo(kind="diffusion", model=denoiser.to_dict(net.cfg), latent_shape=[4, 16, 16])
+    model = DiffusionModel(net, vae, info)
     im = photo_crops(1, 64, seed=3)[0]
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
-    out = Restorer(model, RestoreOptions(task="inpaint", steps=3)).restore(im, mask)
+    out = Restorer(model, "inpaint", RestoreSettings(steps=3)).restore(im, mask)
     a, b = np.asarray(out, np.int16), np.asarray(im, np.int16)
     known = np.asarray(mask) == 0
     assert np.abs(a - b)[known].max() <= 1
     assert np.abs(a - b)[~known].mean() > 2  # the hole was filled by the model, not copied
     with pytest.raises(ValueError, match="mask"):
-        Restorer(model, RestoreOptions(task="inpaint", steps=1)).restore(im)
+        Restorer(model, "inpaint", RestoreSettings(steps=1)).restore(im)
 
 
 def test_eval_reports_model_and_baselines(upscale_model, tmp_path):
+    (tmp_path / "held").mkdir()
     for i, im in enumerate(photo_crops(3, 64, seed=20)):
-        im.save(tmp_path / f"h{i}.png")
-    res = evaluate(EvalConfig(task="upscale2", checkpoint=upscale_model, images=str(tmp_path), out=str(tmp_path / "e"),
-                              steps=2))
+        im.save(tmp_path / "held" / f"h{i}.png")
+    res = evaluate(
+        EvalConfig(
+            task="upscale2",
+            checkpoint=upscale_model,
+            images=str(tmp_path / "held"),
+            out=str(tmp_path / "e"),
+            settings=RestoreSettings(steps=2),
+        )
+    )
     assert set(res["scores"]) == {"model", "bicubic", "lanczos", "autoencoder"}
     assert res["scores"]["lanczos"]["psnr"] > res["scores"]["autoencoder"]["psnr"]
     assert res["calibration"]["0.0"]["never_below_baseline"] is True
-    assert res["recommended_strength"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert res["recommended_gain"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert Image.open(tmp_path / "e" / "side_by_side.png").size == (5 * 64, 3 * 64)
 
 
@@ -189,11 +266,9 @@ def test_degradations_are_seeded_by_key():
 
 
 def test_batched_restore_matches_one_by_one(upscale_model):
-    from pipeline import sampling
-
-    model = sampling.load(upscale_model)
-    r = Restorer(model, RestoreOptions(task="upscale2", steps=3))
-    images = photo_crops(3, 32, seed=11) + [photo_crops(1, 40, seed=12)[0]]  # two sizes: two groups
+    model = loading.load(upscale_model)
+    r = Restorer(model, "upscale2", RestoreSettings(steps=3))
+    images = [*photo_crops(3, 32, seed=11), photo_crops(1, 40, seed=12)[0]]  # two sizes: two groups
     together = r.restore_many(images)
     for im, out in zip(images, together):
         alone = np.asarray(r.restore(im), np.int16)

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from pipeline import storage
+from pipeline.io import storage
 
 
 def test_brace_and_glob_expansion(tmp_path):
@@ -33,6 +33,7 @@ def test_local_write_is_atomic_and_leaves_no_partial(tmp_path, monkeypatch):
 
     def broken_replace(src, dst):
         raise OSError("disk gone")
+
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
         storage.write_bytes(str(target), b"second")
@@ -49,6 +50,7 @@ def test_retry_retries_transient_errors_only():
         if len(calls) < 3:
             raise ConnectionError("connection reset by peer")
         return "ok"
+
     assert storage.retry(flaky, what="t", base_delay=0.001) == "ok"
     assert len(calls) == 3
 
@@ -57,6 +59,7 @@ def test_retry_retries_transient_errors_only():
     def missing():
         calls.append(1)
         raise FileNotFoundError("nope")
+
     with pytest.raises(FileNotFoundError):
         storage.retry(missing, what="t", base_delay=0.001)
     assert len(calls) == 1
@@ -76,6 +79,7 @@ def test_checkpoint_dir_upload_commits_config_last(bucket, tmp_path):
     def spy(local, url, so=None):
         order.append(os.path.basename(url))
         real_put(local, url, so)
+
     storage.put_file = spy
     try:
         storage.upload_dir(str(tmp_path), f"{bucket}/ckpt")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import operator
 import os
 import pickle
 import signal
@@ -16,23 +18,27 @@ import torch
 from PIL import Image
 
 from helpers import write_photo_folder
-from pipeline import autoencoder, checkpoint, diffusion, storage, training
 from pipeline.config import ConfigError
-from pipeline.encode import EncodeConfig, run_encode
-from pipeline.manifest import ManifestError
-from pipeline.sampling import SampleConfig, run_sample
-from pipeline.shards import ShardsConfig, run_shards
-from pipeline.streams import rank_shards
-from pipeline.train_diffusion import TrainConfig, run_train
-from pipeline.train_vae import VAETrainConfig, run_train_vae
+from pipeline.io import checkpoint, storage
+from pipeline.io.checkpoint import CheckpointError
+from pipeline.io.manifest import ManifestError
+from pipeline.models import autoencoder, flow
+from pipeline.stages.encode import EncodeConfig, run_encode
+from pipeline.stages.sample import SampleConfig, run_sample
+from pipeline.stages.shards import ShardsConfig, run_shards
+from pipeline.train import loop
+from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
+from pipeline.train.diffusion import TrainConfig, run_train
+from pipeline.train.streams import rank_shards
 
 
 @pytest.fixture(scope="module")
 def image_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgs")
     write_photo_folder(str(root / "photos"), n=36, size=64)
-    run_shards(ShardsConfig(src=str(root / "photos"), out=str(root / "shards"), samples_per_shard=12,
-                            class_from="folder"))
+    run_shards(
+        ShardsConfig(src=str(root / "photos"), out=str(root / "shards"), samples_per_shard=12, class_from="folder")
+    )
     return root / "shards"
 
 
@@ -42,8 +48,15 @@ def latents(tmp_path_factory, image_shards, ray_cluster):
     root = tmp_path_factory.mktemp("lat")
     vae = str(root / "vae")
     autoencoder.save_kl(autoencoder.new_kl("tiny", seed=1)[0], vae)
-    run_encode(EncodeConfig(input=str(image_shards / "shard-*.tar"), output=str(root / "latents"), vae=vae,
-                            resolution=64, tasks=["upscale2"]))
+    run_encode(
+        EncodeConfig(
+            input=str(image_shards / "shard-*.tar"),
+            output=str(root / "latents"),
+            vae=vae,
+            resolution=64,
+            tasks=["upscale2"],
+        )
+    )
     return root / "latents"
 
 
@@ -54,7 +67,7 @@ def _metrics(url):
 def test_rank_shards_disjoint_and_even():
     shards = [f"s{i}" for i in range(6)]
     parts = [rank_shards(shards, r, 3, epoch=0, seed=1) for r in range(3)]
-    assert sorted(sum(parts, [])) == shards  # divides evenly: a partition
+    assert sorted(functools.reduce(operator.iadd, parts, [])) == shards  # divides evenly: a partition
     uneven = [rank_shards(shards[:5], r, 2, epoch=0, seed=1) for r in range(2)]
     assert len(uneven[0]) == len(uneven[1]) == 3  # the short rank gets a resampled shard
     assert set(uneven[0][:3]) | set(uneven[1][:2]) == set(shards[:5])
@@ -66,23 +79,35 @@ def test_flow_matching_samplers_follow_a_known_field():
 
     def v(x, t):  # the true field for a single target point
         return (x - target) / t.view(-1, 1, 1, 1).clamp_min(1e-6)
+
     x1 = torch.randn(2, 1, 2, 2)
-    for sampler in diffusion.SAMPLERS.values():
+    for sampler in flow.SAMPLERS.values():
         out = sampler(v, x1.clone(), steps=10)
         assert torch.allclose(out, target, atol=1e-4)
-    x = diffusion.interpolate(target, x1, torch.tensor([0.25, 0.25]))
+    x = flow.interpolate(target, x1, torch.tensor([0.25, 0.25]))
     assert torch.allclose(x, 0.75 * target + 0.25 * x1)
 
 
 def test_train_on_s3_resume_and_sample(latents, bucket, ray_cluster, tmp_path):
     out = f"{bucket}/runs/diffusion"
-    cfg = TrainConfig(latents=str(latents), output=out, workers=2, steps=40, batch_size=12, lr=2e-3,
-                      warmup_steps=5, checkpoint_every=20, log_every=5, num_classes=2, keep_checkpoints=2,
-                      sample_steps=4)
+    cfg = TrainConfig(
+        latents=str(latents),
+        output=out,
+        workers=2,
+        steps=40,
+        batch_size=12,
+        lr=2e-3,
+        warmup_steps=5,
+        checkpoint_every=20,
+        log_every=5,
+        num_classes=2,
+        keep_checkpoints=2,
+        sample_steps=4,
+    )
     run_train(cfg)
     ckpts = storage.listdir(f"{out}/run")
     assert {"checkpoint_00000020", "checkpoint_00000040"} <= set(ckpts)
-    assert storage.exists(f"{out}/run/checkpoint_00000040/vae/model.safetensors")
+    assert storage.exists(f"{out}/run/checkpoint_00000040/vae/ema.safetensors")
     m = _metrics(f"{out}/metrics.jsonl")
     assert [r["step"] for r in m] == list(range(5, 41, 5))
     assert np.mean([r["loss"] for r in m[-2:]]) < 0.8 * np.mean([r["loss"] for r in m[:2]])
@@ -96,13 +121,15 @@ def test_train_on_s3_resume_and_sample(latents, bucket, ray_cluster, tmp_path):
     m = _metrics(f"{out}/metrics.jsonl")
     assert [r["step"] for r in m] == list(range(5, 61, 5))
     ck = storage.read_json(f"{out}/run/checkpoint_00000060/config.json")
-    assert ck["step"] == 60 and ck["scale"] == 1.0 and "storage_options" not in ck["train"]
+    assert ck["step"] == 60 and ck["scale"] == 1.0 and ck["format"] == "latent-pipeline-checkpoint/2"
+    assert "storage" not in ck["train"] and "ray" not in ck["train"]
     assert storage.listdir(f"{out}/run").count("checkpoint_00000020") == 0  # pruned to 2
 
     # sampling needs nothing but the checkpoint URL
     png = str(tmp_path / "s.png")
-    img = run_sample(SampleConfig(checkpoint=f"{out}/run/checkpoint_00000060", out=png, n=4, steps=3,
-                                  class_=[0, 1], cfg_scale=2.0))
+    img = run_sample(
+        SampleConfig(checkpoint=f"{out}/run/checkpoint_00000060", out=png, n=4, steps=3, class_=[0, 1], cfg_scale=2.0)
+    )
     assert img.size == (128, 128) and Image.open(png).size == (128, 128)
 
 
@@ -110,8 +137,17 @@ def test_worker_failure_is_recovered_from_checkpoint(latents, ray_cluster, tmp_p
     import psutil
 
     out = tmp_path / "run"
-    cfg = TrainConfig(latents=str(latents), output=str(out), workers=2, steps=80, batch_size=8,
-                      checkpoint_every=10, log_every=10, max_failures=1, warmup_steps=5)
+    cfg = TrainConfig(
+        latents=str(latents),
+        output=str(out),
+        workers=2,
+        steps=80,
+        batch_size=8,
+        checkpoint_every=10,
+        log_every=10,
+        max_failures=1,
+        warmup_steps=5,
+    )
     killed = []
 
     def killer():
@@ -124,6 +160,7 @@ def test_worker_failure_is_recovered_from_checkpoint(latents, ray_cluster, tmp_p
                         killed.append(p.pid)
                         return
             time.sleep(0.1)
+
     t = threading.Thread(target=killer)
     t.start()
     result = run_train(cfg)
@@ -138,7 +175,7 @@ def test_train_refuses_a_dataset_without_manifest(tmp_path, latents):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.tar").write_bytes((latents / "shard-000000.tar").read_bytes())
-    with pytest.raises(ManifestError, match="no _manifest.json"):
+    with pytest.raises(ManifestError, match=r"no _manifest\.json"):
         run_train(TrainConfig(latents=str(bad), output=str(tmp_path / "o")))
     man = json.loads((latents / "_manifest.json").read_text())
     man["totals"]["written"] += 1
@@ -151,15 +188,25 @@ def test_train_refuses_a_dataset_without_manifest(tmp_path, latents):
 
 def test_train_vae_raises_psnr_and_encode_accepts_it(image_shards, ray_cluster, tmp_path):
     out = str(tmp_path / "vae")
-    cfg = VAETrainConfig(images=str(image_shards / "shard-*.tar"), output=out, workers=2, steps=80,
-                         batch_size=8, resolution=32, checkpoint_every=40, log_every=20, warmup_steps=10,
-                         eval_images=12)
+    cfg = VAETrainConfig(
+        images=str(image_shards / "shard-*.tar"),
+        output=out,
+        workers=2,
+        steps=80,
+        batch_size=8,
+        resolution=32,
+        checkpoint_every=40,
+        log_every=20,
+        warmup_steps=10,
+        eval_images=12,
+    )
     result = run_train_vae(cfg)
     assert result.metrics["psnr"] > result.metrics["psnr_initial"] + 3.0, result.metrics
     vae = autoencoder.load(out)  # the run output resolves to its newest checkpoint
     assert vae.kind == "kl" and vae.scale > 0 and vae.scale != 1.0
-    man = run_encode(EncodeConfig(input=str(image_shards / "shard-000000.tar"), output=str(tmp_path / "lat"),
-                                  vae=out, resolution=32))
+    man = run_encode(
+        EncodeConfig(input=str(image_shards / "shard-000000.tar"), output=str(tmp_path / "lat"), vae=out, resolution=32)
+    )
     assert man["totals"]["written"] == 12 and man["scale"] == pytest.approx(vae.scale)
 
 
@@ -173,19 +220,19 @@ def test_malicious_checkpoint_files_are_never_unpickled(tmp_path):
     ckpt = tmp_path / "ckpt"
     autoencoder.save_kl(autoencoder.new_kl("tiny")[0], str(ckpt))
     payload = pickle.dumps({"weights": _Boom()})
-    (ckpt / "model.safetensors").write_bytes(payload)
-    with pytest.raises(Exception):
+    (ckpt / "ema.safetensors").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="damaged"):
         autoencoder.load(str(ckpt))
     opt_file = tmp_path / "opt"
     opt_file.mkdir()
     (opt_file / "optimizer.safetensors").write_bytes(payload)
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointError, match="damaged"):
         checkpoint.load_tensors(str(opt_file), "optimizer")
     # a torch.save()d file (zip of pickles) in place of the weights is refused too
     buf = io.BytesIO()
     torch.save({"x": _Boom()}, buf)
-    (ckpt / "model.safetensors").write_bytes(buf.getvalue())
-    with pytest.raises(Exception):
+    (ckpt / "ema.safetensors").write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError, match="damaged"):
         autoencoder.load(str(ckpt))
     assert not os.path.exists(_Boom.marker)
 
@@ -195,10 +242,10 @@ def test_optimizer_state_round_trips_through_safetensors():
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    tensors, meta = training.optimizer_to_tensors(opt)
+    tensors, meta = loop.optimizer_to_tensors(opt)
     json.dumps(meta)  # plain JSON
     opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
-    training.optimizer_from_tensors(opt2, tensors, meta)
+    loop.optimizer_from_tensors(opt2, tensors, meta)
     a, b = opt.state_dict(), opt2.state_dict()
     for idx in a["state"]:
         for k, v in a["state"][idx].items():

@@ -1,0 +1,105 @@
+"""The latent dataset manifest (``_manifest.json``) and error list (``_errors.jsonl``).
+
+The manifest is written last; its presence means every shard is complete. Readers call
+:func:`load` which refuses a missing or inconsistent manifest with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from pipeline.io import storage
+
+FORMAT = "latent-shards/1"
+MANIFEST_NAME = "_manifest.json"
+ERRORS_NAME = "_errors.jsonl"
+
+
+class ManifestError(ValueError):
+    """A latent dataset without a usable manifest."""
+
+
+def build(
+    records: list[dict],
+    *,
+    encoder: dict,
+    scale: float,
+    shift: float,
+    latent_shape: list[int],
+    latent_dtype: str,
+    preprocessing: dict,
+    tasks: list[str],
+    config: dict,
+) -> dict[str, Any]:
+    skipped: Counter[str] = Counter()
+    for r in records:
+        skipped.update(r["skipped"])
+    totals = {
+        "seen": sum(r["seen"] for r in records),
+        "written": sum(r["written"] for r in records),
+        "skipped": dict(sorted(skipped.items())),
+    }
+    if totals["seen"] != totals["written"] + sum(skipped.values()):
+        raise AssertionError(f"seen != written + skipped: {totals}")
+    fields = ["latent.npy", "std.npy", "json"] + [f"{t}.npy" for t in tasks]
+    return {
+        "format": FORMAT,
+        "encoder": encoder,
+        "scale": scale,
+        "shift": shift,
+        "latent_shape": latent_shape,
+        "latent_dtype": latent_dtype,
+        "fields": fields,
+        "preprocessing": preprocessing,
+        "tasks": tasks,
+        "shards": [
+            {"name": r["shard"], "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in records
+        ],
+        "totals": totals,
+        "config": config,
+    }
+
+
+def write_errors(root: str, records: list[dict], storage_options: dict | None = None) -> None:
+    """``_errors.jsonl``: one line per skipped sample, with its shard."""
+    lines = [json.dumps({"shard": r["shard"], **e}, sort_keys=True) + "\n" for r in records for e in r["errors"]]
+    storage.write_bytes(storage.join(root, ERRORS_NAME), "".join(lines).encode(), storage_options)
+
+
+def write(root: str, man: dict, records: list[dict], storage_options: dict | None = None) -> None:
+    """Write ``_errors.jsonl`` then ``_manifest.json`` (last)."""
+    write_errors(root, records, storage_options)
+    storage.write_json(storage.join(root, MANIFEST_NAME), man, storage_options)
+
+
+def load(root: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """Read and check a latent dataset's manifest."""
+    url = storage.join(root, MANIFEST_NAME)
+    try:
+        man = storage.read_json(url, storage_options)
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{storage.redact(root)} has no {MANIFEST_NAME}: not a finished latent "
+            "dataset (run or resume `latent-pipeline encode`)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{storage.redact(url)} is not valid JSON: {exc}") from None
+    missing = [k for k in ("format", "encoder", "scale", "shift", "latent_shape", "shards", "totals") if k not in man]
+    if missing:
+        raise ManifestError(f"{storage.redact(url)} lacks {missing}")
+    if man["format"] != FORMAT:
+        raise ManifestError(f"{storage.redact(url)}: format {man['format']!r}, expected {FORMAT!r}")
+    t = man["totals"]
+    if t["seen"] != t["written"] + sum(t["skipped"].values()):
+        raise ManifestError(f"{storage.redact(url)}: totals inconsistent (seen != written + skipped)")
+    if sum(s["samples"] for s in man["shards"]) != t["written"]:
+        raise ManifestError(f"{storage.redact(url)}: shard sample counts do not add up to the total")
+    if not man["shards"]:
+        raise ManifestError(f"{storage.redact(url)} lists no shards")
+    return man
+
+
+def shard_urls(root: str, man: dict) -> list[str]:
+    return [storage.join(root, s["name"]) for s in man["shards"]]

@@ -1,0 +1,81 @@
+"""Real sample photos for the embedded default: scikit-image's bundled photographs, cut into crops.
+
+Nothing is downloaded: only the photos that ship inside the installed scikit-image package are
+used. Each photo becomes a class (its folder); crops are written as JPEG (and a few as PNG) so
+the shards stage sees ordinary files. Some photos are held out whole for evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+# Colour photographs shipped in skimage/data (file name -> class folder).
+PHOTOS = {
+    "chelsea.png": "cat",
+    "coffee.png": "coffee",
+    "rocket.jpg": "rocket",
+    "motorcycle_left.png": "motorcycle",
+    "hubble_deep_field.jpg": "hubble",
+    "retina.jpg": "retina",
+    "ihc.png": "ihc",
+}
+HELD_OUT_PHOTO = "astronaut.png"  # never cut into training crops; evaluation images come from it
+
+
+def photo_dir() -> str:
+    import skimage
+
+    return os.path.join(os.path.dirname(skimage.__file__), "data")
+
+
+def load_photo(name: str) -> Image.Image:
+    path = os.path.join(photo_dir(), name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"scikit-image does not ship {name} in {photo_dir()}")
+    return Image.open(path).convert("RGB")
+
+
+def write_crops(
+    out_dir: str, crop: int = 96, per_photo: int = 24, seed: int = 0, photos: dict[str, str] | None = None
+) -> int:
+    """Write ``per_photo`` random square crops of each photo into ``out_dir/<class>/``."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    for fname, cls in (photos or PHOTOS).items():
+        im = load_photo(fname)
+        # bring big photos down so a crop holds a recognisable part of the scene
+        scale = 256 / min(im.size)
+        if scale < 1:
+            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+        os.makedirs(os.path.join(out_dir, cls), exist_ok=True)
+        for i in range(per_photo):
+            x = int(rng.integers(0, im.width - crop + 1))
+            y = int(rng.integers(0, im.height - crop + 1))
+            tile = im.crop((x, y, x + crop, y + crop))
+            if rng.random() < 0.5:
+                tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            ext = "png" if i % 6 == 0 else "jpg"
+            path = os.path.join(out_dir, cls, f"{cls}_{i:03d}.{ext}")
+            tile.save(path, quality=95) if ext == "jpg" else tile.save(path)
+            n += 1
+    return n
+
+
+def write_held_out(out_dir: str, size: int = 128, count: int = 6, seed: int = 1) -> list[str]:
+    """Held-out evaluation images: crops of a photo never used for training."""
+    rng = np.random.default_rng(seed)
+    im = load_photo(HELD_OUT_PHOTO)
+    scale = 384 / min(im.size)
+    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in range(count):
+        x = int(rng.integers(0, im.width - size + 1))
+        y = int(rng.integers(0, im.height - size + 1))
+        p = os.path.join(out_dir, f"heldout_{i:02d}.png")
+        im.crop((x, y, x + size, y + size)).save(p)
+        paths.append(p)
+    return paths

@@ -1,0 +1,527 @@
+"""The one module that touches storage: local paths and fsspec URLs (s3://, gs://, file://, ...).
+
+Every stage reads and writes through these functions, so that retries, atomic commits,
+URL expansion and credential handling live in one place.
+
+* S3-compatible endpoints are configured the standard way (``AWS_ENDPOINT_URL``,
+  ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ...) or with ``storage_options``
+  (the ``--storage-options`` JSON), passed straight to the fsspec filesystem.
+* Writes are atomic: an output appears under its final name only when complete
+  (a local file is written beside its target under a hidden ``.part`` name and renamed;
+  an object-store upload is a single PUT / multipart upload that commits on completion).
+* Transient errors (connection resets, timeouts, throttling) are retried with exponential
+  backoff; "not found" and "permission denied" are not.
+* Credentials never appear in messages: :func:`redact` strips them from URLs and
+  storage options are never formatted into errors or logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob as _glob
+import hashlib
+import json
+import os
+import posixpath
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import IO, Any, TypeVar
+
+import fsspec
+from braceexpand import braceexpand
+
+T = TypeVar("T")
+
+PART_SUFFIX = ".part"
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s'\"]+)")
+_BARE_CRED = re.compile(r"(?<![\w/:@.-])[\w.~%+-]+:[^\s/'\"@][^\s'\"]*@(?=[\w.-])")
+_SECRET_KEYS = ("key", "secret", "token", "password", "passwd", "credential", "session")
+_SECRETS: set[str] = set()
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed after retries, with the URL (credentials redacted)."""
+
+
+def register_secrets(options: Any) -> None:
+    """Remember the credential values in storage options (and the AWS environment), so that
+    :func:`redact` removes them from any text, wherever they appear."""
+    if isinstance(options, dict):
+        for k, v in options.items():
+            if isinstance(v, (dict, list)):
+                register_secrets(v)
+            elif isinstance(v, str) and len(v) >= 4 and any(s in str(k).lower() for s in _SECRET_KEYS):
+                _SECRETS.add(v)
+    elif isinstance(options, list):
+        for v in options:
+            register_secrets(v)
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS_JSON"):
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """Remove credentials from a URL or any message: ``user:password@`` in URLs (whatever
+    characters the password holds), the same without a scheme, and every registered secret."""
+
+    def url(m: re.Match) -> str:
+        rest = m.group("rest")
+        at = rest.rfind("@")
+        if at < 0:
+            return m.group(0)
+        cred = rest[:at]
+        if ":" in cred or "/" not in cred:  # user:password@... or user@host
+            return m.group("scheme") + "***@" + rest[at + 1 :]
+        return m.group(0)
+
+    out = _URL.sub(url, str(text))
+    out = _BARE_CRED.sub("***@", out)
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        out = out.replace(secret, "***")
+    return out
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (so Ray workers, whose working folder differs, see the same
+    file); URLs unchanged. A comma-separated list is handled item by item."""
+    if not url:
+        return url
+    if "," in url and "{" not in url:
+        return ",".join(absolute(u.strip()) for u in url.split(",") if u.strip())
+    if is_remote(url):
+        return url
+    if url.startswith("file://"):
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def _root_of(url: str) -> str:
+    """The folder/prefix that an input spec reads from: the part before any glob or brace."""
+    cut = min([i for i in (url.find("*"), url.find("?"), url.find("["), url.find("{")) if i >= 0] or [len(url)])
+    head = url[:cut]
+    if cut < len(url):
+        head = head.rsplit("/", 1)[0] if "/" in head else ""
+    return head.rstrip("/")
+
+
+def _canonical(url: str) -> str:
+    if is_remote(url):
+        proto = fsspec.utils.get_protocol(url)
+        path = fsspec.core.strip_protocol(url) if hasattr(fsspec.core, "strip_protocol") else url.split("://", 1)[1]
+        return f"{proto}://{str(path).strip('/')}"
+    path = url[len("file://") :] if url.startswith("file://") else url
+    return os.path.realpath(os.path.abspath(path or "."))
+
+
+def check_separate(output: str, inputs: dict[str, str], *, option: str = "output") -> None:
+    """Refuse an ``output`` that equals, contains or lies inside one of ``inputs`` (option name ->
+    URL, folder or pattern): no run may write over, into or around what it reads.
+
+    A folder input is read recursively, so nothing below it may be an output. A glob or brace
+    pattern reads what it matches: the output may not be its folder or contain it, and may lie
+    below that folder only where the pattern cannot match (a non-recursive pattern whose name
+    part does not match the output's folder name).
+    """
+    import fnmatch
+
+    from pipeline.errors import ConfigError
+
+    out = _canonical(output)
+
+    def refuse(name: str, spec: str) -> None:
+        raise ConfigError(
+            f"option {option!r} ({redact(output)}) overlaps option {name!r} ({redact(spec)}): "
+            "a run never writes into, over or around its inputs; choose a separate folder"
+        )
+
+    def inside(a: str, b: str) -> bool:  # a is b or below it
+        return a == b or a.startswith(b.rstrip("/") + "/")
+
+    for name, spec in inputs.items():
+        if not spec:
+            continue
+        parts = [spec] if "{" in spec else [p.strip() for p in spec.split(",") if p.strip()]
+        for part in parts:
+            if not (_GLOB_CHARS.search(part) or "{" in part):
+                inp = _canonical(part)
+                if inside(out, inp) or inside(inp, out):
+                    refuse(name, spec)
+                continue
+            root = _canonical(_root_of(part) or ".")
+            if inside(root, out):
+                refuse(name, spec)
+            if inside(out, root):
+                tail = part[len(_root_of(part)) :].lstrip("/")
+                first = out[len(root) :].lstrip("/").split("/", 1)[0]
+                if "/" in tail or "**" in tail or "{" in tail or fnmatch.fnmatch(first, tail):
+                    refuse(name, spec)
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs with a scheme other than ``file``."""
+    proto = fsspec.utils.get_protocol(str(url))
+    return proto not in ("file", "local")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a URL or local path with ``/``."""
+    out = str(base)
+    for p in parts:
+        out = out.rstrip("/") + "/" + str(p).lstrip("/")
+    return out
+
+
+def basename(url: str) -> str:
+    return posixpath.basename(str(url).rstrip("/"))
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None):
+    """Return ``(fs, path)`` for ``url``; ``storage_options`` go to the fsspec filesystem."""
+    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    return fs, path
+
+
+def _unstrip(fs, url: str, path: str) -> str:
+    """Turn a path returned by ``fs`` back into a URL of the same scheme as ``url``."""
+    if not is_remote(url):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+# --------------------------------------------------------------------------- retries
+
+_TRANSIENT_NAMES = (
+    "Timeout",
+    "Throttl",
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "ConnectionError",
+    "EndpointConnectionError",
+    "ReadTimeout",
+    "ClientOSError",
+    "ServerDisconnected",
+    "IncompleteRead",
+    "ProtocolError",
+    "RequestTimeTooSkewed",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an exception is worth retrying (network trouble, throttling, 5xx)."""
+    if isinstance(
+        exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+    ):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = type(exc).__name__ + " " + str(exc)[:200]
+    return any(name in text for name in _TRANSIENT_NAMES) or " 503" in text or " 500" in text
+
+
+def retry(fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 10.0) -> T:
+    """Call ``fn`` and retry transient failures with jittered exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def expand(
+    patterns: str | list[str], storage_options: dict[str, Any] | None = None, *, must_exist: bool = True
+) -> list[str]:
+    """Expand shard specs into a sorted, de-duplicated list of URLs.
+
+    Each pattern may use brace ranges (``shard-{000000..000127}.tar``), globs (``*``, ``?``,
+    ``[..]``) or name a single file. A comma-separated string is several patterns. A pattern
+    that matches nothing raises ``FileNotFoundError`` naming it (when ``must_exist``).
+    """
+    if isinstance(patterns, str):
+        patterns = [p for p in (s.strip() for s in patterns.split(",")) if p] if "{" not in patterns else [patterns]
+    out: list[str] = []
+    for pattern in patterns:
+        literal = "{" in pattern and exists(pattern, storage_options)  # a name that has braces
+        for url in [pattern] if literal else braceexpand(pattern):
+            if _GLOB_CHARS.search(url) and not exists(url, storage_options):  # `photos [v1]` is a name
+                fs, path = filesystem(url, storage_options)
+                found = sorted(retry(lambda: fs.glob(path), what=f"glob {redact(url)}"))
+                found = [f for f in found if not basename(f).startswith(".")]
+                if not found and must_exist:
+                    raise FileNotFoundError(f"no files match {redact(url)!r}")
+                out.extend(_unstrip(fs, url, f) for f in found)
+            else:
+                if must_exist and not exists(url, storage_options):
+                    raise FileNotFoundError(f"not found: {redact(url)}")
+                out.append(url)
+    return list(dict.fromkeys(out))  # de-duplicated, first occurrence kept
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(url, storage_options)
+
+    def _exists() -> bool:
+        fs.invalidate_cache(path)  # other processes write here: never trust a cached listing
+        return fs.exists(path)
+
+    return retry(_exists, what=f"exists {redact(url)}")
+
+
+def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Names (not paths) directly under a directory/prefix; empty when it does not exist."""
+    fs, path = filesystem(url, storage_options)
+
+    def _ls() -> list[str]:
+        try:
+            fs.invalidate_cache(path)
+            return [basename(p) for p in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    return sorted(retry(_ls, what=f"list {redact(url)}"))
+
+
+def walk_files(url: str, storage_options: dict[str, Any] | None = None, *, hidden: bool = False) -> list[str]:
+    """All file paths below ``url``, relative to it, sorted (names starting with ``.`` only
+    when ``hidden``)."""
+    fs, root = filesystem(url, storage_options)
+    root = root.rstrip("/")
+    files = retry(lambda: fs.find(root), what=f"walk {redact(url)}")
+    rels = []
+    for f in files:
+        rel = posixpath.relpath(f, root) if not is_remote(url) else f[len(root) :].lstrip("/")
+        rel = rel.replace(os.sep, "/")
+        if not hidden and is_hidden(rel):
+            continue
+        rels.append(rel)
+    return sorted(rels)
+
+
+def is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def safe_relpath(rel: str) -> bool:
+    """Whether ``rel`` may be joined under an output root: relative, no ``..``, no odd characters."""
+    if not rel or rel.startswith(("/", "~")) or "\\" in rel or len(rel) > 1024:
+        return False
+    if any(ord(c) < 32 for c in rel):
+        return False
+    return all(seg not in ("", ".", "..") for seg in rel.split("/"))
+
+
+def list_files(
+    url: str, suffixes: tuple[str, ...] = (), storage_options: dict[str, Any] | None = None, *, hidden: bool = False
+) -> list[tuple[str, str]]:
+    """``(url, relative path)`` of the files of a folder/prefix (walked recursively) or of a
+    glob/brace pattern (relative path = the file name), keeping names ending in ``suffixes``
+    (case-insensitive; all when empty). Hidden files are listed only when ``hidden``."""
+    keep = tuple(x.lower() for x in suffixes)
+    if (_GLOB_CHARS.search(url) or "{" in url) and not exists(url, storage_options):
+        pairs = [(u, basename(u)) for u in expand(url, storage_options)]
+    else:
+        pairs = [(join(url, r), r) for r in walk_files(url, storage_options, hidden=hidden)]
+    return [(u, r) for u, r in pairs if not keep or r.lower().endswith(keep)]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    fs, path = filesystem(url, storage_options)
+    return retry(lambda: fs.cat_file(path), what=f"read {redact(url)}")
+
+
+def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    return json.loads(read_bytes(url, storage_options).decode("utf-8"))
+
+
+@contextmanager
+def open_read(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[IO[bytes]]:
+    """A streaming binary reader (the open itself is retried)."""
+    fs, path = filesystem(url, storage_options)
+    f = retry(lambda: fs.open(path, "rb"), what=f"open {redact(url)}")
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def download_dir(url: str, storage_options: dict[str, Any] | None = None, cache_root: str | None = None) -> str:
+    """Return a local directory with the contents of ``url`` (copied once for remote URLs).
+
+    The cache entry is keyed by the endpoint, the URL and the *content* (each file's name, size
+    and ETag or modification time), so a replaced remote file is downloaded again and two
+    endpoints never share an entry. The cache lives in a folder private to this user (mode
+    0700, owned by them); a folder that another user could have pre-seeded is not used.
+    """
+    if not is_remote(url):
+        fs, path = filesystem(url, storage_options)
+        return path
+    fs, path = filesystem(url, storage_options)
+    root_path = path.rstrip("/")
+    listing = retry(lambda: fs.find(root_path, detail=True), what=f"walk {redact(url)}")
+    files = []
+    for f, info in sorted(listing.items()):
+        rel = f[len(root_path) :].lstrip("/")
+        if rel and not is_hidden(rel):
+            version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+            files.append((rel, int(info.get("size") or 0), str(version)))
+    endpoint = (
+        (storage_options or {}).get("client_kwargs", {}).get("endpoint_url")
+        or (storage_options or {}).get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL", "")
+    )
+    key = hashlib.sha256(json.dumps([endpoint, url, files]).encode()).hexdigest()[:24]
+    root = cache_root or _private_cache_root()
+    local = os.path.join(root, key)
+    if os.path.isdir(local) and os.path.exists(os.path.join(local, ".complete")):
+        return local
+    tmp = f"{local}.{uuid.uuid4().hex}{PART_SUFFIX}"
+    os.makedirs(tmp)
+    for rel, _size, _version in files:
+        dest = os.path.join(tmp, *rel.split("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        src = path.rstrip("/") + "/" + rel
+        retry(functools.partial(fs.get_file, src, dest), what=f"download {redact(url)}/{rel}")
+    open(os.path.join(tmp, ".complete"), "w").close()
+    try:
+        os.rename(tmp, local)
+    except OSError:  # another process won the race: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def _private_cache_root() -> str:
+    """``$LATENT_PIPELINE_CACHE`` or ``<tmp>/latent-pipeline-<uid>``: created 0700, and refused
+    when it belongs to someone else or others may write to it."""
+    root = os.environ.get("LATENT_PIPELINE_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"latent-pipeline-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    )
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.stat(root)
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise PermissionError(
+            f"cache folder {root} is not private to this user (owner or mode); remove it or set LATENT_PIPELINE_CACHE"
+        )
+    return root
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def put_file(local_path: str, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Copy a finished local file to ``url`` atomically."""
+    fs, path = filesystem(url, storage_options)
+    if is_remote(url):
+        retry(lambda: fs.put_file(local_path, path), what=f"upload {redact(url)}")
+        return
+    _local_atomic(path, lambda tmp: shutil.copyfile(local_path, tmp))
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` to ``url`` atomically (visible only when complete)."""
+    fs, path = filesystem(url, storage_options)
+    if is_remote(url):
+        retry(lambda: fs.pipe_file(path, data), what=f"write {redact(url)}")
+        return
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _local_atomic(path, write)
+
+
+def _local_atomic(path: str, fill: Callable[[str], object]) -> None:
+    """Fill a hidden ``.part`` file beside ``path``, then rename it into place (or remove it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _local_part_name(path)
+    try:
+        fill(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), storage_options)
+
+
+def upload_dir(
+    local_dir: str, url: str, storage_options: dict[str, Any] | None = None, commit_last: str = "config.json"
+) -> None:
+    """Copy every file under ``local_dir`` to ``url``, each atomically, ``commit_last`` last.
+
+    Readers treat the ``commit_last`` file (a checkpoint's ``config.json``) as the sign that the
+    directory is complete, so it is written only after everything else.
+    """
+    rels = []
+    for root, _dirs, files in os.walk(local_dir):
+        rels += [os.path.relpath(os.path.join(root, n), local_dir).replace(os.sep, "/") for n in files]
+    for rel in sorted(rels, key=lambda r: (r == commit_last, r)):
+        put_file(os.path.join(local_dir, *rel.split("/")), join(url, rel), storage_options)
+
+
+def probe_writable(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail now, naming ``url``, when it cannot be written (before any work is done)."""
+    from pipeline.errors import ConfigError
+
+    probe = join(url, f".write-probe-{uuid.uuid4().hex[:12]}")
+    try:
+        write_bytes(probe, b"", storage_options)
+        remove(probe, storage_options)
+    except (OSError, StorageError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"output {redact(url)} is not writable: {redact(str(reason))}") from None
+
+
+def remove(url: str, storage_options: dict[str, Any] | None = None, recursive: bool = False) -> None:
+    fs, path = filesystem(url, storage_options)
+    with suppress(FileNotFoundError):
+        retry(lambda: fs.rm(path, recursive=recursive), what=f"remove {redact(url)}")
+
+
+def clean_partials(url: str) -> int:
+    """Delete leftover ``.part`` files of killed writers under a local directory."""
+    if is_remote(url) or not os.path.isdir(url):
+        return 0
+    n = 0
+    for p in _glob.glob(os.path.join(url, "**", f".*{PART_SUFFIX}"), recursive=True):
+        os.remove(p)
+        n += 1
+    return n
+
+
+def _local_part_name(path: str) -> str:
+    """A hidden temporary name beside ``path``; short enough for any name the target may have
+    (file systems allow 255 bytes: a long target name is not repeated in it)."""
+    d, name = os.path.split(os.path.abspath(path))
+    stem = name if len(name.encode()) <= 200 else hashlib.sha256(name.encode()).hexdigest()[:16]
+    return os.path.join(d, f".{stem}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}")
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

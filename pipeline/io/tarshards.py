@@ -1,0 +1,161 @@
+"""Reading and writing WebDataset tar shards (img2dataset layout) without trusting their content.
+
+A shard is a tar whose members are ``<key>.<ext>``; consecutive members with the same key form
+one sample (the WebDataset convention). Reading never extracts to disk, never unpickles, caps
+member sizes, and turns every problem into a sample with an ``error`` reason instead of an
+exception, so a stage can count and record it:
+
+* ``unsafe_key``: absolute paths, ``..`` segments, control characters, backslashes;
+* ``duplicate_key``: a key seen earlier in the same shard (the first one wins);
+* ``member_too_large`` / ``sample_too_large``: a member, or a sample's members together, above
+  the size caps (bombs inside compressed tars); the members are skipped, not read;
+* ``shard_too_large``: the shard's decompressed members passed the per-shard cap; one record
+  stands for the unread rest;
+* ``not_a_regular_file``: a link, device or FIFO member (directories are ignored);
+* ``corrupt_tar``: the tar stream broke; one record stands for the unreadable rest.
+
+Writing is deterministic (fixed mtime, owner and mode; members in the order given), so a
+re-run produces byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
+
+DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_SAMPLE_BYTES = 512 * 1024 * 1024  # all members of one sample: what a reader holds at once
+DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024 * 1024  # all members of one shard, decompressed
+_KEY_SEGMENT = re.compile(r"^[\w\-+=@ ]+$", re.UNICODE)
+
+
+@dataclass
+class Sample:
+    key: str
+    fields: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
+    detail: str = ""
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``dir/abc.latent.npy`` -> (``dir/abc``, ``latent.npy``) as WebDataset splits names."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{head}/{stem}" if head else ("/" + stem if name.startswith("/") else stem)  # keep '/abs' unsafe
+    return key, ext.lower() if dot else ""
+
+
+def is_safe_key(key: str) -> bool:
+    """Keys become member names and relative output paths: allow plain relative segments only."""
+    if not key or key.startswith("/") or len(key) > 512:
+        return False
+    return all(seg not in (".", "..") and _KEY_SEGMENT.match(seg) for seg in key.split("/"))
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Notes header errors that ``tarfile`` would otherwise treat as a silent end of archive."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            if type(exc).__name__ in ("InvalidHeaderError", "TruncatedHeaderError"):
+                tar.corrupt_header = exc  # a zero block (EOFHeaderError) is the normal end
+            raise
+
+
+def iter_samples(
+    fileobj: IO[bytes],
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Iterator[Sample]:
+    """Yield the samples of a tar stream (``.tar``, ``.tar.gz`` ...), in order."""
+    seen: set[str] = set()
+    current: Sample | None = None
+
+    def finish(s: Sample | None) -> Iterator[Sample]:
+        if s is None:
+            return
+        if s.error is None and not is_safe_key(s.key):
+            s.error, s.fields = "unsafe_key", {}
+        elif s.error is None and s.key in seen:
+            s.error, s.fields = "duplicate_key", {}
+        seen.add(s.key)
+        yield s
+
+    shard_bytes = sample_bytes = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
+            for member in tar:
+                if member.isdir():
+                    continue
+                key, ext = split_name(member.name)
+                if current is None or key != current.key or ext in current.fields:
+                    yield from finish(current)
+                    current, sample_bytes = Sample(key), 0
+                if not member.isfile():
+                    current.error, current.fields = "not_a_regular_file", {}
+                    current.detail = f"{member.name}: tar member type {member.type!r}"
+                    continue
+                if current.error is not None:
+                    continue  # the sample is already refused: do not read the rest of it
+                sample_bytes += member.size
+                shard_bytes += member.size
+                if shard_bytes > max_shard_bytes:
+                    current = None
+                    yield Sample(key="", error="shard_too_large", detail=f"over {max_shard_bytes} bytes decompressed")
+                    return
+                if member.size > max_member_bytes or sample_bytes > max_sample_bytes:
+                    too_big = "member_too_large" if member.size > max_member_bytes else "sample_too_large"
+                    current.error, current.fields = too_big, {}
+                    current.detail = f"{member.name}: {member.size} bytes ({sample_bytes} in the sample)"
+                    continue
+                f = tar.extractfile(member)
+                current.fields[ext] = f.read() if f is not None else b""
+            bad_header = getattr(tar, "corrupt_header", None)
+            if bad_header is not None:
+                raise tarfile.ReadError(f"invalid header after {tar.offset} bytes: {bad_header}")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        if current is not None and current.error is None:  # cut off mid-sample: its fields are partial
+            current.error, current.fields = "corrupt_tar", {}
+            current.detail = "the tar broke inside this sample"
+        yield from finish(current)
+        current = None
+        yield Sample(key="", error="corrupt_tar", detail=f"{type(exc).__name__}: {str(exc)[:160]}")
+    yield from finish(current)
+
+
+class TarShardWriter:
+    """Write samples into a tar file object deterministically."""
+
+    def __init__(self, fileobj: IO[bytes]):
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT)
+        self.samples = 0
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        if not is_safe_key(key):
+            raise ValueError(f"unsafe key {key!r}")
+        for ext, data in fields.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

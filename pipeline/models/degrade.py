@@ -1,0 +1,108 @@
+"""The one degradation module: training pairs, conditioning views, evaluation and tests use it.
+
+Tasks:
+
+* ``upscale2`` / ``upscale4``: the target is downsampled by the factor (bicubic, antialiased);
+  the *conditioning view* is that low-resolution copy brought back to the target size with
+  Lanczos interpolation (the classical baseline restoration must never fall below).
+* ``restore``: Gaussian blur (sigma 1.2 px), Gaussian noise (sigma 8/255), then JPEG at
+  quality 35, at the same size; the view is the degraded image itself.
+
+Every random choice is seeded from the sample key, so a view is identical at caching time, at
+inference time and across re-runs. :func:`condition_view` is the function both caching
+(``encode --tasks``) and inference (``restore``) use to turn a degraded input into the view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from pipeline.config import ConfigError
+from pipeline.io.imaging import to_tensor_array
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    scale: int = 1  # output size / input size
+    blur_sigma: float = 0.0
+    noise_sigma: float = 0.0  # in 0..255 units
+    jpeg_quality: int = 0  # 0: no JPEG step
+
+
+TASKS: dict[str, Task] = {
+    "upscale2": Task("upscale2", scale=2),
+    "upscale4": Task("upscale4", scale=4),
+    "restore": Task("restore", blur_sigma=1.2, noise_sigma=8.0, jpeg_quality=35),
+}
+
+
+INPAINT = "inpaint"  # zero-shot only: no degradation to train on, so not in TASKS
+RESTORE_TASKS = (*TASKS, INPAINT)
+
+
+def check_task(task: str, *, option: str = "task", allow_inpaint: bool = False, allow_empty: bool = False) -> str:
+    """The one task validator: ``task`` itself, or a ConfigError naming ``option``."""
+    if not task and allow_empty:
+        return task
+    choices = RESTORE_TASKS if allow_inpaint else tuple(TASKS)
+    if task not in choices:
+        raise ConfigError(f"option {option!r}: unknown task {task!r}; choose from {', '.join(choices)}")
+    return task
+
+
+def residual_target(z: torch.Tensor, z_base: torch.Tensor, residual_scale: float) -> torch.Tensor:
+    """Training target of a task model: the normalised latent residual over the classical view."""
+    return (z - z_base) * residual_scale
+
+
+def from_residual(r: torch.Tensor, z_base: torch.Tensor, residual_scale: float) -> torch.Tensor:
+    """Inverse of :func:`residual_target`."""
+    return z_base + r / residual_scale
+
+
+def seed_for(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+def degrade(task: str, im: Image.Image, seed: int) -> Image.Image:
+    """Make the degraded input a user would hand to ``restore`` for this task."""
+    t = TASKS[task]
+    out = im.convert("RGB")
+    if t.scale > 1:
+        w, h = out.size
+        out = out.resize((max(1, w // t.scale), max(1, h // t.scale)), Image.Resampling.BICUBIC, reducing_gap=None)
+    if t.blur_sigma:
+        out = out.filter(ImageFilter.GaussianBlur(t.blur_sigma))
+    if t.noise_sigma:
+        rng = np.random.default_rng(seed)
+        arr = np.asarray(out, dtype=np.float32) + rng.normal(0, t.noise_sigma, (out.height, out.width, 3))
+        out = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "RGB")
+    if t.jpeg_quality:
+        buf = io.BytesIO()
+        out.save(buf, format="JPEG", quality=t.jpeg_quality)
+        out = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return out
+
+
+def condition_view(task: str, degraded: Image.Image) -> Image.Image:
+    """The degraded input brought to the output size: the model's conditioning image."""
+    t = TASKS[task]
+    if t.scale == 1:
+        return degraded
+    w, h = degraded.size
+    return degraded.resize((w * t.scale, h * t.scale), Image.Resampling.LANCZOS)
+
+
+def task_view_pixels(task: str, target: Image.Image, key: str) -> np.ndarray:
+    """Caching-time view of a clean target image: degrade, then :func:`condition_view`."""
+    view = condition_view(task, degrade(task, target, seed_for(key)))
+    if view.size != target.size:  # sizes not divisible by the factor
+        view = view.resize(target.size, Image.Resampling.LANCZOS)
+    return to_tensor_array(view)

@@ -1,0 +1,63 @@
+"""Loading a diffusion checkpoint for inference: the denoiser (EMA weights) and its autoencoder.
+
+A diffusion checkpoint directory holds ``ema.safetensors`` / ``model.safetensors``, the
+autoencoder it was trained with under ``vae/``, and ``config.json`` (a
+:class:`~pipeline.io.checkpoint.CheckpointInfo`: denoiser architecture, latent scale/shift,
+task, step), so sampling and restoration need only its URL. :func:`describe` checks a
+checkpoint cheaply (``config.json`` only) so a driver can refuse a wrong one before any Ray work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.io import checkpoint, storage
+from pipeline.io.checkpoint import CheckpointError, CheckpointInfo
+from pipeline.models import autoencoder
+from pipeline.models.denoiser import Denoiser, DenoiserConfig
+
+
+@dataclass
+class DiffusionModel:
+    denoiser: Denoiser
+    vae: autoencoder.Autoencoder
+    info: CheckpointInfo
+
+    @property
+    def latent_shape(self) -> list[int]:
+        return self.info.latent_shape
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(autoencoder.unscale_latents(z, self.info.scale, self.info.shift))
+
+
+def describe(url: str, storage_options: dict | None = None) -> CheckpointInfo:
+    """The description of the diffusion checkpoint at ``url``; CheckpointError for anything else."""
+    local = checkpoint.local_copy(url, storage_options)
+    where = storage.redact(url)
+    raw = checkpoint.read_raw_config(local)
+    if raw.get("_class_name"):
+        raise CheckpointError(f"{where} is a diffusers {raw['_class_name']} folder, not a diffusion checkpoint")
+    info = checkpoint.read_info(local, where)
+    if info.kind != "diffusion":
+        raise CheckpointError(f"{where} is an {info.kind} checkpoint, not a diffusion checkpoint")
+    return info
+
+
+def load(url: str, storage_options: dict | None = None, device: str | None = None) -> DiffusionModel:
+    """Load the denoiser (EMA weights) and its autoencoder from a checkpoint URL."""
+    where = storage.redact(url)
+    local, info = checkpoint.load(url, "diffusion", storage_options)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        net = Denoiser(DenoiserConfig(**info.model))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: invalid denoiser architecture ({exc})") from None
+    checkpoint.load_weights(net, local, "ema")
+    vae = autoencoder.load(os.path.join(local, checkpoint.VAE_DIR)).to(dev)
+    if vae.weights_sha256 != info.vae_identity.get("weights_sha256"):
+        raise CheckpointError(f"{where}: the embedded autoencoder does not match the recorded identity")
+    return DiffusionModel(net.eval().to(dev), vae, info)

@@ -1,0 +1,479 @@
+"""``latent-pipeline restore``: restore / upscale images in bulk with Ray Data actor pools.
+
+Pipeline: the driver checks the options and the checkpoint (one line and no Ray work for a
+wrong one), lists inputs (image files under a prefix or glob, or image WebDataset shards) and
+drops those whose output already exists (re-runs resume; a run with nothing left to do finishes
+without starting Ray) -> a read stage (Ray tasks: file bytes, or the samples of a shard) ->
+``map_batches(RestoreActor)`` on an actor pool, each actor loading the checkpoint once ->
+outputs written by the actors through the storage module -> one small result row per input back
+to the driver, which writes ``_errors.jsonl`` and ``_report.json``.
+
+Per-image rules: EXIF orientation applied; the model sees 8-bit RGB (imaging.to_rgb); grey
+inputs (L, 16-bit, float) are written back as 8-bit grey; an alpha channel is carried over,
+resized with Lanczos (dropped for JPEG output); 16-bit inputs are written as 8-bit. Output names
+come from :func:`output_name` alone; two inputs that would share an output name are both error
+rows (``output_name_collision``). A bad input becomes an error row with its reason; it never
+fails the job or drops a block. seen = written + skipped_existing + errors, always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ConfigError, JobFailed, RayOptions, StorageOptions, check_range, group, option, require
+from pipeline.console import Progress, format_seconds
+from pipeline.io import imaging, storage
+from pipeline.io.tarshards import iter_samples
+from pipeline.models.degrade import INPAINT, RESTORE_TASKS
+from pipeline.restoration.restorer import RestoreSettings
+
+log = logging.getLogger("pipeline.restore")
+
+FORMATS = ("png", "jpg", "webp", "same")
+_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+_SAME_EXT = {"png": "png", "jpg": "jpg", "jpeg": "jpeg", "webp": "webp"}  # kept as is by --format same
+EXISTS = "exists"  # read-stage marker: the output is already there (a re-run skips it)
+REPORT_NAME, ERRORS_NAME = "_report.json", "_errors.jsonl"
+NO_SPACE = "no_space_left"  # error reason of a write that found the output's device full
+
+
+@dataclass
+class RestoreConfig:
+    input: str = option("", "images: a folder/prefix, a glob, or image shards (*.tar, brace ranges)")
+    output: str = option("", "output folder/prefix: same relative paths, extension per --format")
+    checkpoint: str = option("", "diffusion checkpoint (or a training output: its newest checkpoint)")
+    task: str = option("", f"one of {', '.join(RESTORE_TASKS)} (default: the checkpoint's task)")
+    scale: int = option(0, "upscale factor 2 or 4 (shorthand for --task upscale2/upscale4)")
+    mask: str = option(
+        "",
+        "inpainting masks: 'alpha' (the input's transparency) or a folder of masks "
+        "with the inputs' relative paths (white = fill)",
+    )
+    format: str = option("png", "output format: png, jpg, webp, or same (png/jpg/webp kept; others become png)")
+    batch_size: int = option(8, "images per actor batch (same-size images share model calls)")
+    actors: int = option(0, "actor pool size (0: as many as the cluster fits, leaving room for reads)")
+    cpus_per_actor: float = option(1.0, "CPUs per actor")
+    gpus_per_actor: float = option(0.0, "GPUs per actor (fractional allowed)")
+    max_pixels: int = option(16 * 1024 * 1024, "skip inputs with more pixels")
+    max_error_rate: float = option(0.5, "exit non-zero (outputs kept) when more than this share of inputs failed")
+    overwrite: bool = option(False, "redo outputs that already exist")
+    settings: RestoreSettings = group(RestoreSettings)
+    ray: RayOptions = group(RayOptions, private=True)
+    storage: StorageOptions = group(StorageOptions, private=True)
+
+    def __post_init__(self) -> None:
+        require(self, "input", "output", "checkpoint")
+        self.input, self.output = storage.absolute(self.input), storage.absolute(self.output)
+        self.checkpoint = storage.absolute(self.checkpoint)
+        if self.mask and self.mask != "alpha":
+            self.mask = storage.absolute(self.mask)
+        if self.scale:
+            if self.scale not in (2, 4):
+                raise ConfigError("option 'scale' must be 2 or 4")
+            if self.task and self.task != f"upscale{self.scale}":
+                raise ConfigError(f"options 'scale' {self.scale} and 'task' {self.task!r} disagree")
+            self.task = f"upscale{self.scale}"
+        if self.task and self.task not in RESTORE_TASKS:
+            raise ConfigError(f"option 'task': unknown task {self.task!r}; choose from {', '.join(RESTORE_TASKS)}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"option 'format': {self.format!r} is not one of {', '.join(FORMATS)}")
+        if not 1 <= self.batch_size <= 4096 or self.actors < 0 or not self.max_pixels >= 1:
+            raise ConfigError(
+                "options 'batch-size' (1..4096), 'actors' (>= 0) and 'max-pixels' (>= 1) are out of range"
+            )
+        check_range("cpus_per_actor", self.cpus_per_actor, 0.0, 1024.0, lo_open=True)
+        check_range("gpus_per_actor", self.gpus_per_actor, 0.0, 64.0)
+        check_range("max_error_rate", self.max_error_rate, 0.0, 1.0)
+        storage.check_separate(
+            self.output,
+            {"input": self.input, "checkpoint": self.checkpoint, "mask": "" if self.mask == "alpha" else self.mask},
+        )
+
+
+def output_name(rel: str, fmt: str) -> tuple[str, str]:
+    """The one place that decides an output: (relative output path, Pillow format name).
+
+    ``same`` keeps png/jpg/jpeg/webp; any other input format (tif, bmp, ...) is written as PNG
+    and named ``.png``, so a file's name always matches its bytes.
+    """
+    head, _, base = rel.rpartition("/")
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        stem, ext = base, ""
+    ext = ext.lower()
+    out_ext = _SAME_EXT.get(ext, "png") if fmt == "same" else fmt
+    name = f"{stem}.{out_ext}"
+    return (f"{head}/{name}" if head else name), _PIL_FORMAT["jpg" if out_ext == "jpeg" else out_ext]
+
+
+def _is_shards(cfg: RestoreConfig) -> bool:
+    return any(p.strip().endswith((".tar", ".tar}", ".tgz", ".tar.gz")) for p in cfg.input.split(","))
+
+
+def list_inputs(cfg: RestoreConfig) -> tuple[list[dict], list[dict]]:
+    """Items for the read stage (``{"url", "rel"}``; ``rel`` empty for shards) and the error rows
+    of inputs refused up front (unsafe names, output-name collisions, formats not allowed)."""
+    so = cfg.storage.options
+    if _is_shards(cfg):
+        return [{"url": u, "rel": ""} for u in storage.expand(cfg.input, so)], []
+    listed = storage.list_files(cfg.input, (), so, hidden=True)
+    if not listed:
+        raise FileNotFoundError(f"no files under {storage.redact(cfg.input)}")
+    errors: list[dict] = []
+    files = []
+    for u, r in listed:
+        if storage.is_hidden(r):
+            errors.append({"key": r, "reason": "hidden_file", "detail": "names starting with '.' are not restored"})
+        elif not r.lower().endswith(imaging.IMAGE_SUFFIXES):
+            errors.append(
+                {
+                    "key": r,
+                    "reason": "not_an_allowed_image_format",
+                    "detail": f"allowed: {', '.join(imaging.IMAGE_EXTS)}",
+                }
+            )
+        elif not storage.safe_relpath(r):
+            errors.append({"key": r, "reason": "unsafe_path", "detail": ""})
+        else:
+            files.append((u, r))
+    by_output: dict[str, list[str]] = {}
+    for _u, r in files:
+        by_output.setdefault(output_name(r, cfg.format)[0], []).append(r)
+    clash = {r for rels in by_output.values() if len(rels) > 1 for r in rels}
+    for r in sorted(clash):
+        errors.append(
+            {
+                "key": r,
+                "reason": "output_name_collision",
+                "detail": f"{', '.join(by_output[output_name(r, cfg.format)[0]])} -> {output_name(r, cfg.format)[0]}",
+            }
+        )
+    items = [{"url": u, "rel": r} for u, r in files if r not in clash]
+    if not items and not errors:
+        raise FileNotFoundError(f"no images under {storage.redact(cfg.input)}")
+    return items, errors
+
+
+# --------------------------------------------------------------------------- read stage (tasks)
+
+
+def read_files(batch: dict[str, np.ndarray], cfg: RestoreConfig, existing: frozenset) -> dict[str, list]:
+    out: dict[str, list] = {"rel": [], "data": [], "error": []}
+    for url, rel in zip(batch["url"], batch["rel"]):
+        if not cfg.overwrite and output_name(str(rel), cfg.format)[0] in existing:
+            out["rel"].append(str(rel))
+            out["data"].append(b"")
+            out["error"].append(EXISTS)
+            continue
+        try:
+            data, err = storage.read_bytes(str(url), cfg.storage.options), ""
+        except OSError as exc:
+            data, err = b"", f"unreadable: {type(exc).__name__}"
+        out["rel"].append(str(rel))
+        out["data"].append(data)
+        out["error"].append(err)
+    return out
+
+
+def shard_folder(url: str) -> str:
+    """Outputs of a shard's samples go under the shard's name, so keys of two shards never collide."""
+    name = storage.basename(url)
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_shard(row: dict[str, Any], cfg: RestoreConfig, existing: frozenset) -> list[dict[str, Any]]:
+    rows = []
+    folder = shard_folder(row["url"])
+    try:
+        with storage.open_read(row["url"], cfg.storage.options) as f:
+            for s in iter_samples(f):
+                if s.error:
+                    rows.append({"rel": f"{folder}/{s.key}" if s.key else folder, "data": b"", "error": s.error})
+                    continue
+                ext = imaging.image_field(s.fields)
+                rel = f"{folder}/{s.key}.{ext or 'png'}"
+                if not cfg.overwrite and output_name(rel, cfg.format)[0] in existing:
+                    rows.append({"rel": rel, "data": b"", "error": EXISTS})
+                    continue
+                rows.append(
+                    {"rel": rel, "data": s.fields.get(ext, b"") if ext else b"", "error": "" if ext else "no_image"}
+                )
+    except OSError as exc:
+        rows.append({"rel": folder, "data": b"", "error": f"unreadable: {type(exc).__name__}"})
+    return rows
+
+
+# --------------------------------------------------------------------------- actor stage
+
+
+class RestoreActor:
+    """Loads the checkpoint once per actor; restores and writes each image of a batch."""
+
+    def __init__(self, cfg: RestoreConfig, task: str):
+        import torch
+
+        from pipeline.models import loading
+        from pipeline.restoration.restorer import Restorer
+
+        torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
+        self.cfg, self.task = cfg, task
+        self.restorer = Restorer(loading.load(cfg.checkpoint, cfg.storage.options), task, cfg.settings)
+        self.actor_id = f"{os.getpid()}-{id(self)}"  # the report lists the actors (one model load each)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        t0 = time.perf_counter()
+        rels = [str(r) for r in batch["rel"]]
+        status, reason, detail = ["written"] * len(rels), [""] * len(rels), [""] * len(rels)
+        loaded: dict[int, tuple] = {}  # index -> (decoded image, mask)
+        for i, (rel, data, err) in enumerate(zip(rels, batch["data"], batch["error"])):
+            if err == EXISTS:
+                status[i] = "skipped"
+            elif err:
+                status[i], reason[i] = "error", str(err)
+            elif not storage.safe_relpath(rel):
+                status[i], reason[i] = "error", "unsafe_path"
+            else:
+                self._guard(
+                    i,
+                    status,
+                    reason,
+                    detail,
+                    lambda i=i, data=data: loaded.__setitem__(i, self._load(rels[i], bytes(data))),
+                )
+        # same-size images go through the model together; a failing group is retried one by one
+        outputs: dict[int, Any] = {}
+        plain = [i for i in loaded if loaded[i][1] is None]
+        if plain:
+            with contextlib.suppress(Exception):  # a failing group: the images are isolated one by one below
+                outputs.update(zip(plain, self.restorer.restore_many([imaging.to_rgb(loaded[i][0]) for i in plain])))
+        for i in loaded:
+            if i not in outputs:
+                im, mask = loaded[i]
+                self._guard(
+                    i,
+                    status,
+                    reason,
+                    detail,
+                    lambda i=i, im=im, mask=mask: outputs.__setitem__(
+                        i, self.restorer.restore(imaging.to_rgb(im), mask)
+                    ),
+                )
+        for i in outputs:
+            self._guard(i, status, reason, detail, lambda i=i: self._write(rels[i], loaded[i][0], outputs[i]))
+        seconds = (time.perf_counter() - t0) / max(1, len(rels))
+        return {
+            "rel": rels,
+            "status": status,
+            "reason": reason,
+            "detail": detail,
+            "seconds": [seconds] * len(rels),
+            "actor": [self.actor_id] * len(rels),
+        }
+
+    @staticmethod
+    def _guard(i: int, status: list, reason: list, detail: list, fn) -> None:
+        """Run ``fn``; a failure marks image ``i`` as an error row instead of failing the job."""
+        try:
+            fn()
+        except imaging.BadImage as exc:
+            status[i], reason[i], detail[i] = "error", exc.reason, str(exc)
+        except OSError as exc:  # a write that failed: disk full, permission, ...
+            status[i], reason[i], detail[i] = (
+                "error",
+                NO_SPACE if exc.errno == errno.ENOSPC else "write_failed",
+                storage.redact(f"{type(exc).__name__}: {exc}")[:200],
+            )
+        except Exception as exc:  # noqa: BLE001 - one bad image never fails the job
+            status[i], reason[i], detail[i] = "error", "restore_failed", f"{type(exc).__name__}: {str(exc)[:200]}"
+
+    def _mask(self, rel: str, im) -> Any:
+        cfg = self.cfg
+        if self.task != INPAINT:
+            return None
+        if cfg.mask == "alpha" or not cfg.mask:
+            alpha = imaging.split_alpha(im)
+            if alpha is None:
+                raise imaging.BadImage("no_mask", "input has no alpha channel to use as the mask")
+            return alpha.point(lambda a: 255 if a < 128 else 0)  # transparent = fill
+        stem = rel.rsplit(".", 1)[0]
+        for cand in (rel, stem + ".png"):
+            url = storage.join(cfg.mask, cand)
+            if storage.exists(url, cfg.storage.options):
+                return imaging.decode(storage.read_bytes(url, cfg.storage.options), cfg.max_pixels)
+        raise imaging.BadImage("no_mask", f"no mask for {rel} under {storage.redact(cfg.mask)}")
+
+    def _load(self, rel: str, data: bytes) -> tuple:
+        im = imaging.decode(data, self.cfg.max_pixels)
+        return im, self._mask(rel, im)
+
+    def _write(self, rel: str, im, out) -> None:
+        """Carry alpha and grey over from the input ``im`` and write the restored ``out``."""
+        from PIL import Image
+
+        cfg = self.cfg
+        out_rel, fmt = output_name(rel, cfg.format)
+        alpha = imaging.split_alpha(im) if self.task != INPAINT else None
+        if im.mode in imaging.GREY_MODES or im.mode == "LA":
+            out = out.convert("L")
+        if alpha is not None and fmt != "JPEG":
+            out = out.convert("LA" if out.mode == "L" else "RGBA")
+            out.putalpha(alpha.resize(out.size, Image.Resampling.LANCZOS))
+        buf = io.BytesIO()
+        out.save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+        storage.write_bytes(storage.join(cfg.output, out_rel), buf.getvalue(), cfg.storage.options)
+
+    def restore_one(self, rel: str, data: bytes) -> None:
+        """Decode, restore and write one image (the unbatched path, used by bench/restore.py)."""
+        im, mask = self._load(rel, data)
+        self._write(rel, im, self.restorer.restore(imaging.to_rgb(im), mask))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _pool_size(cfg: RestoreConfig, batches: int | None) -> int:
+    """``--actors``, or as many as the cluster fits (at most one per batch of work)."""
+    from pipeline.ray_setup import check_fits, cluster_slots
+
+    # leave half a CPU for the read tasks: a pool that takes every CPU deadlocks Ray Data
+    check_fits(
+        cpus=cfg.cpus_per_actor,
+        gpus=cfg.gpus_per_actor,
+        count=cfg.actors or 1,
+        reserve_cpus=0.5,
+        options=("cpus_per_actor", "gpus_per_actor", "actors"),
+    )
+    fits = cluster_slots(cfg.cpus_per_actor, cfg.gpus_per_actor, reserve_cpus=0.5)
+    return cfg.actors or (min(fits, batches) if batches else fits)
+
+
+def _existing_outputs(cfg: RestoreConfig) -> frozenset:
+    so = cfg.storage.options
+    if cfg.overwrite or not storage.exists(cfg.output, so):
+        return frozenset()
+    storage.clean_partials(cfg.output)  # a killed run's half-written files
+    return frozenset(r for r in storage.walk_files(cfg.output, so) if not r.startswith("_"))
+
+
+def run_restore(cfg: RestoreConfig) -> dict:
+    from pipeline.models import loading
+    from pipeline.restoration.restorer import check_compatible
+
+    t0 = time.time()
+    so = cfg.storage.options
+    task = check_compatible(loading.describe(cfg.checkpoint, so), cfg.task)  # one line, before any Ray work
+    items, refused = list_inputs(cfg)
+    shards = _is_shards(cfg)
+    if shards:
+        folders = Counter(shard_folder(i["url"]) for i in items)
+        dup = [f for f, n in folders.items() if n > 1]
+        if dup:
+            raise ConfigError(f"option 'input': two shards are named {dup[0]!r}; restore them into separate outputs")
+    storage.probe_writable(cfg.output, so)
+    existing = _existing_outputs(cfg)
+    todo = items if shards else [i for i in items if output_name(i["rel"], cfg.format)[0] not in existing]
+    rows = [
+        {"rel": i["rel"], "status": "skipped", "reason": "", "detail": "", "actor": ""}
+        for i in items
+        if not shards and i not in todo
+    ]
+    rows += [
+        {"rel": e["key"], "status": "error", "reason": e["reason"], "detail": e["detail"], "actor": ""} for e in refused
+    ]
+    log.info(
+        f"[restore] {len(items)} input {'shards' if shards else 'images'} ({len(refused)} refused), "
+        f"{len(existing)} outputs already present -> {storage.redact(cfg.output)}"
+    )
+    pool = 0
+    if todo:
+        pool = _run_pool(cfg, task, todo, existing, shards, rows)
+    return _finish(cfg, task, rows, pool, time.time() - t0)
+
+
+def _run_pool(
+    cfg: RestoreConfig, task: str, todo: list[dict], existing: frozenset, shards: bool, rows: list[dict]
+) -> int:
+    import ray.data
+
+    from pipeline.ray_setup import ensure_ray
+
+    ensure_ray(cfg.ray.address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    pool = _pool_size(cfg, None if shards else -(-len(todo) // cfg.batch_size))
+    ds: Any = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 64)))
+    if shards:
+        ds = ds.flat_map(read_shard, fn_args=(cfg, existing), num_cpus=0.5)
+    else:
+        ds = ds.map_batches(read_files, fn_args=(cfg, existing), batch_size=cfg.batch_size, num_cpus=0.5)
+    ds = ds.map_batches(
+        RestoreActor,
+        fn_constructor_args=(cfg, task),
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=pool),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor or None,
+    )
+    log.info(f"[restore] {len(todo)} to do on {pool} actor(s)")
+    progress = Progress("restore", total=None if shards else len(todo), unit="images", logger=log)
+    for row in ds.iter_rows():
+        rows.append(row)
+        progress.advance()
+    return pool
+
+
+def _finish(cfg: RestoreConfig, task: str, rows: list[dict], pool: int, seconds: float) -> dict:
+    so = cfg.storage.options
+    errors = [{"key": r["rel"], "reason": r["reason"], "detail": r["detail"]} for r in rows if r["status"] == "error"]
+    status = Counter(r["status"] for r in rows)
+    report: dict[str, Any] = {
+        "seen": len(rows),
+        "written": status["written"],
+        "skipped_existing": status["skipped"],
+        "errors": len(errors),
+        "errors_by_reason": dict(Counter(e["reason"] for e in errors)),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(status["written"] / max(seconds, 1e-9), 3),
+        "actors": sorted({r["actor"] for r in rows if r["actor"]}),
+        "pool": pool,
+        "task": task,
+        "checkpoint": storage.redact(cfg.checkpoint),
+    }
+    if report["seen"] != report["written"] + report["skipped_existing"] + report["errors"]:
+        raise RuntimeError(f"restore: seen != written + skipped + errors: {report}")
+    storage.write_bytes(
+        storage.join(cfg.output, ERRORS_NAME),
+        "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode(),
+        so,
+    )
+    storage.write_json(storage.join(cfg.output, REPORT_NAME), report, so)
+    log.info(
+        f"[restore] done in {format_seconds(seconds)}: {report['written']} written, "
+        f"{report['skipped_existing']} skipped, {len(errors)} errors {report['errors_by_reason'] or ''}; "
+        f"{report['images_per_s']:.2f} images/s; report {storage.redact(storage.join(cfg.output, REPORT_NAME))}"
+    )
+    if report["errors_by_reason"].get(NO_SPACE):
+        raise JobFailed(
+            f"restore: no space left on the device of {storage.redact(cfg.output)} "
+            f"({report['errors_by_reason'][NO_SPACE]} outputs not written); free space and re-run to finish"
+        )
+    attempted = report["seen"] - report["skipped_existing"]
+    if attempted and report["errors"] > cfg.max_error_rate * attempted:
+        raise JobFailed(
+            f"restore: {report['errors']} of {attempted} inputs failed "
+            f"(more than --max-error-rate {cfg.max_error_rate:g}); see {storage.redact(cfg.output)}/{ERRORS_NAME}"
+        )
+    return report

@@ -1,0 +1,243 @@
+"""``latent-pipeline train-vae``: train the built-in KL autoencoder on image shards with Ray Train.
+
+Same conventions as ``train``: an explicit loop, AdamW with warmup and cosine decay, EMA,
+checkpoints every N steps (pruned), resume on restart or re-run. Loss: L1 + ``ssim_weight`` *
+(1 - SSIM) + ``kl_weight`` * KL. Held-out reconstruction PSNR/SSIM is measured at the start and
+at every checkpoint. The checkpoint is directly usable as ``encode --vae`` (the EMA weights,
+with the latent scale measured on training crops so that scaled latents have unit variance).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ConfigError, check_choice, check_range, option, public_dict, require
+from pipeline.io import imaging, storage
+from pipeline.io.checkpoint import CheckpointInfo
+from pipeline.io.tarshards import iter_samples
+from pipeline.models import autoencoder
+from pipeline.models.quality import psnr, ssim
+from pipeline.train.loop import (
+    LoopConfig,
+    MetricsLog,
+    StepWindow,
+    fit,
+    grad_sync,
+    new_optimizer,
+    optimizer_step,
+    resume_or_init,
+    save_checkpoint,
+    set_lr,
+    worker_setup,
+)
+from pipeline.train.streams import BatchStream
+
+log = logging.getLogger("pipeline.train_vae")
+
+
+@dataclass
+class VAETrainConfig(LoopConfig):
+    images: str = option("", "image shards: URL, brace range or glob; comma-separated list")
+    heldout: str = option("", "held-out image shards for PSNR (default: the last input shard, if >1)")
+    preset: str = option("tiny", "autoencoder preset: tiny, small, base")
+    resolution: int = option(64, "training crop size")
+    kl_weight: float = option(1e-6, "weight of the KL term")
+    ssim_weight: float = option(0.2, "weight of the (1 - SSIM) term")
+    eval_images: int = option(32, "held-out images scored at each checkpoint")
+    shuffle_buffer: int = option(256, "samples in each rank's shuffle buffer")
+    lr: float = option(1e-3, "peak AdamW learning rate")
+    ema_decay: float = option(0.99, "EMA decay of the weights")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "images")
+        self.images, self.heldout = storage.absolute(self.images), storage.absolute(self.heldout)
+        storage.check_separate(
+            self.output, {"images": self.images, "heldout": self.heldout, "init_from": self.init_from}
+        )
+        check_choice("preset", self.preset, autoencoder.PRESETS)
+        if not 8 <= self.resolution <= 4096 or self.eval_images < 1 or self.shuffle_buffer < 1:
+            raise ConfigError(
+                "options 'resolution' (8..4096), 'eval-images' and 'shuffle-buffer' (>= 1) are out of range"
+            )
+        check_range("kl_weight", self.kl_weight, 0.0)
+        check_range("ssim_weight", self.ssim_weight, 0.0)
+
+
+def split_shards(cfg: VAETrainConfig) -> tuple[list[str], list[str]]:
+    train = storage.expand(cfg.images, cfg.storage.options)
+    if cfg.heldout:
+        return train, storage.expand(cfg.heldout, cfg.storage.options)
+    if len(train) < 2:
+        raise ConfigError(
+            "train-vae needs a --heldout shard set, or at least 2 input shards (the last one is held out)"
+        )
+    return train[:-1], train[-1:]
+
+
+def _random_crop(fields: dict[str, bytes], size: int, rng: np.random.Generator) -> np.ndarray | None:
+    try:
+        im = imaging.sample_rgb(fields)
+    except imaging.BadImage:
+        return None
+    short = min(im.size)
+    if short < size:
+        im = im.resize((max(size, round(im.width * size / short)), max(size, round(im.height * size / short))))
+    x = int(rng.integers(0, im.width - size + 1))
+    y = int(rng.integers(0, im.height - size + 1))
+    crop = im.crop((x, y, x + size, y + size))
+    arr = imaging.to_tensor_array(crop)
+    return arr[:, :, ::-1].copy() if rng.random() < 0.5 else arr
+
+
+def heldout_batch(shards: list[str], cfg: VAETrainConfig) -> torch.Tensor:
+    """Centre crops of the first ``eval_images`` readable held-out images."""
+    out = []
+    for url in shards:
+        with storage.open_read(url, cfg.storage.options) as f:
+            for s in iter_samples(f):
+                if s.error:
+                    continue
+                try:
+                    im = imaging.sample_rgb(s.fields)
+                except imaging.BadImage:
+                    continue
+                out.append(imaging.to_tensor_array(imaging.resize_center_crop(im, cfg.resolution)[0]))
+                if len(out) == cfg.eval_images:
+                    return torch.from_numpy(np.stack(out))
+    if not out:
+        raise ConfigError("no readable held-out images")
+    return torch.from_numpy(np.stack(out))
+
+
+@torch.no_grad()
+def evaluate(model: autoencoder.KLAutoencoder, images: torch.Tensor, dev) -> dict[str, float]:
+    model.eval()
+    recon = model.decode(model.encode(images.to(dev)).mean).clamp(-1, 1).cpu()
+    return {"psnr": float(psnr(recon, images).mean()), "ssim": float(ssim(recon, images).mean())}
+
+
+@torch.no_grad()
+def latent_scale(model: autoencoder.KLAutoencoder, images: torch.Tensor, dev) -> float:
+    """1 / std of the posterior means: scaled latents then have unit variance (SD's convention)."""
+    return float(1.0 / model.encode(images.to(dev)).mean.float().std().clamp_min(1e-6))
+
+
+def train_loop(loop_config: dict) -> None:
+    """One DDP rank. Runs on a Ray Train worker."""
+    import ray.train.torch
+
+    cfg: VAETrainConfig = loop_config["cfg"]
+    so = cfg.storage.options
+    rank, world, dev = worker_setup()
+    train_shards, held_shards = split_shards(cfg)
+
+    # ---- model, optimizer, held-out images
+    model, kl_cfg = autoencoder.new_kl(cfg.preset, seed=cfg.seed)
+    model = model.to(dev)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = new_optimizer(model, cfg)
+    heldout = heldout_batch(held_shards, cfg)
+
+    # ---- resume (restart or re-run) or warm start
+    start, resumed = resume_or_init(model, ema, opt, cfg, "autoencoder")
+    initial = resumed.metrics.get("psnr_initial") if resumed is not None else None
+    if initial is None:
+        initial = evaluate(ema, heldout, dev)["psnr"]
+    ddp = ray.train.torch.prepare_model(model)
+
+    rng = np.random.default_rng(cfg.seed * 1000 + rank + start)
+
+    def collate(items, _gen):
+        crops = [c for c in (_random_crop(s, cfg.resolution, rng) for s in items) if c is not None]
+        return torch.from_numpy(np.stack(crops)) if crops else None
+
+    stream = iter(
+        BatchStream(
+            train_shards,
+            collate,
+            batch_size=cfg.batch_size,
+            rank=rank,
+            world=world,
+            seed=cfg.seed + start,
+            shuffle_buffer=cfg.shuffle_buffer,
+            storage_options=so,
+        )
+    )
+    metrics_log = MetricsLog(cfg.output, start, so) if rank == 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
+    window = StepWindow(cfg.batch_size * cfg.grad_accum * world)
+    info = CheckpointInfo(kind="autoencoder", model=autoencoder.kl_config_dict(kl_cfg), train=public_dict(cfg))
+
+    # ---- the loop
+    for step in range(start, cfg.steps):
+        t_step = time.perf_counter()
+        lr = set_lr(opt, step, cfg)
+        loss_sum = l1_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            t_wait = time.perf_counter()
+            x = next(stream)
+            while x is None:  # a batch of only unreadable images: take the next one
+                x = next(stream)
+            window.waited(time.perf_counter() - t_wait)
+            x = x.to(dev)
+            with grad_sync(ddp, micro, cfg, world), autocast:
+                recon, post = ddp(x)
+                l1 = F.l1_loss(recon.float(), x)
+                kl = 0.5 * (post.mean.float() ** 2 + post.std.float() ** 2 - 1 - 2 * torch.log(post.std.float())).mean()
+                loss = l1 + cfg.ssim_weight * (1 - ssim(recon.float().clamp(-1, 1), x).mean()) + cfg.kl_weight * kl
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum  # .item() syncs with the device once per micro-step
+            l1_sum += l1.item() / cfg.grad_accum
+        grad_norm = optimizer_step(ddp, opt, ema, step, cfg)
+
+        window.step(time.perf_counter() - t_step, loss=loss_sum, l1=l1_sum, grad_norm=grad_norm)
+        done = step + 1
+        metrics: dict[str, float] = {}
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            metrics = window.flush(lr=lr)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            scores = evaluate(ema, heldout, dev)
+            metrics.update(psnr_initial=initial, **scores)
+            if metrics_log is not None:
+                metrics_log.log(done, metrics)
+                log.info(
+                    f"[train-vae] step {done}/{cfg.steps} loss {metrics.get('loss', float('nan')):.4f} "
+                    f"held-out PSNR {scores['psnr']:.2f} dB (initial {initial:.2f}) SSIM {scores['ssim']:.3f}"
+                )
+            info.scale, info.metrics = latent_scale(ema, heldout, dev), metrics
+            save_checkpoint(done, {"step": done, **metrics}, info, ddp, ema, opt)
+            if metrics_log is not None:
+                metrics_log.sync()
+        elif metrics_log is not None and metrics:
+            metrics_log.log(done, metrics)
+
+
+def run_train_vae(cfg: VAETrainConfig):
+    train, held = split_shards(cfg)
+    if cfg.init_from:
+        from pipeline.io import checkpoint
+
+        checkpoint.load(cfg.init_from, "autoencoder", cfg.storage.options)
+    log.info(
+        f"[train-vae] {cfg.workers} worker(s), preset {cfg.preset}, {len(train)} training shard(s), "
+        f"{len(held)} held-out -> {storage.redact(cfg.output)}"
+    )
+    t0 = time.time()
+    result = fit(train_loop, {"cfg": cfg}, cfg)
+    if result.error:
+        raise result.error
+    m = result.metrics
+    log.info(
+        f"[train-vae] finished step {m.get('step')} in {time.time() - t0:.0f}s: held-out PSNR "
+        f"{m.get('psnr_initial', float('nan')):.2f} -> {m.get('psnr', float('nan')):.2f} dB, "
+        f"SSIM {m.get('ssim', float('nan')):.3f}; use it as `encode --vae {storage.redact(cfg.output)}`"
+    )
+    return result
