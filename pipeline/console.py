@@ -38,8 +38,9 @@ _NOISY = (
 def setup_logging(verbose: bool = False) -> None:
     """Plain ``pipeline`` lines on stderr; library internals only with ``verbose``.
 
-    Also sets the environment that Ray workers inherit, so their C++ core (``core_worker.cc``)
-    and Ray Train's result dumps stay quiet in the same way.
+    Also sets the environment that Ray workers inherit, so the libraries they load stay quiet in
+    the same way. (Ray's C++ core still prints its own error lines; silencing them with
+    ``RAY_BACKEND_LOG_LEVEL`` makes every process announce the setting, which is worse.)
     """
     root = logging.getLogger("pipeline")
     if not any(getattr(h, "_pipeline", False) for h in root.handlers):
@@ -58,10 +59,8 @@ def quiet_libraries(verbose: bool = False) -> None:
     for name in _NOISY:
         logging.getLogger(name).setLevel(level)
     if not verbose:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # C++ core worker warnings
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -21,7 +21,11 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     verbose = logging.getLogger("pipeline").level == logging.DEBUG
     quiet_libraries(verbose)
     kwargs: dict[str, Any] = {}
-    if not (address or os.environ.get("RAY_ADDRESS")) and num_cpus:
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        # a local Ray is never preempted; the watcher actor only adds a warning line to the console
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if local and num_cpus:
         kwargs["num_cpus"] = num_cpus
     ray.init(
         address=address or None,

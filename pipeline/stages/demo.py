@@ -122,10 +122,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             from PIL import Image
 
             degrade.degrade("upscale4", Image.open(path), degrade.seed_for(name)).save(os.path.join(p["lowres"], name))
-        open(os.path.join(p["photos"], ".done"), "w").close()
+        open(p["photos"] + ".done", "w").close()  # beside the folder: inside, it would be an input
 
     n_crops = b.crops_per_photo * len(sample_photos.PHOTOS)
-    stage("photos", os.path.exists(os.path.join(p["photos"], ".done")), photos, n_crops, "images")
+    stage("photos", os.path.exists(p["photos"] + ".done"), photos, n_crops, "images")
     stage(
         "shards",
         os.path.exists(os.path.join(p["image-shards"], "_index.json")),

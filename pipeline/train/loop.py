@@ -329,11 +329,12 @@ def _run_storage(output: str, storage_options: dict | None):
 
 def fit(loop_fn, loop_config: dict, cfg: LoopConfig):
     """Run ``loop_fn`` on ``cfg.workers`` Ray Train workers; re-running resumes the same run."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.ray_setup import check_fits, ensure_ray
 
+    verbose = logging.getLogger("pipeline").level == logging.DEBUG
     ensure_ray(cfg.ray.address)
     check_fits(
         cpus=cfg.cpus_per_worker,
@@ -358,6 +359,9 @@ def fit(loop_fn, loop_config: dict, cfg: LoopConfig):
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # Ray Train's own "worker group started" lines only with --verbose (a Train v2 option:
+            # ray.train exports v2's RunConfig at run time, the type stubs see the v1 one)
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # type: ignore[call-arg]
         ),
     )
     return trainer.fit()
