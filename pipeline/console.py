@@ -58,6 +58,11 @@ def quiet_libraries(verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.ERROR
     for name in _NOISY:
         logging.getLogger(name).setLevel(level)
+    # Ray Train v2 names this logger after its file, so RunConfig's log level misses its
+    # "Reporting training result ..." dump on every report (training workers have it loaded)
+    train_context = sys.modules.get("ray.train.v2._internal.execution.context")
+    if train_context is not None:
+        logging.getLogger(train_context.__file__).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
