@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from helpers import photo_crops, write_photo_folder
-from pipeline.config import JobFailed
+from pipeline.config import ConfigError, JobFailed
 from pipeline.io import storage
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.models import autoencoder, degrade, denoiser, loading, tiling
@@ -204,12 +204,22 @@ def test_tiled_restore_agrees_with_untiled_on_a_gradient(upscale_model):
     assert dx[at_edges].max() <= dx[inner].max() + 2
 
 
-def test_gain_zero_is_exactly_lanczos_and_projection_keeps_low_frequencies(upscale_model):
+def _down(im: Image.Image, scale: int) -> np.ndarray:
+    """The task's downsampling (degrade's bicubic kernel) of an 8-bit output."""
+    return np.asarray(
+        im.resize((im.width // scale, im.height // scale), Image.Resampling.BICUBIC, reducing_gap=None), np.float32
+    )
+
+
+def test_gain_zero_is_the_consistent_base_and_every_output_stays_consistent(upscale_model):
     model = loading.load(upscale_model)
     lr = photo_crops(1, 32, seed=4)[0]
     out = Restorer(model, "upscale2", RestoreSettings(steps=2, gain=0.0)).restore(lr)
-    lanczos = lr.resize((64, 64), Image.Resampling.LANCZOS)
-    assert np.abs(np.asarray(out, np.int16) - np.asarray(lanczos, np.int16)).max() <= 1
+    base = np.clip(degrade.classical_base("upscale2", lr), 0, 255)
+    assert np.abs(np.asarray(out, np.float32) - base).max() <= 1  # the floor: the back-projection base
+    for gain in (1.0, 3.0):  # the model's detail never changes what the low-resolution input shows
+        detailed = Restorer(model, "upscale2", RestoreSettings(steps=2, gain=gain)).restore(lr)
+        assert np.abs(_down(detailed, 2) - np.asarray(lr, np.float32)).mean() < 0.75
     r = torch.randn(1, 3, 64, 64)
     p = project_upscale(r, 2)
     low = torch.nn.functional.interpolate(p, size=(32, 32), mode="bicubic", antialias=True)
@@ -249,11 +259,42 @@ def test_eval_reports_model_and_baselines(upscale_model, tmp_path):
             settings=RestoreSettings(steps=2),
         )
     )
-    assert set(res["scores"]) == {"model", "bicubic", "lanczos", "autoencoder"}
+    assert set(res["scores"]) == {"model", "bicubic", "lanczos", "back_projection", "autoencoder"}
     assert res["scores"]["lanczos"]["psnr"] > res["scores"]["autoencoder"]["psnr"]
+    assert res["scores"]["back_projection"]["psnr"] > res["scores"]["lanczos"]["psnr"]
+    assert all(s["psnr_y"] > 10 for s in res["scores"].values())
     assert res["calibration"]["0.0"]["never_below_baseline"] is True
     assert res["recommended_gain"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert Image.open(tmp_path / "e" / "side_by_side.png").size == (5 * 64, 3 * 64)
+
+
+def test_fidelity_mode_is_one_model_evaluation_and_detail_mode_samples(upscale_model):
+    model = loading.load(upscale_model)
+    calls = []
+    hook = model.denoiser.register_forward_hook(lambda *_: calls.append(1))
+    lr = photo_crops(1, 32, seed=6)[0]
+    fidelity = Restorer(model, "upscale2", RestoreSettings(mode="fidelity", steps=7)).restore(lr)
+    n_fidelity = len(calls)
+    detail = Restorer(model, "upscale2", RestoreSettings(mode="detail", steps=7)).restore(lr)
+    hook.remove()
+    assert (n_fidelity, len(calls) - n_fidelity) == (1, 7)  # one tile: one call per step
+    assert fidelity.size == detail.size == (64, 64)
+    assert not np.array_equal(np.asarray(fidelity), np.asarray(detail))
+
+
+def test_eval_takes_ready_made_pairs(upscale_model, tmp_path):
+    (tmp_path / "hr").mkdir()
+    (tmp_path / "lr").mkdir()
+    for i, im in enumerate(photo_crops(2, 64, seed=21)):
+        im.save(tmp_path / "hr" / f"p{i}.png")
+        degrade.degrade("upscale2", im, degrade.seed_for(f"p{i}.png")).save(tmp_path / "lr" / f"p{i}.png")
+    common = {"task": "upscale2", "checkpoint": upscale_model, "images": str(tmp_path / "hr")}
+    made = evaluate(EvalConfig(out=str(tmp_path / "e1"), **common))
+    given = evaluate(EvalConfig(out=str(tmp_path / "e2"), lowres=str(tmp_path / "lr"), **common))
+    assert given["scores"] == made["scores"]
+    with pytest.raises(ConfigError, match="no input for"):
+        (tmp_path / "lr" / "p1.png").unlink()
+        evaluate(EvalConfig(out=str(tmp_path / "e3"), lowres=str(tmp_path / "lr"), **common))
 
 
 def test_degradations_are_seeded_by_key():

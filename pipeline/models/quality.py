@@ -16,6 +16,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def psnr_y(a: torch.Tensor, b: torch.Tensor, border: int = 0) -> torch.Tensor:
+    """Per-image PSNR in dB on the luma channel (ITU-R BT.601, as MATLAB's ``rgb2ycbcr``), with
+    ``border`` pixels cropped on every side: the convention of the super-resolution literature
+    (border = the scale factor), so numbers compare with published tables."""
+    coeffs = torch.tensor([65.481, 128.553, 24.966], device=a.device).view(1, 3, 1, 1) / 255.0
+    ya, yb = ((_to01(t) * coeffs).sum(1) + 16 / 255 for t in (a, b))
+    if border:
+        ya, yb = ya[:, border:-border, border:-border], yb[:, border:-border, border:-border]
+    mse = ((ya - yb) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
 def _window(size: int = 11, sigma: float = 1.5, channels: int = 3, device=None) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float32, device=device) - size // 2
     g = torch.exp(-(x**2) / (2 * sigma**2))

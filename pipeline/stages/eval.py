@@ -1,9 +1,11 @@
 """``latent-pipeline eval``: score a restoration checkpoint against classical baselines.
 
 Held-out images are degraded with the same pipeline as training (:mod:`degrade`), restored with
-the same core as ``restore`` (:mod:`restoration`), and scored (PSNR, SSIM) against the originals
-next to bicubic and Lanczos resizes of the same input and the autoencoder's own reconstruction
-of the original (the ceiling a latent method decoding whole images would hit).
+the same core as ``restore`` (:mod:`restoration`), and scored against the originals (RGB PSNR,
+luma PSNR with a ``scale``-pixel border cropped as in the super-resolution literature, SSIM)
+next to bicubic and Lanczos resizes of the same input, the back-projection base (the classical
+floor of every upscaling output) and the autoencoder's own reconstruction of the original (the
+ceiling a latent method decoding whole images would hit).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from PIL import Image
 from pipeline.config import ConfigError, StorageOptions, group, option, require, to_dict
 from pipeline.io import imaging, storage
 from pipeline.models import degrade, loading
-from pipeline.models.quality import psnr, ssim
+from pipeline.models.quality import psnr, psnr_y, ssim
 from pipeline.restoration.restorer import Restorer, RestoreSettings, check_compatible
 
 log = logging.getLogger("pipeline.eval")
@@ -32,6 +34,11 @@ class EvalConfig:
     task: str = option("upscale4", f"one of {', '.join(degrade.TASKS)}")
     checkpoint: str = option("", "diffusion checkpoint (or a training output)")
     images: str = option("", "held-out images: a folder/prefix or a glob")
+    lowres: str = option(
+        "",
+        "ready-made inputs (low-resolution or degraded) with the same relative names as --images "
+        "(default: made from --images with the task's degradation)",
+    )
     out: str = option("eval", "folder for eval.json and side_by_side.png")
     max_images: int = option(16, "images scored at most")
     settings: RestoreSettings = group(RestoreSettings)  # the same settings `restore` runs with
@@ -41,9 +48,12 @@ class EvalConfig:
         degrade.check_task(self.task)
         require(self, "checkpoint", "images", "out")
         self.checkpoint, self.images, self.out = (storage.absolute(u) for u in (self.checkpoint, self.images, self.out))
+        self.lowres = storage.absolute(self.lowres)
         if self.max_images < 1:
             raise ConfigError("option 'max-images' must be >= 1")
-        storage.check_separate(self.out, {"images": self.images, "checkpoint": self.checkpoint}, option="out")
+        storage.check_separate(
+            self.out, {"images": self.images, "checkpoint": self.checkpoint, "lowres": self.lowres}, option="out"
+        )
 
 
 def _t(im: Image.Image) -> torch.Tensor:
@@ -57,23 +67,34 @@ def evaluate(cfg: EvalConfig) -> dict:
     model = loading.load(cfg.checkpoint, so)
     restorer = Restorer(model, cfg.task, cfg.settings)
     scale = degrade.TASKS[cfg.task].scale
-    urls = [u for u, _ in storage.list_files(cfg.images, imaging.IMAGE_SUFFIXES, so)][: cfg.max_images]
+    pairs = storage.list_files(cfg.images, imaging.IMAGE_SUFFIXES, so)[: cfg.max_images]
+    urls = [u for u, _ in pairs]
     if not urls:
         raise FileNotFoundError(f"no images at {storage.redact(cfg.images)}")
     Scores = dict[str, list[float]]
-    rows: dict[str, Scores] = {k: {"psnr": [], "ssim": []} for k in ("model", "bicubic", "lanczos", "autoencoder")}
-    calib: dict[float, Scores] = {g: {"psnr": [], "ssim": []} for g in GAINS}
+    names = ("model", "bicubic", "lanczos", *(("back_projection",) if scale > 1 else ()), "autoencoder")
+    rows: dict[str, Scores] = {k: {"psnr": [], "psnr_y": [], "ssim": []} for k in names}
+    calib: dict[float, Scores] = {g: {"psnr": [], "psnr_y": [], "ssim": []} for g in GAINS}
     panels: list[list[Image.Image]] = []
-    for url in urls:
+    for url, rel in pairs:
         hr = imaging.to_rgb(imaging.decode(storage.read_bytes(url, so)))
-        m = scale * restorer.multiple
-        hr = hr.crop((0, 0, hr.width - hr.width % m, hr.height - hr.height % m))
-        lr = degrade.degrade(cfg.task, hr, degrade.seed_for(storage.basename(url)))
+        if cfg.lowres:
+            lr = _ready_made_input(cfg, rel)
+            if hr.width < lr.width * scale or hr.height < lr.height * scale:
+                raise ConfigError(
+                    f"option 'lowres': {rel} is {lr.size}, too large for its original {hr.size} at x{scale}"
+                )
+            hr = hr.crop((0, 0, lr.width * scale, lr.height * scale))
+        else:
+            m = scale * restorer.multiple
+            hr = hr.crop((0, 0, hr.width - hr.width % m, hr.height - hr.height % m))
+            lr = degrade.degrade(cfg.task, hr, degrade.seed_for(storage.basename(url)))
         parts = restorer.parts(lr)
         target = _t(hr)
 
         def score(into: dict, pred: torch.Tensor) -> None:
             into["psnr"].append(float(psnr(pred, target)))
+            into["psnr_y"].append(float(psnr_y(pred, target, border=scale)))
             into["ssim"].append(float(ssim(pred, target)))
 
         for g in GAINS:
@@ -83,6 +104,10 @@ def evaluate(cfg: EvalConfig) -> dict:
             "bicubic": lr.resize(hr.size, Image.Resampling.BICUBIC),
             "lanczos": lr.resize(hr.size, Image.Resampling.LANCZOS),
         }
+        if scale > 1:  # the classical floor of every upscaling output (what --gain 0 gives)
+            outs["back_projection"] = Image.fromarray(
+                np.round(np.clip(degrade.classical_base(cfg.task, lr), 0, 255)).astype(np.uint8), "RGB"
+            )
         for name, im in outs.items():
             score(rows[name], _t(im))
         with torch.no_grad():
@@ -95,6 +120,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     table = {
         k: {
             "psnr": round(float(np.mean(v["psnr"])), 3),
+            "psnr_y": round(float(np.mean(v["psnr_y"])), 3),
             "ssim": round(float(np.mean(v["ssim"])), 4),
             "psnr_per_image": [round(p, 3) for p in v["psnr"]],
         }
@@ -132,15 +158,26 @@ def evaluate(cfg: EvalConfig) -> dict:
     return result
 
 
+def _ready_made_input(cfg: EvalConfig, rel: str) -> Image.Image:
+    """The ``--lowres`` file for original ``rel``: the same relative name, any allowed extension."""
+    stem = rel.rsplit(".", 1)[0]
+    for cand in [rel] + [f"{stem}.{ext}" for ext in imaging.IMAGE_EXTS]:
+        url = storage.join(cfg.lowres, cand)
+        if storage.exists(url, cfg.storage.options):
+            return imaging.to_rgb(imaging.decode(storage.read_bytes(url, cfg.storage.options)))
+    raise ConfigError(f"option 'lowres': no input for {rel} under {storage.redact(cfg.lowres)}")
+
+
 def format_table(result: dict) -> str:
     lines = [
         f"eval {result['task']} on {result['images']} held-out images (checkpoint step {result['checkpoint_step']}):",
-        f"{'method':<14}{'PSNR dB':>9}{'SSIM':>8}",
+        f"{'method':<17}{'PSNR dB':>9}{'PSNR-Y**':>10}{'SSIM':>8}",
     ]
     for name, s in result["scores"].items():
         label = "autoencoder*" if name == "autoencoder" else name
-        lines.append(f"{label:<14}{s['psnr']:>9.2f}{s['ssim']:>8.4f}")
+        lines.append(f"{label:<17}{s['psnr']:>9.2f}{s['psnr_y']:>10.2f}{s['ssim']:>8.4f}")
     lines.append("* reconstruction of the original through the autoencoder: the ceiling of whole-image decoding")
+    lines.append("** luma PSNR with a border of <scale> pixels cropped (the super-resolution papers' convention)")
     lines.append(f"model never below Lanczos (PSNR and SSIM, per image): {result['model_never_below_lanczos']}")
     lines.append(
         "detail gain (--gain) calibration: "

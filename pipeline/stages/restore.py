@@ -345,7 +345,7 @@ class RestoreActor:
 # --------------------------------------------------------------------------- driver
 
 
-def _pool_size(cfg: RestoreConfig, batches: int | None) -> int:
+def _pool_size(cfg: RestoreConfig, batches: int) -> int:
     """``--actors``, or as many as the cluster fits (at most one per batch of work)."""
     from pipeline.ray_setup import check_fits, cluster_slots
 
@@ -358,7 +358,7 @@ def _pool_size(cfg: RestoreConfig, batches: int | None) -> int:
         options=("cpus_per_actor", "gpus_per_actor", "actors"),
     )
     fits = cluster_slots(cfg.cpus_per_actor, cfg.gpus_per_actor, reserve_cpus=0.5)
-    return cfg.actors or (min(fits, batches) if batches else fits)
+    return cfg.actors or max(1, min(fits, batches))
 
 
 def _existing_outputs(cfg: RestoreConfig) -> frozenset:
@@ -413,7 +413,8 @@ def _run_pool(
 
     ensure_ray(cfg.ray.address)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    pool = _pool_size(cfg, None if shards else -(-len(todo) // cfg.batch_size))
+    # at most one actor per batch of files, or per shard (a shard's samples arrive as one block)
+    pool = _pool_size(cfg, len(todo) if shards else -(-len(todo) // cfg.batch_size))
     ds: Any = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 64)))
     if shards:
         ds = ds.flat_map(read_shard, fn_args=(cfg, existing), num_cpus=0.5)

@@ -1,0 +1,64 @@
+"""The classical bases restoration builds on, and the scores it is measured with (no Ray, no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.io import sample_photos
+from pipeline.models import degrade
+from pipeline.models.quality import psnr, psnr_y
+
+
+def _down(arr: np.ndarray, scale: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    return degrade._resize_channels(arr, (w // scale, h // scale), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_back_projection_is_consistent_with_its_input(scale):
+    photo = sample_photos.load_photo("coffee.png").convert("RGB").resize((96, 64))
+    x = degrade.back_project(photo, scale)  # the default 10 steps, on a photo
+    assert x.shape == (64 * scale, 96 * scale, 3)
+    assert np.abs(_down(x, scale) - np.asarray(photo, np.float32)).max() < 0.5
+    lanczos = np.asarray(photo.resize((96 * scale, 64 * scale), Image.Resampling.LANCZOS), np.float32)
+    assert np.abs(_down(lanczos, scale) - np.asarray(photo, np.float32)).max() > 5  # Lanczos is not
+    noise = Image.fromarray((np.random.default_rng(scale).random((20, 28, 3)) * 255).astype(np.uint8))
+    err = np.abs(_down(degrade.back_project(noise, scale, iters=30), scale) - np.asarray(noise, np.float32))
+    assert err.max() < 0.01  # it converges even on the hardest input
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_back_projection_is_never_below_lanczos_on_whole_photos(scale):
+    for name in ("chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"):
+        hr = sample_photos.load_photo(name).convert("RGB")
+        hr = hr.crop((0, 0, hr.width - hr.width % scale, hr.height - hr.height % scale))
+        lr = degrade.degrade(f"upscale{scale}", hr, 0)
+        target = torch.from_numpy(np.asarray(hr, np.float32).transpose(2, 0, 1) / 127.5 - 1)[None]
+
+        def score(arr: np.ndarray) -> float:
+            pred = torch.from_numpy(np.clip(arr, 0, 255).transpose(2, 0, 1) / 127.5 - 1)[None]
+            return float(psnr(pred, target))
+
+        base = score(degrade.classical_base(f"upscale{scale}", lr))
+        lanczos = score(np.asarray(lr.resize(hr.size, Image.Resampling.LANCZOS), np.float32))
+        assert base > lanczos + 0.05, (name, base, lanczos)
+
+
+def test_the_restore_task_base_is_the_input():
+    im = Image.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8))
+    assert np.array_equal(degrade.classical_base("restore", im), np.asarray(im, np.float32))
+
+
+def test_luma_psnr_follows_the_literature_convention():
+    a = torch.zeros(1, 3, 16, 16)
+    b = a.clone()
+    b[..., :2, :] = 1.0  # differences only in the top 2 rows
+    assert float(psnr_y(a, b, border=2)) == pytest.approx(100.0)  # cropped away (clamped MSE)
+    assert float(psnr_y(a, b)) < 30
+    grey_step = torch.full((1, 3, 8, 8), 0.0)
+    shifted = grey_step + 2 / 255 * 2  # +2 levels on every channel -> Y moves by 2 * 219/255 levels
+    expected = 10 * np.log10(255**2 / (2 * 219 / 255) ** 2)
+    assert float(psnr_y(grey_step, shifted)) == pytest.approx(expected, abs=0.05)
