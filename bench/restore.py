@@ -32,7 +32,7 @@ from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.encode import EncodeConfig, run_encode
 from pipeline.stages.restore import RestoreActor, RestoreConfig, run_restore
 from pipeline.stages.shards import ShardsConfig, run_shards
-from pipeline.train.diffusion import TrainConfig, run_train
+from pipeline.stages.train import TrainConfig, run_train
 
 MEMORY_PROBE = """
 import sys, threading, time, numpy as np, psutil

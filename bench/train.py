@@ -30,7 +30,7 @@ from pipeline.models import autoencoder, denoiser, flow
 from pipeline.ray_setup import ensure_ray
 from pipeline.stages.encode import EncodeConfig, run_encode
 from pipeline.stages.shards import ShardsConfig, run_shards
-from pipeline.train.diffusion import TrainConfig, run_train
+from pipeline.stages.train import TrainConfig, run_train
 from pipeline.train.streams import BatchStream, latent_stream
 
 

@@ -75,7 +75,7 @@ VERBS = [
         "train",
         "train a latent diffusion model on cached latents with Ray Train",
         "train.diffusion:TrainConfig",
-        "train.diffusion:run_train",
+        "stages.train:run_train",
     ),
     Verb(
         "sample",

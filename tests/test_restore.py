@@ -21,8 +21,8 @@ from pipeline.stages.encode import EncodeConfig, run_encode
 from pipeline.stages.eval import EvalConfig, evaluate
 from pipeline.stages.restore import RestoreConfig, run_restore
 from pipeline.stages.shards import ShardsConfig, run_shards
+from pipeline.stages.train import TrainConfig, run_train
 from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
-from pipeline.train.diffusion import TrainConfig, run_train
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +295,37 @@ def test_eval_takes_ready_made_pairs(upscale_model, tmp_path):
     with pytest.raises(ConfigError, match="no input for"):
         (tmp_path / "lr" / "p1.png").unlink()
         evaluate(EvalConfig(out=str(tmp_path / "e3"), lowres=str(tmp_path / "lr"), **common))
+
+
+def test_training_calibrates_the_gain_that_restore_then_uses(upscale_model, tmp_path):
+    import shutil
+
+    from pipeline.io import checkpoint
+    from pipeline.stages.train import calibrate
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint.latest_checkpoint(upscale_model), ckpt)  # the fixture's model stays as it is
+    (tmp_path / "held").mkdir()
+    for i, im in enumerate(photo_crops(3, 64, seed=30)):
+        im.save(tmp_path / "held" / f"h{i}.png")
+    cfg = TrainConfig(
+        latents="unused", output=str(tmp_path / "o"), task="upscale2", calibration_images=str(tmp_path / "held")
+    )
+    gain = calibrate(ckpt, cfg)
+    info = checkpoint.read_info(ckpt)
+    assert info.gain == gain and gain in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert info.calibration["images"] == 3 and set(info.calibration["psnr_by_gain"]) == {
+        "0.0",
+        "0.25",
+        "0.5",
+        "0.75",
+        "1.0",
+    }
+    model = loading.load(ckpt)
+    assert Restorer(model, "upscale2", RestoreSettings()).gain == gain  # restore's default
+    assert Restorer(model, "upscale2", RestoreSettings(gain=0.5)).gain == 0.5  # unless told otherwise
+    with pytest.raises(ConfigError, match="needs a --task"):
+        TrainConfig(latents="l", output=str(tmp_path / "o2"), calibration_images=str(tmp_path / "held"))
 
 
 def test_degradations_are_seeded_by_key():

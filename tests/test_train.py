@@ -26,9 +26,9 @@ from pipeline.models import autoencoder, flow
 from pipeline.stages.encode import EncodeConfig, run_encode
 from pipeline.stages.sample import SampleConfig, run_sample
 from pipeline.stages.shards import ShardsConfig, run_shards
+from pipeline.stages.train import TrainConfig, run_train
 from pipeline.train import loop
 from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
-from pipeline.train.diffusion import TrainConfig, run_train
 from pipeline.train.streams import rank_shards
 
 

@@ -58,6 +58,8 @@ class CheckpointInfo:
     residual_scale: float = 1.0
     vae_identity: dict[str, Any] = field(default_factory=dict)  # identity of the autoencoder under vae/
     latents: str = ""  # the dataset it was trained on (credentials redacted)
+    gain: float | None = None  # task models: the detail gain calibrated on held-out photos (restore's default)
+    calibration: dict[str, Any] = field(default_factory=dict)  # what that calibration measured
     format: str = FORMAT
 
     def __post_init__(self) -> None:

@@ -64,7 +64,11 @@ class RestoreSettings:
         "sample in --steps steps (sharper, plausible texture, lower PSNR: the perception-distortion trade-off)",
     )
     steps: int = option(20, "sampler steps in detail mode")
-    gain: float = option(1.0, "detail gain of a task model (0: exactly the classical base)")
+    gain: float | None = option(
+        None,
+        "detail gain of a task model (0: exactly the classical base; default: the gain calibrated when "
+        "the model was trained, else 1)",
+    )
     noise: float = option(1.0, "zero-shot only (unconditional checkpoint): SDEdit noise level t0 in [0, 1]")
     tile: int = option(256, "tile size in output pixels (memory is bounded by it)")
     overlap: int = option(32, "tile overlap in pixels")
@@ -75,7 +79,8 @@ class RestoreSettings:
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 10000:
             raise ConfigError("option 'steps' must be in 1..10000")
-        check_range("gain", self.gain, 0.0, 10.0)
+        if self.gain is not None:
+            check_range("gain", self.gain, 0.0, 10.0)
         check_range("noise", self.noise, 0.0, 1.0)
         if not 32 <= self.tile <= 8192 or not 0 <= self.overlap < self.tile // 2:
             raise ConfigError("option 'tile' must be in 32..8192 and 'overlap' in [0, tile/2)")
@@ -145,6 +150,8 @@ class Restorer:
         self.down = self.vae.downsample
         self.multiple = self.down * 2 ** (len(model.denoiser.cfg.widths) - 1)
         self.residual_scale = float(model.info.residual_scale)
+        # --gain, else the gain calibrated on held-out photos at training time, else 1
+        self.gain = opts.gain if opts.gain is not None else (model.info.gain if model.info.gain is not None else 1.0)
 
     # ---- autoencoder, tiled
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +231,7 @@ class Restorer:
         sample, steps = (flow.euler, 1) if o.mode == "fidelity" else (flow.SAMPLERS[o.sampler], o.steps)
         if self.conditional:
             r = sample(self._model_fn(z_base), noise, steps)
-            z, gain = from_residual(r, z_base, self.residual_scale), o.gain
+            z, gain = from_residual(r, z_base, self.residual_scale), self.gain
         else:  # zero-shot SDEdit from the classical result
             t0 = float(o.noise)
             z = (

@@ -30,8 +30,8 @@ from pipeline.stages.report import write_report
 from pipeline.stages.restore import RestoreConfig, run_restore
 from pipeline.stages.sample import SampleConfig, run_sample
 from pipeline.stages.shards import ShardsConfig, run_shards
+from pipeline.stages.train import TrainConfig, run_train
 from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
-from pipeline.train.diffusion import TrainConfig, run_train
 
 log = logging.getLogger("pipeline.demo")
 
@@ -206,6 +206,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 lr=1e-3,
                 warmup_steps=min(50, b.task_steps // 4),
                 checkpoint_every=max(10, b.task_steps // 3),
+                calibration_images=p["heldout"],  # the detail gain restore then uses by default
                 **common,
             )
         ),
@@ -257,7 +258,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 task="upscale4",
                 cpus_per_actor=0.75,
                 ray=cfg.ray,
-                settings=RestoreSettings(steps=b.restore_steps, gain=ev["recommended_gain"]),
+                settings=RestoreSettings(steps=b.restore_steps),  # the gain calibrated at training
             )
         ),
         b.heldout,

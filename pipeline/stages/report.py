@@ -167,9 +167,10 @@ def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total
     rows = [[k, f"{v['psnr']:.2f}", f"{v['ssim']:.4f}"] for k, v in ev["scores"].items()]
     parts.append(_table(["method", "PSNR dB", "SSIM"], rows))
     parts.append(
-        f"<p>Model at detail gain {ev['settings']['gain']}; never below Lanczos per image: "
-        f"{ev['model_never_below_lanczos']}. Calibrated gain used by the restore job: "
-        f"{ev['recommended_gain']}. The autoencoder row is the original passed through the "
+        f"<p>Model at detail gain {ev['gain']} (calibrated on held-out photos at training; the restore job "
+        f"uses it too); never below Lanczos per image and at least the back-projection base on average: "
+        f"{ev['model_never_below_lanczos']}; the gain these images recommend: {ev['recommended_gain']}. "
+        "The autoencoder row is the original passed through the "
         "autoencoder: the ceiling of a method that decodes whole images.</p>"
     )
     parts.append(

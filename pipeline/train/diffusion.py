@@ -50,11 +50,19 @@ class TrainConfig(LoopConfig):
     shuffle_buffer: int = option(1000, "samples in each rank's shuffle buffer")
     vae: str = option("", "autoencoder of the latents (default: the one recorded in the manifest)")
     sample_steps: int = option(20, "sampler steps for the sample grids")
+    calibration_images: str = option(
+        "",
+        "task models: held-out photos (folder or glob) on which the detail gain is calibrated after "
+        "training and stored in the checkpoint; `restore` uses it by default",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self, "latents")
         self.latents, self.vae = storage.absolute(self.latents), storage.absolute(self.vae)
+        self.calibration_images = storage.absolute(self.calibration_images)
+        if self.calibration_images and not self.task:
+            raise ConfigError("option 'calibration-images' needs a --task (it calibrates a restoration model)")
         storage.check_separate(self.output, {"latents": self.latents, "vae": self.vae, "init_from": self.init_from})
         denoiser.config_for(self.model)  # validates the size name
         check_task(self.task, allow_empty=True)
@@ -205,7 +213,8 @@ def measure_residual_scale(cfg: TrainConfig, batches: int = 4) -> float:
     return float(1.0 / res.std().clamp_min(1e-4))
 
 
-def run_train(cfg: TrainConfig):
+def train_model(cfg: TrainConfig):
+    """Check the inputs on the driver, then run the loop on Ray Train; returns Ray's Result."""
     so = cfg.storage.options
     man = manifest.load(cfg.latents, so)  # refuse a bad dataset before starting workers
     if cfg.task and cfg.task not in man["tasks"]:
