@@ -135,6 +135,17 @@ def main() -> None:
         for mode, steps in (("fidelity", 1), ("detail", args.old_default_steps)):
             mode_cfg = dict(common, settings=RestoreSettings(mode=mode, steps=steps))
             modes[mode] = naive_loop(RestoreConfig(output=os.path.join(root, f"mode-{mode}"), **mode_cfg), sample)
+        # a pretrained-format network (spandrel's Real-ESRGAN Compact, tiny random weights: throughput only)
+        net_file = os.path.join(root, "compact_x2.safetensors")
+        from safetensors.torch import save_file
+        from spandrel.architectures.Compact import Compact
+
+        save_file(
+            {k: v.contiguous() for k, v in Compact(num_feat=16, num_conv=4, upscale=2).state_dict().items()}, net_file
+        )
+        modes["network"] = naive_loop(
+            RestoreConfig(output=os.path.join(root, "net"), **dict(common, checkpoint=net_file)), sample
+        )
         marks: list[tuple[float, int]] = []
 
         class Progress(logging.Handler):  # "[restore] images N/total ..." lines, every ~2 s
@@ -182,6 +193,7 @@ def main() -> None:
         "naive_img_s_fidelity_mode": round(modes["fidelity"], 3),
         f"naive_img_s_detail_mode_{args.old_default_steps}_steps": round(modes["detail"], 3),
         "fidelity_vs_previous_default": round(modes["fidelity"] / modes["detail"], 2),
+        "naive_img_s_spandrel_compact_x2_16x4": round(modes["network"], 3),
         "tile_px": args.tile,
         "targets": {"ray_per_core_vs_naive": 0.9, "memory": "flat in image size", "fidelity_vs_previous_default": 5},
     }

@@ -52,7 +52,11 @@ NO_SPACE = "no_space_left"  # error reason of a write that found the output's de
 class RestoreConfig:
     input: str = option("", "images: a folder/prefix, a glob, or image shards (*.tar, brace ranges)")
     output: str = option("", "output folder/prefix: same relative paths, extension per --format")
-    checkpoint: str = option("", "diffusion checkpoint (or a training output: its newest checkpoint)")
+    checkpoint: str = option(
+        "",
+        "diffusion checkpoint (or a training output: its newest checkpoint), or a pretrained network file "
+        "that spandrel recognises (ESRGAN, Real-ESRGAN, SwinIR, HAT, ...; .safetensors only)",
+    )
     task: str = option("", f"one of {', '.join(RESTORE_TASKS)} (default: the checkpoint's task)")
     scale: int = option(0, "upscale factor 2 or 4 (shorthand for --task upscale2/upscale4)")
     mask: str = option(
@@ -227,11 +231,17 @@ class RestoreActor:
         import torch
 
         from pipeline.models import loading
+        from pipeline.restoration import networks
+        from pipeline.restoration.networks import NetworkRestorer
         from pipeline.restoration.restorer import Restorer
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg, self.task = cfg, task
-        self.restorer = Restorer(loading.load(cfg.checkpoint, cfg.storage.options), task, cfg.settings)
+        self.restorer: Restorer | NetworkRestorer
+        if networks.is_network_file(cfg.checkpoint):
+            self.restorer = NetworkRestorer(cfg.checkpoint, task, cfg.settings, cfg.storage.options)
+        else:
+            self.restorer = Restorer(loading.load(cfg.checkpoint, cfg.storage.options), task, cfg.settings)
         self.actor_id = f"{os.getpid()}-{id(self)}"  # the report lists the actors (one model load each)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -371,11 +381,16 @@ def _existing_outputs(cfg: RestoreConfig) -> frozenset:
 
 def run_restore(cfg: RestoreConfig) -> dict:
     from pipeline.models import loading
+    from pipeline.restoration import networks
     from pipeline.restoration.restorer import check_compatible
 
     t0 = time.time()
     so = cfg.storage.options
-    task = check_compatible(loading.describe(cfg.checkpoint, so), cfg.task)  # one line, before any Ray work
+    # the checkpoint or network is checked first: one line, before any Ray work
+    if networks.is_network_file(cfg.checkpoint):
+        task = networks.describe(cfg.checkpoint, cfg.task, so)
+    else:
+        task = check_compatible(loading.describe(cfg.checkpoint, so), cfg.task)
     items, refused = list_inputs(cfg)
     shards = _is_shards(cfg)
     if shards:

@@ -1,0 +1,134 @@
+"""Pretrained super-resolution and restoration networks in the same job: any single-image network
+that `spandrel` recognises from its weights (ESRGAN / Real-ESRGAN, Compact, SwinIR, HAT, DAT,
+SPAN, DRUNet, NAFNet, ...).
+
+Weights are read from ``.safetensors`` files only, with safetensors, and handed to spandrel as a
+state dict, so nothing is ever unpickled (``.pth`` / ``.ckpt`` / ``.pt`` are refused: they are
+pickles). The network runs tile by tile with blended overlaps (:mod:`tiling`), so memory is bounded
+by ``--tile`` whatever the image size; images of one size are batched into one call. The task
+follows the network's scale: x2 -> ``upscale2``, x4 -> ``upscale4``, x1 -> ``restore``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import ConfigError
+from pipeline.io import checkpoint, storage
+from pipeline.io.imaging import to_tensor_array
+from pipeline.models.tiling import tiled_apply
+from pipeline.restoration.restorer import RestoreSettings
+
+SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt", ".bin", ".pkl")
+TASK_BY_SCALE = {1: "restore", 2: "upscale2", 4: "upscale4"}
+
+
+def is_network_file(url: str) -> bool:
+    """Whether ``--checkpoint`` names a single network file rather than a checkpoint folder."""
+    return url.lower().endswith((SUFFIX, *PICKLE_SUFFIXES))
+
+
+@dataclass
+class NetworkInfo:
+    architecture: str
+    scale: int
+    task: str
+
+
+def _load(url: str, storage_options: dict | None = None):
+    """(spandrel descriptor, its info); CheckpointError / ConfigError for anything unusable."""
+    import spandrel
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = storage.redact(url)
+    if url.lower().endswith(PICKLE_SUFFIXES):
+        raise ConfigError(
+            f"{where}: only {SUFFIX} network files are loaded ({os.path.splitext(url)[1]} files are "
+            "pickles, which can run code); convert it to safetensors first"
+        )
+    if storage.is_remote(url):
+        local = os.path.join(storage.download_dir(url.rsplit("/", 1)[0], storage_options), storage.basename(url))
+    else:
+        local = url
+    if not os.path.isfile(local):
+        raise checkpoint.CheckpointError(f"{where}: no such network file")
+    try:
+        state = load_file(local)
+    except (SafetensorError, OSError) as exc:
+        raise checkpoint.CheckpointError(f"{where} is not a readable safetensors file ({str(exc)[:120]})") from None
+    try:
+        descriptor = spandrel.ModelLoader().load_from_state_dict(state)
+    except spandrel.UnsupportedModelError:
+        raise checkpoint.CheckpointError(f"{where}: spandrel recognises no network architecture in it") from None
+    if (
+        not isinstance(descriptor, spandrel.ImageModelDescriptor)
+        or descriptor.input_channels != 3
+        or descriptor.output_channels != 3
+    ):
+        raise ConfigError(
+            f"{where}: {descriptor.architecture.name} is not a single-image RGB network "
+            "(inpainting, face or greyscale networks are not supported)"
+        )
+    if descriptor.scale not in TASK_BY_SCALE:
+        raise ConfigError(f"{where}: a x{descriptor.scale} network; supported scales: {sorted(TASK_BY_SCALE)}")
+    return descriptor, NetworkInfo(descriptor.architecture.name, descriptor.scale, TASK_BY_SCALE[descriptor.scale])
+
+
+def describe(url: str, task: str, storage_options: dict | None = None) -> str:
+    """The task the network at ``url`` runs, checked against ``--task`` on the driver (one line)."""
+    _descriptor, info = _load(url, storage_options)
+    if task and task != info.task:
+        raise ConfigError(
+            f"option 'task': the network is x{info.scale} ({info.architecture}), so its task is "
+            f"{info.task!r}, not {task!r}"
+        )
+    return info.task
+
+
+class NetworkRestorer:
+    """Restores images with a spandrel network; the same interface as :class:`Restorer`."""
+
+    def __init__(
+        self, url: str, task: str, opts: RestoreSettings, storage_options: dict | None = None, device: str | None = None
+    ):
+        descriptor, info = _load(url, storage_options)
+        self.task = task or info.task
+        self.scale, self.opts, self.gain = info.scale, opts, 1.0
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = descriptor.to(self.device).eval()
+
+    @torch.no_grad()
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) in [-1, 1] -> (B, 3, h*s, w*s) in [-1, 1], tile by tile (input-size tiles)."""
+        tile = max(16, self.opts.tile // self.scale)
+        overlap = min(self.opts.overlap // self.scale, tile // 2 - 1)
+
+        def call(t: torch.Tensor) -> torch.Tensor:
+            return self.net((t + 1) / 2).clamp(0, 1) * 2 - 1
+
+        return tiled_apply(call, x.to(self.device), tile, max(0, overlap), factor=self.scale)
+
+    @torch.no_grad()
+    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
+        """Restore several images, those of one size in one batch."""
+        out: list[Image.Image | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.size, []).append(i)
+        for idx in groups.values():
+            x = torch.from_numpy(np.stack([to_tensor_array(images[i].convert("RGB")) for i in idx]))
+            y = self._run(x).float().cpu().numpy()
+            for j, i in enumerate(idx):
+                arr = np.clip((y[j].transpose(1, 2, 0) + 1) * 127.5, 0, 255)
+                out[i] = Image.fromarray(np.round(arr).astype(np.uint8), "RGB")
+        return out  # type: ignore[return-value]
+
+    def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image:
+        return self.restore_many([im])[0]

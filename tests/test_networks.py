@@ -1,0 +1,114 @@
+"""Pretrained networks (anything spandrel recognises) in the restore job: sizes, tiling, equality
+with the library's own call, refusals of pickles and unknown files, and the Ray Data job."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from helpers import photo_crops
+from pipeline import cli
+from pipeline.config import ConfigError
+from pipeline.io.checkpoint import CheckpointError
+from pipeline.restoration import networks
+from pipeline.restoration.networks import NetworkRestorer
+from pipeline.restoration.restorer import RestoreSettings
+from pipeline.stages.restore import RestoreConfig, run_restore
+
+
+def _compact(path, scale: int) -> str:
+    """A tiny random Real-ESRGAN Compact network, saved as safetensors."""
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(scale)
+    net = Compact(num_feat=8, num_conv=2, upscale=scale)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def x2_net(tmp_path_factory):
+    return _compact(tmp_path_factory.mktemp("net") / "compact_x2.safetensors", 2)
+
+
+def test_a_network_restores_at_its_scale_and_matches_the_library_call(x2_net):
+    assert networks.describe(x2_net, "") == "upscale2"
+    r = NetworkRestorer(x2_net, "", RestoreSettings(tile=512))
+    im = photo_crops(1, 24, seed=1)[0]
+    out = r.restore(im)
+    assert out.size == (48, 48) and r.task == "upscale2"
+    import spandrel
+    from safetensors.torch import load_file
+
+    own = spandrel.ModelLoader().load_from_state_dict(load_file(x2_net)).eval()
+    with torch.no_grad():
+        ref = own(torch.from_numpy(np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0)[None]).clamp(0, 1)
+    ref_px = np.round(ref[0].numpy().transpose(1, 2, 0) * 255)
+    assert np.abs(np.asarray(out, np.float32) - ref_px).max() <= 1
+
+
+def test_tiled_network_agrees_with_untiled_and_batches_by_size(x2_net):
+    ims = [*photo_crops(2, 80, seed=2), photo_crops(1, 40, seed=3)[0]]
+    whole = NetworkRestorer(x2_net, "upscale2", RestoreSettings(tile=512)).restore_many(ims)
+    tiled = NetworkRestorer(x2_net, "upscale2", RestoreSettings(tile=64, overlap=16)).restore_many(ims)
+    for a, b, im in zip(whole, tiled, ims):
+        assert a.size == b.size == (2 * im.width, 2 * im.height)
+        diff = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+        # the network's receptive field is a few pixels: interiors of tiles agree with the whole image
+        assert np.median(diff) <= 1 and diff.mean() < 2.0
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Boom.marker}",))
+
+
+def test_pickles_and_unknown_files_are_refused_on_the_driver(tmp_path, x2_net, capsys):
+    _Boom.marker = str(tmp_path / "pwned")
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"params": _Boom()}))
+    with pytest.raises(ConfigError, match="pickles"):
+        networks.describe(str(tmp_path / "evil.pth"), "")
+    save_file({"not.a.network": torch.zeros(3)}, str(tmp_path / "random.safetensors"))
+    with pytest.raises(CheckpointError, match="no network architecture"):
+        networks.describe(str(tmp_path / "random.safetensors"), "")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        networks.describe(str(tmp_path / "junk.safetensors"), "")
+    with pytest.raises(ConfigError, match="its task is 'upscale2', not 'upscale4'"):
+        networks.describe(x2_net, "upscale4")
+    (tmp_path / "in").mkdir()
+    photo_crops(1, 16)[0].save(tmp_path / "in" / "a.png")
+    rc = cli.main(
+        [
+            "restore",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "o"),
+            "--checkpoint",
+            str(tmp_path / "evil.pth"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "pickles" in err and "Traceback" not in err
+    assert not os.path.exists(_Boom.marker) and not (tmp_path / "o").exists()
+
+
+def test_the_restore_job_runs_a_network(x2_net, tmp_path, ray_cluster):
+    (tmp_path / "in").mkdir()
+    for i, im in enumerate(photo_crops(3, 32, seed=4)):
+        im.save(tmp_path / "in" / f"p{i}.png")
+    Image.new("L", (20, 12), 90).save(tmp_path / "in" / "grey.png")
+    report = run_restore(
+        RestoreConfig(input=str(tmp_path / "in"), output=str(tmp_path / "o"), checkpoint=x2_net, cpus_per_actor=0.5)
+    )
+    assert (report["written"], report["errors"], report["task"]) == (4, 0, "upscale2")
+    assert Image.open(tmp_path / "o" / "p0.png").size == (64, 64)
+    grey = Image.open(tmp_path / "o" / "grey.png")
+    assert grey.size == (40, 24) and grey.mode == "L"
