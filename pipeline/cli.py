@@ -19,8 +19,20 @@ from typing import Any
 
 from pipeline import config as cfgmod
 from pipeline.config import ConfigError, JobFailed
+from pipeline.io.checkpoint import CheckpointError
+from pipeline.io.manifest import ManifestError
 
 log = logging.getLogger("pipeline")
+# a wrong option, path, checkpoint or dataset (exit 2); anything else that fails is exit 1
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    ManifestError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 @dataclass
@@ -127,7 +139,7 @@ def _one_line(exc: BaseException) -> str:
 
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         text = f"no space left on the device{f' ({exc.filename})' if exc.filename else ''}: free space and re-run"
-    elif isinstance(exc, (ConfigError, JobFailed)) or type(exc).__name__ in ("CheckpointError", "ManifestError"):
+    elif isinstance(exc, (ConfigError, JobFailed, CheckpointError, ManifestError)):
         text = str(exc)
     elif isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         text = (
@@ -159,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.verbose:
             log.exception("traceback")
-        user = isinstance(
-            exc, (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
-        )
+        user = isinstance(exc, USER_ERRORS)
         hint = "" if user or args.verbose else " (run with --verbose for the traceback)"
         print(f"latent-pipeline {verb.name}: error: {_one_line(exc)}{hint}", file=sys.stderr)
         return 2 if user else 1

@@ -338,8 +338,10 @@ def from_args(cls: type[C], args: argparse.Namespace, *, section: str) -> C:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         data = load_yaml(args.config)
-        if section in data and isinstance(data[section], dict):
-            data = data[section]
+        for name in (section, section.replace("_", "-")):  # `train_vae:` or `train-vae:`
+            if name in data and isinstance(data[name], dict):
+                data = data[name]
+                break
         values.update(data)
     for _path, f, _tp in _flat_fields(cls):
         v = getattr(args, _key(f), None)

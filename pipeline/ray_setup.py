@@ -70,7 +70,7 @@ def check_fits(
         raise ConfigError(
             f"option {cpu_opt.replace('_', '-')!r}: {cpus:g} CPU(s) asked for, the Ray cluster has {have_cpu:g}"
         )
-    if count_opt and count > 1:
+    if count_opt and (count > 1 or reserve_cpus):
         fit_cpu = int((have_cpu - reserve_cpus + 1e-9) // cpus) if cpus else count
         fit_gpu = int((have_gpu + 1e-9) // gpus) if gpus else count
         if min(fit_cpu, fit_gpu) < count:

@@ -395,7 +395,7 @@ def test_restore_with_only_refused_inputs_fails_without_starting_ray(tmp_path, d
         "--task",
         "restore",
     )
-    assert rc == 1 and "2 of 2 inputs failed" in _one_line(err)
+    assert rc == 1 and "none of the 2 inputs it tried was written" in _one_line(err)
     report = json.loads((tmp_path / "o" / "_report.json").read_text())
     assert report["seen"] == 2 and report["errors_by_reason"] == {"hidden_file": 1, "not_an_allowed_image_format": 1}
     assert report["pool"] == 0 and report["task"] == "restore"
@@ -500,3 +500,26 @@ def test_vae_option_given_a_diffusion_checkpoint_says_what_it_is(diffusion_ckpt)
         autoencoder.load(diffusion_ckpt)
     assert np.isfinite(autoencoder.load(f"{diffusion_ckpt}/vae").scale)
     assert Image.open(io.BytesIO(encode_image(photo_crops(1, 8)[0]))).size == (8, 8)
+
+
+def test_review_findings_stay_fixed(tmp_path, ray_cluster):
+    """A single file as input, a pool that would take every CPU, a section named like the verb."""
+    from pipeline.config import from_args
+    from pipeline.ray_setup import check_fits
+
+    photo_crops(1, 16)[0].save(tmp_path / "one.png")
+    assert storage.list_files(str(tmp_path / "one.png")) == [(str(tmp_path / "one.png"), "one.png")]
+    cpus = int(__import__("ray").cluster_resources()["CPU"])
+    with pytest.raises(ConfigError, match="kept for reads"):  # one actor on every CPU deadlocks Ray Data
+        check_fits(
+            cpus=float(cpus),
+            gpus=0.0,
+            count=1,
+            reserve_cpus=0.5,
+            options=("cpus_per_actor", "gpus_per_actor", "actors"),
+        )
+    (tmp_path / "c.yaml").write_text("train-vae:\n  images: a.tar\n  output: out\n  steps: 7\n")
+    args = cli.build_parser().parse_args(["train-vae", "--config", str(tmp_path / "c.yaml")])
+    from pipeline.train.autoencoder import VAETrainConfig
+
+    assert from_args(VAETrainConfig, args, section="train_vae").steps == 7

@@ -122,7 +122,7 @@ def test_restore_job_on_s3(upscale_model, bucket, ray_cluster):
 
     # a re-run skips finished outputs and retries only the bad inputs; as every input it tried
     # failed, it fails (exit code non-zero), with its report written
-    with pytest.raises(JobFailed, match="2 of 2 inputs failed"):
+    with pytest.raises(JobFailed, match="none of the 2 inputs it tried was written"):
         run_restore(cfg)
     again = json.loads(storage.read_bytes(f"{bucket}/out/_report.json"))
     assert (again["written"], again["skipped_existing"], again["errors"]) == (0, 4, 2)

@@ -46,10 +46,6 @@ _SECRET_KEYS = ("key", "secret", "token", "password", "passwd", "credential", "s
 _SECRETS: set[str] = set()
 
 
-class StorageError(RuntimeError):
-    """A storage operation failed after retries, with the URL (credentials redacted)."""
-
-
 def register_secrets(options: Any) -> None:
     """Remember the credential values in storage options (and the AWS environment), so that
     :func:`redact` removes them from any text, wherever they appear."""
@@ -332,8 +328,11 @@ def list_files(
     glob/brace pattern (relative path = the file name), keeping names ending in ``suffixes``
     (case-insensitive; all when empty). Hidden files are listed only when ``hidden``."""
     keep = tuple(x.lower() for x in suffixes)
+    fs, path = filesystem(url, storage_options)
     if (_GLOB_CHARS.search(url) or "{" in url) and not exists(url, storage_options):
         pairs = [(u, basename(u)) for u in expand(url, storage_options)]
+    elif retry(lambda: fs.isfile(path), what=f"stat {redact(url)}"):  # one file: itself
+        pairs = [(url, basename(url))]
     else:
         pairs = [(join(url, r), r) for r in walk_files(url, storage_options, hidden=hidden)]
     return [(u, r) for u, r in pairs if not keep or r.lower().endswith(keep)]
@@ -489,8 +488,8 @@ def probe_writable(url: str, storage_options: dict[str, Any] | None = None) -> N
     try:
         write_bytes(probe, b"", storage_options)
         remove(probe, storage_options)
-    except (OSError, StorageError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"output {redact(url)} is not writable: {redact(str(reason))}") from None
 
 

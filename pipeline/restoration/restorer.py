@@ -104,7 +104,8 @@ def check_compatible(info: CheckpointInfo, task: str) -> str:
     return task
 
 
-def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Replicate-pad the last two dims up to a multiple; returns the padded tensor and the original (h, w)."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:
@@ -208,11 +209,11 @@ class Restorer:
         # the model is conditioned on the view it was trained with (degrade.condition_view); the
         # output is built on the classical base (back-projection for upscaling)
         views = [
-            _pad_to(torch.from_numpy(to_tensor_array(degrade.condition_view(self.task, im)))[None], self.multiple)
+            pad_to(torch.from_numpy(to_tensor_array(degrade.condition_view(self.task, im)))[None], self.multiple)
             for im in rgb
         ]
         bases = [
-            _pad_to(
+            pad_to(
                 torch.from_numpy(degrade.classical_base(self.task, im).transpose(2, 0, 1) / 127.5 - 1.0)[None],
                 self.multiple,
             )[0]
@@ -235,7 +236,12 @@ class Restorer:
         else:  # zero-shot SDEdit from the classical result
             t0 = float(o.noise)
             z = (
-                sample(self._model_fn(None), flow.interpolate(z_base, noise, torch.tensor([t0])), steps, t_start=t0)
+                sample(
+                    self._model_fn(None),
+                    flow.interpolate(z_base, noise, torch.full((z_base.shape[0],), t0, device=z_base.device)),
+                    steps,
+                    t_start=t0,
+                )
                 if t0 > 0
                 else z_base
             )
@@ -265,9 +271,9 @@ class Restorer:
 
     def _inpaint(self, im: Image.Image, mask: Image.Image, gen: torch.Generator) -> Image.Image:
         o = self.opts
-        x, (h, w) = _pad_to(torch.from_numpy(to_tensor_array(im.convert("RGB")))[None], self.multiple)
+        x, (h, w) = pad_to(torch.from_numpy(to_tensor_array(im.convert("RGB")))[None], self.multiple)
         m = torch.from_numpy(np.asarray(mask.convert("L").resize(im.size), dtype=np.float32) / 255.0)[None, None]
-        m, _ = _pad_to(m, self.multiple)
+        m, _ = pad_to(m, self.multiple)
         x, m = x.to(self.device), (m > 0.5).float().to(self.device)
         z_known = self._encode(x * (1 - m))
         m_lat = F.max_pool2d(m, self.down)

@@ -79,6 +79,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         for name in (
             "photos",
             "heldout",
+            "calibration",
             "lowres",
             "image-shards",
             "vae",
@@ -116,6 +117,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     def photos() -> None:
         sample_photos.write_crops(p["photos"], per_photo=b.crops_per_photo)
         held = sample_photos.write_held_out(p["heldout"], size=128, count=b.heldout)
+        # other crops of the held-out photo, to calibrate the x4 model's gain on (not the evaluation crops)
+        sample_photos.write_held_out(p["calibration"], size=128, count=b.heldout, seed=2)
         os.makedirs(p["lowres"], exist_ok=True)
         for path in held:  # the degraded inputs a user would bring to `restore`
             name = os.path.basename(path)
@@ -206,7 +209,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 lr=1e-3,
                 warmup_steps=min(50, b.task_steps // 4),
                 checkpoint_every=max(10, b.task_steps // 3),
-                calibration_images=p["heldout"],  # the detail gain restore then uses by default
+                calibration_images=p["calibration"],  # the detail gain restore then uses by default
                 **common,
             )
         ),

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, StorageOptions, group, option, require,
 from pipeline.io import imaging, storage
 from pipeline.models import degrade, loading
 from pipeline.models.quality import psnr, psnr_y, ssim
-from pipeline.restoration.restorer import Restorer, RestoreSettings, check_compatible
+from pipeline.restoration.restorer import Restorer, RestoreSettings, check_compatible, pad_to
 
 log = logging.getLogger("pipeline.eval")
 
@@ -96,9 +96,11 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
                     f"option 'lowres': {rel} is {lr.size}, too large for its original {hr.size} at x{scale}"
                 )
             hr = hr.crop((0, 0, lr.width * scale, lr.height * scale))
-        else:
-            m = scale * restorer.multiple
-            hr = hr.crop((0, 0, hr.width - hr.width % m, hr.height - hr.height % m))
+        else:  # a multiple of the scale, so the degraded input is exactly 1/scale (the restorer pads the rest)
+            if min(hr.size) < 8 * scale:
+                log.warning(f"[eval] {rel}: {hr.size} is too small to score at x{scale}; left out")
+                continue
+            hr = hr.crop((0, 0, hr.width - hr.width % scale, hr.height - hr.height % scale))
             lr = degrade.degrade(cfg.task, hr, degrade.seed_for(storage.basename(url)))
         parts = restorer.parts(lr)
         target = _t(hr)
@@ -121,8 +123,10 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
             )
         for name, im in outs.items():
             add(rows[name], _t(im))
-        with torch.no_grad():
-            recon = model.vae.decode(model.vae.encode(target.to(restorer.device)).mean).float().clamp(-1, 1).cpu()
+        with torch.no_grad():  # padded to the autoencoder's multiple, cropped back
+            padded, (th, tw) = pad_to(target, model.vae.downsample)
+            recon = model.vae.decode(model.vae.encode(padded.to(restorer.device)).mean).float().clamp(-1, 1).cpu()
+            recon = recon[..., :th, :tw]
         add(rows["autoencoder"], recon)
         if len(panels) < 4:
             panels.append(

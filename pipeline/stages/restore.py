@@ -401,10 +401,11 @@ def run_restore(cfg: RestoreConfig) -> dict:
     storage.probe_writable(cfg.output, so)
     existing = _existing_outputs(cfg)
     todo = items if shards else [i for i in items if output_name(i["rel"], cfg.format)[0] not in existing]
+    todo_rels = {i["rel"] for i in todo}
     rows = [
         {"rel": i["rel"], "status": "skipped", "reason": "", "detail": "", "actor": ""}
         for i in items
-        if not shards and i not in todo
+        if not shards and i["rel"] not in todo_rels
     ]
     rows += [
         {"rel": e["key"], "status": "error", "reason": e["reason"], "detail": e["detail"], "actor": ""} for e in refused
@@ -487,6 +488,11 @@ def _finish(cfg: RestoreConfig, task: str, rows: list[dict], pool: int, seconds:
             f"({report['errors_by_reason'][NO_SPACE]} outputs not written); free space and re-run to finish"
         )
     attempted = report["seen"] - report["skipped_existing"]
+    if attempted and not report["written"]:
+        raise JobFailed(
+            f"restore: none of the {attempted} inputs it tried was written; "
+            f"see {storage.redact(cfg.output)}/{ERRORS_NAME}"
+        )
     if attempted and report["errors"] > cfg.max_error_rate * attempted:
         raise JobFailed(
             f"restore: {report['errors']} of {attempted} inputs failed "

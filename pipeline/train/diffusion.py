@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import ConfigError, check_range, option, public_dict, require
-from pipeline.io import checkpoint, manifest, storage
+from pipeline.io import checkpoint, imaging, manifest, storage
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.models import autoencoder, denoiser, flow
 from pipeline.models.degrade import check_task, residual_target
@@ -63,7 +63,15 @@ class TrainConfig(LoopConfig):
         self.calibration_images = storage.absolute(self.calibration_images)
         if self.calibration_images and not self.task:
             raise ConfigError("option 'calibration-images' needs a --task (it calibrates a restoration model)")
-        storage.check_separate(self.output, {"latents": self.latents, "vae": self.vae, "init_from": self.init_from})
+        storage.check_separate(
+            self.output,
+            {
+                "latents": self.latents,
+                "vae": self.vae,
+                "init_from": self.init_from,
+                "calibration_images": self.calibration_images,
+            },
+        )
         denoiser.config_for(self.model)  # validates the size name
         check_task(self.task, allow_empty=True)
         check_range("label_dropout", self.label_dropout, 0.0, 1.0, hi_open=True)
@@ -222,6 +230,8 @@ def train_model(cfg: TrainConfig):
     autoencoder.load(_vae_url(cfg, man), so)  # refuse a missing or wrong autoencoder on the driver
     if cfg.init_from:
         checkpoint.load(cfg.init_from, "diffusion", so)
+    if cfg.calibration_images and not storage.list_files(cfg.calibration_images, imaging.IMAGE_SUFFIXES, so):
+        raise ConfigError(f"option 'calibration-images': no images under {storage.redact(cfg.calibration_images)}")
     log.info(
         f"[train] {cfg.workers} worker(s), {man['totals']['written']} latents in {len(man['shards'])} shards, "
         f"model {cfg.model}{', task ' + cfg.task if cfg.task else ''} -> {storage.redact(cfg.output)}"
