@@ -395,7 +395,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
                     rec = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - reported, job continues
                     failures.append(name)
-                    log.warning(f"[encode] shard {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                    log.warning(storage.redact(f"[encode] shard {name} failed: {type(exc).__name__}: {str(exc)[:300]}"))
                     continue
                 done[name] = rec
                 samples += rec["written"]
