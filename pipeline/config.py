@@ -239,7 +239,7 @@ def from_dict(cls: type[C], values: dict[str, Any], *, section: str = "") -> C:
 def _build(cls: type[C], kwargs: dict[str, Any]) -> C:
     hints = _hints(cls)
     for name, value in list(kwargs.items()):
-        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and not _is_plain_dict(hints[name]):
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]):  # a group given as a mapping
             kwargs[name] = _build(hints[name], value)
     try:
         return cls(**kwargs)
@@ -255,10 +255,6 @@ def _build(cls: type[C], kwargs: dict[str, Any]) -> C:
         if missing:
             raise ConfigError(f"missing required option {flag_of(missing[0])!r}") from None
         raise ConfigError(str(exc)) from None
-
-
-def _is_plain_dict(tp: Any) -> bool:
-    return tp is dict or typing.get_origin(tp) is dict
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -126,3 +126,20 @@ def tiny_diffusion_checkpoint(path: str, num_classes: int = 0, task: str = "") -
     )
     checkpoint.save(path, info, {"model": net.state_dict(), "ema": net.state_dict()})
     return path
+
+
+class RunsCommand:
+    """Unpickling this object runs a shell command: a pickle payload for refusal tests."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def pickle_payload(marker: str) -> bytes:
+    """Pickle bytes that create the file ``marker`` when unpickled (they must never be)."""
+    import pickle
+
+    return pickle.dumps({"weights": RunsCommand(f"touch {marker}")})

@@ -4,7 +4,6 @@ with the library's own call, refusals of pickles and unknown files, and the Ray 
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from helpers import photo_crops
+from helpers import photo_crops, pickle_payload
 from pipeline import cli
 from pipeline.config import ConfigError
 from pipeline.io.checkpoint import CheckpointError
@@ -64,14 +63,9 @@ def test_tiled_network_agrees_with_untiled_and_batches_by_size(x2_net):
         assert np.median(diff) <= 1 and diff.mean() < 2.0
 
 
-class _Boom:
-    def __reduce__(self):
-        return (os.system, (f"touch {_Boom.marker}",))
-
-
 def test_pickles_and_unknown_files_are_refused_on_the_driver(tmp_path, x2_net, capsys):
-    _Boom.marker = str(tmp_path / "pwned")
-    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"params": _Boom()}))
+    marker = str(tmp_path / "pwned")
+    (tmp_path / "evil.pth").write_bytes(pickle_payload(marker))
     with pytest.raises(ConfigError, match="pickles"):
         networks.describe(str(tmp_path / "evil.pth"), "")
     save_file({"not.a.network": torch.zeros(3)}, str(tmp_path / "random.safetensors"))
@@ -97,7 +91,7 @@ def test_pickles_and_unknown_files_are_refused_on_the_driver(tmp_path, x2_net, c
     )
     err = capsys.readouterr().err
     assert rc == 2 and "pickles" in err and "Traceback" not in err
-    assert not os.path.exists(_Boom.marker) and not (tmp_path / "o").exists()
+    assert not os.path.exists(marker) and not (tmp_path / "o").exists()
 
 
 def test_the_restore_job_runs_a_network(x2_net, tmp_path, ray_cluster):

@@ -7,7 +7,6 @@ import io
 import json
 import operator
 import os
-import pickle
 import signal
 import threading
 import time
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import write_photo_folder
+from helpers import RunsCommand, pickle_payload, write_photo_folder
 from pipeline.config import ConfigError
 from pipeline.io import checkpoint, storage
 from pipeline.io.checkpoint import CheckpointError
@@ -210,16 +209,11 @@ def test_train_vae_raises_psnr_and_encode_accepts_it(image_shards, ray_cluster, 
     assert man["totals"]["written"] == 12 and man["scale"] == pytest.approx(vae.scale)
 
 
-class _Boom:
-    def __reduce__(self):
-        return (os.system, (f"touch {_Boom.marker}",))
-
-
 def test_malicious_checkpoint_files_are_never_unpickled(tmp_path):
-    _Boom.marker = str(tmp_path / "pwned")
+    marker = str(tmp_path / "pwned")
     ckpt = tmp_path / "ckpt"
     autoencoder.save_kl(autoencoder.new_kl("tiny")[0], str(ckpt))
-    payload = pickle.dumps({"weights": _Boom()})
+    payload = pickle_payload(marker)
     (ckpt / "ema.safetensors").write_bytes(payload)
     with pytest.raises(CheckpointError, match="damaged"):
         autoencoder.load(str(ckpt))
@@ -230,11 +224,11 @@ def test_malicious_checkpoint_files_are_never_unpickled(tmp_path):
         checkpoint.load_tensors(str(opt_file), "optimizer")
     # a torch.save()d file (zip of pickles) in place of the weights is refused too
     buf = io.BytesIO()
-    torch.save({"x": _Boom()}, buf)
+    torch.save({"x": RunsCommand(f"touch {marker}")}, buf)
     (ckpt / "ema.safetensors").write_bytes(buf.getvalue())
     with pytest.raises(CheckpointError, match="damaged"):
         autoencoder.load(str(ckpt))
-    assert not os.path.exists(_Boom.marker)
+    assert not os.path.exists(marker)
 
 
 def test_optimizer_state_round_trips_through_safetensors():

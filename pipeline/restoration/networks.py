@@ -45,7 +45,7 @@ def _load(url: str, storage_options: dict | None = None):
     """(spandrel descriptor, its info); CheckpointError / ConfigError for anything unusable."""
     import spandrel
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     where = storage.redact(url)
     if url.lower().endswith(PICKLE_SUFFIXES):
@@ -53,14 +53,10 @@ def _load(url: str, storage_options: dict | None = None):
             f"{where}: only {SUFFIX} network files are loaded ({os.path.splitext(url)[1]} files are "
             "pickles, which can run code); convert it to safetensors first"
         )
-    if storage.is_remote(url):
-        local = os.path.join(storage.download_dir(url.rsplit("/", 1)[0], storage_options), storage.basename(url))
-    else:
-        local = url
-    if not os.path.isfile(local):
+    if not storage.exists(url, storage_options):
         raise checkpoint.CheckpointError(f"{where}: no such network file")
-    try:
-        state = load_file(local)
+    try:  # a remote file is read into memory (only this file, not its folder)
+        state = load(storage.read_bytes(url, storage_options)) if storage.is_remote(url) else load_file(url)
     except (SafetensorError, OSError) as exc:
         raise checkpoint.CheckpointError(f"{where} is not a readable safetensors file ({str(exc)[:120]})") from None
     try:

@@ -110,17 +110,16 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
             into["psnr_y"].append(float(psnr_y(pred, target, border=scale)))
             into["ssim"].append(float(ssim(pred, target)))
 
+        by_gain = {g: restorer.compose(parts, g) for g in {*GAINS, parts.gain}}  # each composed once
         for g in GAINS:
-            add(calib[g], _t(restorer.compose(parts, g)))
+            add(calib[g], _t(by_gain[g]))
         outs = {
-            "model": restorer.compose(parts, parts.gain),
+            "model": by_gain[parts.gain],
             "bicubic": lr.resize(hr.size, Image.Resampling.BICUBIC),
             "lanczos": lr.resize(hr.size, Image.Resampling.LANCZOS),
         }
-        if scale > 1:  # the classical floor of every upscaling output (what --gain 0 gives)
-            outs["back_projection"] = Image.fromarray(
-                np.round(np.clip(degrade.classical_base(cfg.task, lr), 0, 255)).astype(np.uint8), "RGB"
-            )
+        if scale > 1:  # the classical floor of every upscaling output: exactly what --gain 0 gives
+            outs["back_projection"] = by_gain[0.0]
         for name, im in outs.items():
             add(rows[name], _t(im))
         with torch.no_grad():  # padded to the autoencoder's multiple, cropped back
@@ -132,6 +131,10 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
             panels.append(
                 [lr.resize(hr.size, Image.Resampling.NEAREST), outs["bicubic"], outs["lanczos"], outs["model"], hr]
             )
+    if not rows["model"]["psnr"]:
+        raise ConfigError(
+            f"option 'images': none of the images under {storage.redact(cfg.images)} is large enough to score"
+        )
     table = {
         k: {
             "psnr": round(float(np.mean(v["psnr"])), 3),
@@ -161,7 +164,7 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     safe = [g for g in GAINS if never_below(calib[g])]
     result = {
         "task": cfg.task,
-        "images": len(urls),
+        "images": len(rows["model"]["psnr"]),
         "settings": to_dict(cfg.settings),
         "gain": restorer.gain,
         "checkpoint_step": model.info.step,
