@@ -190,7 +190,10 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
         if origin in (list, tuple):
             (item_tp, *_rest) = typing.get_args(tp) or (str,)
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                value = [value]
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                # `--tasks a,b`, a repeated flag `--text-encoder A --text-encoder B`, or both
+                value = [part.strip() for v in value for part in v.split(",") if part.strip()]
             if not isinstance(value, (list, tuple)):
                 raise ValueError(value)
             items = [coerce(name, item_tp, v) for v in value]
@@ -325,6 +328,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         flags = ["--" + flag_of(key)] + [f"-{s}" for s in f.metadata.get("short", ())]
         if tp is bool:
             parser.add_argument(*flags, dest=key, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(tp) is list:  # repeatable, and each value may be a comma-separated list
+            parser.add_argument(*flags, dest=key, default=None, action="append", metavar=key.upper(), help=help_text)
         else:
             parser.add_argument(*flags, dest=key, default=None, metavar=key.rstrip("_").upper(), help=help_text)
 

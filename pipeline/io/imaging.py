@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -45,6 +46,24 @@ class BadImage(ValueError):
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes with a pixel limit and EXIF orientation applied (mode unchanged)."""
+    return decode_for(data, max_pixels)[0]
+
+
+# plan(w, h) -> the smallest decoded (w, h) the caller needs, or None for full size
+DecodePlan = Callable[[int, int], "tuple[int, int] | None"]
+
+
+def decode_for(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, plan: DecodePlan | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode with a pixel limit; returns the image and its full (oriented) size ``(w, h)``.
+
+    ``plan`` sees the full size before any pixel is decoded: it may raise :class:`BadImage`
+    (too small, aspect out of range, ...) or return the smallest size it needs. A JPEG at least
+    twice that size is then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's
+    ``draft``), several times faster; the returned image is then smaller than ``(w, h)`` by an
+    exact power-of-two factor and never smaller than the size asked for.
+    """
     if not data:
         raise BadImage("empty_file")
     try:
@@ -54,6 +73,12 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             w, h = im.size
             if w * h > max_pixels:
                 raise BadImage("decompression_bomb", f"{w}x{h} exceeds {max_pixels} pixels")
+            swapped = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+            if swapped:
+                w, h = h, w
+            needed = plan(w, h) if plan is not None else None
+            if needed is not None and im.format == "JPEG" and min(w // needed[0], h // needed[1]) >= 2:
+                im.draft(None, (needed[1], needed[0]) if swapped else needed)
             im.load()
             im = ImageOps.exif_transpose(im)
     except BadImage:
@@ -69,7 +94,10 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         EOFError,
     ) as exc:
         raise BadImage("corrupt_image", type(exc).__name__ + ": " + str(exc)[:120]) from None
-    return im
+    return im, (w, h)
+
+
+_ORIENTATION = 0x0112
 
 
 def image_field(fields: dict[str, bytes]) -> str | None:
@@ -113,23 +141,41 @@ def split_alpha(im: Image.Image) -> Image.Image | None:
     return None
 
 
-def center_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
-    """The largest centred square of a ``w`` x ``h`` image, as (left, top, right, bottom)."""
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return left, top, left + s, top + s
+def center_crop_box(w: int, h: int, aspect: tuple[int, int] = (1, 1)) -> tuple[int, int, int, int]:
+    """The largest centred box of aspect ``aspect`` (width, height) in a ``w`` x ``h`` image, as
+    (left, top, right, bottom); the default is the largest centred square."""
+    aw, ah = aspect
+    if w * ah > h * aw:  # wider than the aspect: full height
+        cw, ch = min(w, round(h * aw / ah)), h
+    else:
+        cw, ch = w, min(h, round(w * ah / aw))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def resize_cover(
+    im: Image.Image, size: tuple[int, int], source_size: tuple[int, int] | None = None
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Resize to cover ``size`` (width, height) and centre-crop to it, with Lanczos.
+
+    Returns the image and the crop box in the *source* image's pixels. ``source_size`` is the
+    full size when ``im`` was decoded at a reduced scale (:func:`decode_for`); the box is then
+    mapped onto the reduced image. An image already at ``size`` is returned unchanged.
+    """
+    w, h = source_size or im.size
+    box = center_crop_box(w, h, size)
+    if im.size == size and (w, h) == size:
+        return im, box
+    if im.size != (w, h):
+        f = 1 / round(w / im.width)  # draft decodes at exactly 1/2, 1/4 or 1/8 (sizes rounded up)
+        scaled = (box[0] * f, box[1] * f, box[2] * f, box[3] * f)
+        return im.resize(size, Image.Resampling.LANCZOS, box=scaled), box
+    return im.resize(size, Image.Resampling.LANCZOS, box=box), box
 
 
 def resize_center_crop(im: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """Resize the shorter side to ``resolution`` and centre-crop to a square.
-
-    Returns the square image and the crop box in the *original* image's pixels. An image that
-    is already ``resolution`` x ``resolution`` is returned unchanged (no resampling).
-    """
-    box = center_crop_box(*im.size)
-    if im.size == (resolution, resolution):
-        return im, box
-    return im.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box), box
+    """Resize the shorter side to ``resolution`` and centre-crop to a square (:func:`resize_cover`)."""
+    return resize_cover(im, (resolution, resolution))
 
 
 def to_tensor_array(im: Image.Image) -> np.ndarray:

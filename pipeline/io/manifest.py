@@ -27,12 +27,23 @@ def build(
     encoder: dict,
     scale: float,
     shift: float,
-    latent_shape: list[int],
+    latent_shape: list[int] | None,
     latent_dtype: str,
     preprocessing: dict,
     tasks: list[str],
     config: dict,
+    buckets: list[dict] | None = None,
+    max_aspect: float | None = None,
+    flip: bool = False,
+    text_encoders: list[dict] | None = None,
+    captions: dict | None = None,
 ) -> dict[str, Any]:
+    """The manifest of a finished encode run.
+
+    ``latent_shape`` is None for a bucketed dataset, whose ``buckets`` list each bucket's image
+    size, latent shape and sample count. ``text_encoders`` lists each encoder's name, identity,
+    stored fields and the files of its empty-caption embedding.
+    """
     skipped: Counter[str] = Counter()
     for r in records:
         skipped.update(r["skipped"])
@@ -44,7 +55,29 @@ def build(
     if totals["seen"] != totals["written"] + sum(skipped.values()):
         raise AssertionError(f"seen != written + skipped: {totals}")
     fields = ["latent.npy", "std.npy", "json"] + [f"{t}.npy" for t in tasks]
+    if flip:
+        fields += ["latent_flip.npy", "std_flip.npy"]
+    for te in text_encoders or []:
+        fields += [te["field"]] + ([te["pooled_field"]] if te.get("pooled_field") else [])
+    extra: dict[str, Any] = {"flip": flip}
+    if buckets is not None:
+        counts: Counter[str] = Counter()
+        for r in records:
+            counts.update(r.get("buckets", {}))
+        extra["buckets"] = [{**b, "samples": counts.get(f"{b['size'][0]}x{b['size'][1]}", 0)} for b in buckets]
+        extra["max_aspect"] = max_aspect
+    if text_encoders:
+        truncated: Counter[str] = Counter()
+        for r in records:
+            truncated.update(r.get("captions", {}).get("truncated", {}))
+        extra["text_encoders"] = text_encoders
+        extra["captions"] = {
+            **(captions or {}),
+            "empty_embedded": sum(r.get("captions", {}).get("empty", 0) for r in records),
+            "truncated": dict(truncated),
+        }
     return {
+        **extra,
         "format": FORMAT,
         "encoder": encoder,
         "scale": scale,

@@ -24,15 +24,18 @@ import hashlib
 import io
 import json
 import logging
+import math
 import queue
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from pipeline.config import (
     ConfigError,
@@ -47,7 +50,7 @@ from pipeline.config import (
     require,
 )
 from pipeline.console import Progress, format_seconds
-from pipeline.io import checkpoint, imaging, manifest, storage
+from pipeline.io import buckets, checkpoint, imaging, manifest, storage
 from pipeline.io.tarshards import Sample, TarShardWriter, iter_samples
 from pipeline.models.degrade import check_task
 
@@ -77,13 +80,53 @@ class EncodeConfig:
     overwrite: bool = option(False, "redo every shard even when its output exists")
     max_error_rate: float = option(0.5, "exit non-zero (dataset kept) when more than this share of samples is skipped")
     tasks: list[str] = option([], "restoration task views to add, e.g. upscale2,upscale4,restore")
+    text_encoder: list[str] = option(
+        [],
+        "Hugging Face text encoder folder (model + tokenizer, safetensors weights) to embed each caption with; "
+        "repeat the flag for several (e.g. a CLIP and a T5 encoder)",
+    )
+    caption_field: str = option("", "read the caption from this field of the sample's .json instead of its .txt")
+    empty_caption: str = option(
+        "embed", "a sample with a missing or empty caption: 'embed' (the empty-caption embedding) or 'skip'"
+    )
+    text_max_tokens: int = option(
+        0, "tokens per caption (0: each encoder's own limit); longer captions are truncated and counted"
+    )
+    text_hidden_layer: int = option(-1, "hidden states stored: -1 the last layer, -2 the penultimate (SDXL-style)")
+    buckets: str = option(
+        "",
+        "aspect-ratio buckets: empty for square --resolution crops, 'auto' for a table generated from "
+        "--bucket-area/--bucket-multiple/--max-aspect, or a JSON file of [width, height] pairs",
+    )
+    bucket_area: int = option(0, "with buckets: target area in pixels (0: --resolution squared)")
+    bucket_multiple: int = option(
+        64, "with buckets: sides are multiples of this (autoencoder downsampling x denoiser patch/level multiple)"
+    )
+    max_aspect: float = option(4.0, "with buckets: skip images whose long side exceeds this many short sides")
+    flip: bool = option(False, "also store the latent of the horizontally flipped image (latent_flip.npy)")
+    decode_threads: int = option(
+        0, "image decode threads per task (0: one per --num-cpus); the outputs do not depend on it"
+    )
+    jpeg_draft: bool = option(
+        True,
+        "decode JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain when at least twice the target size "
+        "(several times faster, slightly different pixels; part of the settings fingerprint)",
+    )
     ray: RayOptions = group(RayOptions, private=True)
     storage: StorageOptions = group(StorageOptions, private=True)
 
     def __post_init__(self) -> None:
         require(self, "input", "output", "vae")
         self.input, self.output, self.vae = (storage.absolute(u) for u in (self.input, self.output, self.vae))
-        storage.check_separate(self.output, {"input": self.input, "vae": self.vae})
+        self.text_encoder = [storage.absolute(u) for u in self.text_encoder]
+        if self.buckets not in ("", "auto"):
+            self.buckets = storage.absolute(self.buckets)
+        others = {"input": self.input, "vae": self.vae}
+        if self.buckets not in ("", "auto"):
+            others["buckets"] = self.buckets
+        storage.check_separate(self.output, others)
+        for url in self.text_encoder:
+            storage.check_separate(self.output, {"text-encoder": url})
         if not 8 <= self.resolution <= 8192:
             raise ConfigError("option 'resolution' must be in 8..8192")
         check_choice("precision", self.precision, PRECISIONS)
@@ -98,30 +141,94 @@ class EncodeConfig:
         check_range("max_error_rate", self.max_error_rate, 0.0, 1.0)
         for task in self.tasks:
             check_task(task, option="tasks")
+        check_choice("empty_caption", self.empty_caption, ("embed", "skip"))
+        if len(set(self.text_encoder)) != len(self.text_encoder):
+            raise ConfigError("option 'text-encoder' lists the same encoder twice")
+        if (self.caption_field or self.empty_caption != "embed") and not self.text_encoder:
+            raise ConfigError("options 'caption-field' and 'empty-caption' need --text-encoder")
+        check_range("text_max_tokens", self.text_max_tokens, 0, 1_000_000)
+        check_range("text_hidden_layer", self.text_hidden_layer, -1000, -1)
+        check_range("bucket_area", self.bucket_area, 0, 8192 * 8192)
+        check_range("bucket_multiple", self.bucket_multiple, 1, 8192)
+        check_range("max_aspect", self.max_aspect, 1.0, 100.0)
+        check_range("decode_threads", self.decode_threads, 0, 256)
+        if self.buckets and self.tasks:
+            raise ConfigError("option 'buckets' cannot be combined with 'tasks' (task views are square crops)")
 
 
 # --------------------------------------------------------------------------- worker side
 
 _ENCODERS: dict[tuple, Any] = {}
+_TEXT_ENCODERS: dict[tuple, Any] = {}
+
+
+def _device_dtype(precision: str):
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if device == "cpu":
+        dtype = torch.float32 if precision == "fp16" else dtype
+    return device, dtype
 
 
 def _encoder(cfg: EncodeConfig):
     """The autoencoder for this worker process, loaded once and reused by every shard."""
-    import torch
-
     from pipeline.models import autoencoder
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.precision]
-    if device == "cpu":
-        dtype = torch.float32 if cfg.precision == "fp16" else dtype
+    device, dtype = _device_dtype(cfg.precision)
     key = (cfg.vae, device, dtype)
     if key not in _ENCODERS:
         _ENCODERS[key] = autoencoder.load(cfg.vae, cfg.storage.options).to(device, dtype)
     return _ENCODERS[key]
 
 
-def settings_fingerprint(cfg: EncodeConfig, identity: dict) -> str:
+def _text_encoders(cfg: EncodeConfig) -> list:
+    """The text encoders for this worker process, in ``--text-encoder`` order, loaded once."""
+    from pipeline.models.text import TextEncoder
+
+    device, dtype = _device_dtype(cfg.precision)
+    out = []
+    for url in cfg.text_encoder:
+        key = (url, device, dtype, cfg.text_max_tokens, cfg.text_hidden_layer)
+        if key not in _TEXT_ENCODERS:
+            te = TextEncoder(
+                url, cfg.storage.options, max_tokens=cfg.text_max_tokens, hidden_layer=cfg.text_hidden_layer
+            )
+            _TEXT_ENCODERS[key] = te.to(device, dtype)
+        out.append(_TEXT_ENCODERS[key])
+    return out
+
+
+def text_field_names(model_types: list[str]) -> list[str]:
+    """A short unique name per text encoder (``clip``, ``t5``, ``clip2``, ...): its fields are
+    ``text_<name>.npy`` (hidden states) and ``pooled_<name>.npy``."""
+    from pipeline.models.text import short_name
+
+    names: list[str] = []
+    for mt in model_types:
+        base = short_name(mt)
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}{n}"
+        names.append(name)
+    return names
+
+
+@dataclass
+class EncodePlan:
+    """What the driver decided and every task must share: the settings fingerprint, the bucket
+    table (None: square crops at ``resolution``) and the text encoders' field names."""
+
+    fingerprint: str
+    buckets: list[tuple[int, int]] | None
+    text_names: list[str]
+
+
+def settings_fingerprint(
+    cfg: EncodeConfig, identity: dict, table: list[tuple[int, int]] | None = None, text: list[dict] | None = None
+) -> str:
     """What determines the bytes of an output shard; a re-run must match it to reuse a shard."""
     doc = {
         "format": manifest.FORMAT,
@@ -133,6 +240,12 @@ def settings_fingerprint(cfg: EncodeConfig, identity: dict) -> str:
         "precision": cfg.precision,
         "latent_dtype": cfg.latent_dtype,
         "tasks": sorted(cfg.tasks),
+        "jpeg_draft": cfg.jpeg_draft,
+        "flip": cfg.flip,
+        "buckets": {"table": [list(s) for s in table], "max_aspect": cfg.max_aspect} if table else None,
+        "text": {"encoders": text, "caption_field": cfg.caption_field, "empty_caption": cfg.empty_caption}
+        if text
+        else None,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -140,24 +253,64 @@ def settings_fingerprint(cfg: EncodeConfig, identity: dict) -> str:
 @dataclass
 class _Prepared:
     key: str
+    size: tuple[int, int]  # (width, height) of the crop that is encoded
     pixels: np.ndarray
+    flipped: np.ndarray | None
     meta: dict
     passthrough: dict[str, bytes]
     views: dict[str, np.ndarray]
+    caption: str | None  # None: no text encoders
 
 
-def prepare_sample(sample: Sample, cfg: EncodeConfig) -> _Prepared:
+def _caption(sample: Sample, meta: dict, cfg: EncodeConfig) -> str:
+    """The sample's caption by the documented rule; raises BadImage to skip it."""
+    if cfg.caption_field:
+        value = meta.get(cfg.caption_field)
+        if value is not None and not isinstance(value, str):
+            raise imaging.BadImage("bad_caption", f"json field {cfg.caption_field!r} is {type(value).__name__}")
+        text = value or ""
+    else:
+        try:
+            text = sample.fields.get("txt", b"").decode("utf-8")
+        except UnicodeDecodeError:
+            raise imaging.BadImage("bad_caption", "caption is not UTF-8") from None
+    text = text.strip()
+    if not text and cfg.empty_caption == "skip":
+        raise imaging.BadImage("no_caption", "missing or empty caption (--empty-caption skip)")
+    return text
+
+
+def prepare_sample(sample: Sample, cfg: EncodeConfig, table: list[tuple[int, int]] | None = None) -> _Prepared:
     """Decode and preprocess one sample; raises BadImage with the skip reason."""
     from pipeline.models.degrade import task_view_pixels
 
     img_ext = imaging.image_field(sample.fields)
     if img_ext is None:
         raise imaging.BadImage("no_image", f"fields: {sorted(sample.fields)}")
-    im = imaging.decode(sample.fields[img_ext], cfg.max_pixels)
-    w, h = im.size
-    if min(w, h) < cfg.min_size:
-        raise imaging.BadImage("too_small", f"{w}x{h} < min_size {cfg.min_size}")
-    rgb, box = imaging.resize_center_crop(imaging.to_rgb(im), cfg.resolution)
+    chosen: list[tuple[int, int]] = []
+
+    def plan(w: int, h: int) -> tuple[int, int] | None:
+        """Pick the target size from the header; the decode size the crop needs (draft)."""
+        if min(w, h) < cfg.min_size:
+            raise imaging.BadImage("too_small", f"{w}x{h} < min_size {cfg.min_size}")
+        if table:
+            if buckets.aspect(w, h) > cfg.max_aspect:
+                raise imaging.BadImage(
+                    "aspect_out_of_range", f"{w}x{h} is {buckets.aspect(w, h):.2f}:1 > --max-aspect {cfg.max_aspect:g}"
+                )
+            size = buckets.nearest(table, w, h)
+        else:
+            size = (cfg.resolution, cfg.resolution)
+        chosen.append(size)
+        if not cfg.jpeg_draft:
+            return None
+        left, top, right, bottom = imaging.center_crop_box(w, h, size)
+        s = max(size[0] / (right - left), size[1] / (bottom - top))
+        return math.ceil(w * s), math.ceil(h * s)
+
+    im, (w, h) = imaging.decode_for(sample.fields[img_ext], cfg.max_pixels, plan)
+    size = chosen[0]
+    rgb, box = imaging.resize_cover(imaging.to_rgb(im), size, (w, h))
     passthrough: dict[str, bytes] = {}
     if "txt" in sample.fields:
         passthrough["txt"] = sample.fields["txt"]
@@ -174,9 +327,13 @@ def prepare_sample(sample: Sample, cfg: EncodeConfig) -> _Prepared:
             meta = loaded if isinstance(loaded, dict) else {"source_json": loaded}
         except (UnicodeDecodeError, json.JSONDecodeError):
             meta = {"source_json_invalid": True}
+    caption = _caption(sample, meta, cfg) if cfg.text_encoder else None
     meta.update(key=sample.key, original_size=[w, h], crop_box=list(box), resolution=cfg.resolution, image_ext=img_ext)
+    if table:
+        meta["bucket"] = list(size)
     views = {t: task_view_pixels(t, rgb, sample.key) for t in cfg.tasks}
-    return _Prepared(sample.key, imaging.to_tensor_array(rgb), meta, passthrough, views)
+    flipped = imaging.to_tensor_array(rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) if cfg.flip else None
+    return _Prepared(sample.key, size, imaging.to_tensor_array(rgb), flipped, meta, passthrough, views, caption)
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -185,27 +342,52 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _reader(shard_url: str, cfg: EncodeConfig, out: queue.Queue, skips: list[dict]) -> None:
-    """Producer thread: stream the tar, decode, and hand over batches of prepared samples."""
-    batch: list[_Prepared] = []
+def decode_threads(cfg: EncodeConfig) -> int:
+    return cfg.decode_threads or max(1, int(cfg.num_cpus))
+
+
+def _reader(
+    shard_url: str, cfg: EncodeConfig, table: list[tuple[int, int]] | None, out: queue.Queue, skips: list[dict]
+) -> None:
+    """Producer thread: stream the tar, decode on a pool of threads (Pillow releases the GIL
+    while decoding and resizing), and hand over batches of prepared samples of one size.
+
+    Samples are taken in tar order whatever the number of threads, so outputs do not depend on it.
+    """
+    pending: dict[tuple[int, int], list[_Prepared]] = {}
     seen = 0
+    threads = decode_threads(cfg)
+
+    def take(sample: Sample, job) -> None:
+        if job is None:
+            skips.append({"key": sample.key or None, "reason": sample.error, "detail": sample.detail})
+            return
+        try:
+            p = job.result()
+        except imaging.BadImage as exc:
+            skips.append({"key": sample.key, "reason": exc.reason, "detail": str(exc)})
+            return
+        batch = pending.setdefault(p.size, [])
+        batch.append(p)
+        if len(batch) >= cfg.batch_size:
+            out.put(pending.pop(p.size))
+
     try:
-        with storage.open_read(shard_url, cfg.storage.options) as f:
+        with (
+            storage.open_read(shard_url, cfg.storage.options) as f,
+            ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool,
+        ):
+            window: deque = deque()
             for sample in iter_samples(f):
                 seen += 1
-                if sample.error:
-                    skips.append({"key": sample.key or None, "reason": sample.error, "detail": sample.detail})
-                    continue
-                try:
-                    batch.append(prepare_sample(sample, cfg))
-                except imaging.BadImage as exc:
-                    skips.append({"key": sample.key, "reason": exc.reason, "detail": str(exc)})
-                    continue
-                if len(batch) >= cfg.batch_size:
-                    out.put(batch)
-                    batch = []
-        if batch:
-            out.put(batch)
+                job = None if sample.error else pool.submit(prepare_sample, sample, cfg, table)
+                window.append((sample, job))
+                while len(window) > 2 * threads:
+                    take(*window.popleft())
+            while window:
+                take(*window.popleft())
+        for size in sorted(pending):
+            out.put(pending[size])
         out.put(("done", seen))
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
         out.put(("error", exc))
@@ -221,17 +403,61 @@ def check_owner(cfg: EncodeConfig, fingerprint: str) -> None:
         )
 
 
-def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: str, fingerprint: str) -> dict:
+def _latent_arrays(vae, batch: list[_Prepared], np_dtype) -> list[dict[str, np.ndarray]]:
+    """Per sample of a batch (one size), its latent arrays by field name."""
+    import torch
+
+    n = len(batch)
+    x = np.stack([p.pixels for p in batch])
+    if batch[0].flipped is not None:  # one forward pass for the images and their mirror images
+        x = np.concatenate([x, np.stack([p.flipped for p in batch])])
+    post = vae.encode(torch.from_numpy(x))
+    means = post.mean.float().cpu().numpy().astype(np_dtype)
+    stds = post.std.float().cpu().numpy().astype(np_dtype) if post.std is not None else None
+    rows: list[dict[str, np.ndarray]] = []
+    for i in range(n):
+        row = {"latent.npy": means[i]}
+        if stds is not None:
+            row["std.npy"] = stds[i]
+        if len(means) > n:
+            row["latent_flip.npy"] = means[n + i]
+            if stds is not None:
+                row["std_flip.npy"] = stds[n + i]
+        rows.append(row)
+    for task in batch[0].views:
+        post = vae.encode(torch.from_numpy(np.stack([p.views[task] for p in batch])))
+        lat = post.mean.float().cpu().numpy().astype(np_dtype)
+        for i in range(n):
+            rows[i][f"{task}.npy"] = lat[i]
+    return rows
+
+
+def _text_arrays(encoders: list, names: list[str], batch: list[_Prepared]) -> list[tuple[dict[str, np.ndarray], dict]]:
+    """Per sample, its caption embeddings by field name and the token counts for its .json."""
+    rows: list[tuple[dict[str, np.ndarray], dict]] = [({}, {}) for _ in batch]
+    for te, name in zip(encoders, names):
+        for (arrays, info), emb in zip(rows, te.encode([p.caption or "" for p in batch])):
+            arrays[f"text_{name}.npy"] = emb.hidden
+            if emb.pooled is not None:
+                arrays[f"pooled_{name}.npy"] = emb.pooled
+            info[name] = {"tokens": int(emb.hidden.shape[0]), "truncated": emb.truncated}
+    return rows
+
+
+def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: str, plan: EncodePlan) -> dict:
     """Encode one shard end to end and commit it; returns the shard record."""
     import torch
 
     t0 = time.time()
     torch.set_num_threads(max(1, int(cfg.num_cpus)))
     vae = _encoder(cfg)
+    texts = _text_encoders(cfg)
     np_dtype = np.float16 if cfg.latent_dtype == "float16" else np.float32
     skips: list[dict] = []
+    sizes: Counter[str] = Counter()
+    captions = {"empty": 0, "truncated": dict.fromkeys(plan.text_names, 0)}
     q: queue.Queue = queue.Queue(maxsize=4)
-    reader = threading.Thread(target=_reader, args=(shard_url, cfg, q, skips), daemon=True)
+    reader = threading.Thread(target=_reader, args=(shard_url, cfg, plan.buckets, q, skips), daemon=True)
     reader.start()
     written = 0
     with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
@@ -243,24 +469,31 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
                         raise item[1]
                     seen = item[1]
                     break
-                post = vae.encode(torch.from_numpy(np.stack([p.pixels for p in item])))
-                means = post.mean.float().cpu().numpy().astype(np_dtype)
-                stds = post.std.float().cpu().numpy().astype(np_dtype) if post.std is not None else None
-                view_latents = _encode_views(vae, item, np_dtype)
-                for i, p in enumerate(item):
-                    fields = {"latent.npy": _npy(means[i])}
-                    if stds is not None:
-                        fields["std.npy"] = _npy(stds[i])
-                    for task, lat in view_latents.items():
-                        fields[f"{task}.npy"] = _npy(lat[i])
+                latents = _latent_arrays(vae, item, np_dtype)
+                text = _text_arrays(texts, plan.text_names, item) if texts else [({}, {})] * len(item)
+                for p, arrays, (text_arrays, text_info) in zip(item, latents, text):
+                    bad = next((k for k, a in arrays.items() if not np.isfinite(a).all()), None)
+                    bad_text = next((k for k, a in text_arrays.items() if not np.isfinite(a).all()), None)
+                    if bad or bad_text:
+                        reason = "non_finite_latent" if bad else "non_finite_text"
+                        skips.append({"key": p.key, "reason": reason, "detail": f"{bad or bad_text} has NaN or Inf"})
+                        continue
+                    fields = {k: _npy(a) for k, a in {**arrays, **text_arrays}.items()}
                     fields.update(p.passthrough)
-                    fields["json"] = json.dumps(p.meta, sort_keys=True).encode()
+                    meta = dict(p.meta)
+                    if texts:
+                        meta["text"] = text_info
+                        captions["empty"] += not p.caption
+                        for name, info in text_info.items():
+                            captions["truncated"][name] += info["truncated"]
+                    fields["json"] = json.dumps(meta, sort_keys=True).encode()
                     writer.write(p.key, fields)
+                    sizes[buckets.name(p.size)] += 1
                     written += 1
         tmp.flush()
         size = tmp.tell()
         digest = storage.sha256_file(tmp.name)
-        check_owner(cfg, fingerprint)  # settings checked at commit: a concurrent run cannot mix in
+        check_owner(cfg, plan.fingerprint)  # settings checked at commit: a concurrent run cannot mix in
         storage.put_file(tmp.name, out_url, cfg.storage.options)
     reader.join()
     reasons = Counter(s["reason"] for s in skips)
@@ -280,21 +513,15 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
         "written": written,
         "skipped": dict(reasons),
         "errors": skips,
-        "fingerprint": fingerprint,
+        "fingerprint": plan.fingerprint,
         "seconds": round(time.time() - t0, 3),
     }
+    if plan.buckets:
+        record["buckets"] = dict(sorted(sizes.items()))
+    if texts:
+        record["captions"] = captions
     storage.write_json(record_url, record, cfg.storage.options)
     return record
-
-
-def _encode_views(vae, batch: list[_Prepared], np_dtype) -> dict[str, np.ndarray]:
-    import torch
-
-    out = {}
-    for task in batch[0].views if batch else {}:
-        post = vae.encode(torch.from_numpy(np.stack([p.views[task] for p in batch])))
-        out[task] = post.mean.float().cpu().numpy().astype(np_dtype)
-    return out
 
 
 # --------------------------------------------------------------------------- driver side
@@ -332,17 +559,18 @@ def run_encode(cfg: EncodeConfig) -> dict:
     cfg = dataclasses.replace(cfg, vae=checkpoint.latest_checkpoint(cfg.vae, so))
     pairs = plan(cfg)
     vae = autoencoder.load(cfg.vae, so)
-    if cfg.resolution % vae.downsample:
-        raise ConfigError(
-            f"option 'resolution': {cfg.resolution} is not a multiple of the autoencoder's downsampling "
-            f"factor {vae.downsample} (try {max(vae.downsample, cfg.resolution // vae.downsample * vae.downsample)})"
-        )
     identity = vae.identity
-    fingerprint = settings_fingerprint(cfg, identity)
+    table = _bucket_table(cfg, vae.downsample)
+    texts = _load_text_encoders(cfg)
+    text_names = text_field_names([te.model_type for te in texts])
+    text_docs = [{"name": n, "identity": te.identity} for n, te in zip(text_names, texts)]
+    plan_ = EncodePlan(settings_fingerprint(cfg, identity, table, text_docs), table, text_names)
+    fingerprint = plan_.fingerprint
     records_root = storage.join(cfg.output, SHARD_RECORDS)
     storage.probe_writable(cfg.output, so)
     storage.clean_partials(cfg.output)
     _take_output(cfg, fingerprint)
+    empty = _write_empty_captions(cfg, texts, text_names)
 
     done: dict[str, dict] = {}
     if not cfg.overwrite:
@@ -355,7 +583,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
             if rec.get("fingerprint") != fingerprint:
                 raise ConfigError(
                     f"{storage.redact(cfg.output)} holds shards encoded with other settings "
-                    "(encoder, resolution, tasks, ...); use a new output or --overwrite"
+                    "(autoencoder, text encoders, resolution, buckets, tasks, ...); use a new output or --overwrite"
                 )
             if shard in existing:
                 done[shard] = rec
@@ -385,7 +613,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
             while queue_ and len(pending) < limit:
                 url, name = queue_.pop(0)
                 ref = remote.remote(
-                    cfg, url, storage.join(cfg.output, name), storage.join(records_root, name + ".json"), fingerprint
+                    cfg, url, storage.join(cfg.output, name), storage.join(records_root, name + ".json"), plan_
                 )
                 pending[ref] = name
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -408,23 +636,38 @@ def run_encode(cfg: EncodeConfig) -> dict:
 
     records = [done[n] for _, n in pairs]
     _check_committed(cfg, records, fingerprint)
-    latent_shape = [vae.latent_channels, cfg.resolution // vae.downsample, cfg.resolution // vae.downsample]
+    down, ch = vae.downsample, vae.latent_channels
     man = manifest.build(
         records,
         encoder=identity,
         scale=vae.scale,
         shift=vae.shift,
-        latent_shape=latent_shape,
+        latent_shape=None if table else [ch, cfg.resolution // down, cfg.resolution // down],
         latent_dtype=cfg.latent_dtype,
         preprocessing={
             "resolution": cfg.resolution,
             "crop": cfg.crop,
             "min_size": cfg.min_size,
             "max_pixels": cfg.max_pixels,
+            "jpeg_draft": cfg.jpeg_draft,
             "rgb_rule": "imaging.to_rgb (EXIF transpose, alpha over white, 16-bit scaled)",
         },
         tasks=list(cfg.tasks),
         config=public_dict(cfg),
+        buckets=[{"size": list(b), "latent_shape": [ch, b[1] // down, b[0] // down]} for b in table] if table else None,
+        max_aspect=cfg.max_aspect if table else None,
+        flip=cfg.flip,
+        text_encoders=[
+            {
+                **doc,
+                "source": te.source,
+                "field": f"text_{doc['name']}.npy",
+                "pooled_field": f"pooled_{doc['name']}.npy" if te.pooled_width else None,
+                "empty_caption": empty[doc["name"]],
+            }
+            for doc, te in zip(text_docs, texts)
+        ],
+        captions={"field": cfg.caption_field or "txt", "empty": cfg.empty_caption},
     )
     tot = man["totals"]
     if not tot["written"]:  # keep _errors.jsonl for the diagnosis, but no manifest of nothing
@@ -451,6 +694,60 @@ def run_encode(cfg: EncodeConfig) -> dict:
     return man
 
 
+def _bucket_table(cfg: EncodeConfig, downsample: int) -> list[tuple[int, int]] | None:
+    """The bucket table of this run (None: square crops), checked against the autoencoder."""
+    if not cfg.buckets:
+        if cfg.resolution % downsample:
+            raise ConfigError(
+                f"option 'resolution': {cfg.resolution} is not a multiple of the autoencoder's downsampling "
+                f"factor {downsample} (try {max(downsample, cfg.resolution // downsample * downsample)})"
+            )
+        return None
+    if cfg.bucket_multiple % downsample:
+        raise ConfigError(
+            f"option 'bucket-multiple': {cfg.bucket_multiple} is not a multiple of the autoencoder's "
+            f"downsampling factor {downsample}"
+        )
+    try:
+        if cfg.buckets == "auto":
+            return buckets.generate(cfg.bucket_area or cfg.resolution**2, cfg.bucket_multiple, cfg.max_aspect)
+        data = storage.read_bytes(cfg.buckets, cfg.storage.options)
+        return buckets.parse(data, cfg.bucket_multiple, storage.redact(cfg.buckets))
+    except buckets.BucketError as exc:
+        raise ConfigError(f"option 'buckets': {exc}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"option 'buckets': {storage.redact(cfg.buckets)} does not exist") from None
+
+
+def _load_text_encoders(cfg: EncodeConfig) -> list:
+    """Load each text encoder on the driver: a wrong folder fails here in one line, and the
+    identities enter the fingerprint before any task starts."""
+    from pipeline.models.text import TextEncoder
+
+    return [
+        TextEncoder(u, cfg.storage.options, max_tokens=cfg.text_max_tokens, hidden_layer=cfg.text_hidden_layer)
+        for u in cfg.text_encoder
+    ]
+
+
+EMPTY_CAPTION_DIR = "_empty_caption"
+
+
+def _write_empty_captions(cfg: EncodeConfig, texts: list, names: list[str]) -> dict[str, dict]:
+    """Store each encoder's empty-caption embedding (what classifier-free guidance trains the
+    unconditional case on) under ``_empty_caption/``; returns the file names per encoder."""
+    out: dict[str, dict] = {}
+    for te, name in zip(texts, names):
+        emb = te.encode([""])[0]
+        files = {"hidden": f"{EMPTY_CAPTION_DIR}/text_{name}.npy", "tokens": int(emb.hidden.shape[0])}
+        storage.write_bytes(storage.join(cfg.output, files["hidden"]), _npy(emb.hidden), cfg.storage.options)
+        if emb.pooled is not None:
+            files["pooled"] = f"{EMPTY_CAPTION_DIR}/pooled_{name}.npy"
+            storage.write_bytes(storage.join(cfg.output, files["pooled"]), _npy(emb.pooled), cfg.storage.options)
+        out[name] = files
+    return out
+
+
 def _take_output(cfg: EncodeConfig, fingerprint: str) -> None:
     """Make this run's settings the owner of the output (``_settings.json``), or refuse when
     another run's settings own it (unless ``--overwrite``)."""
@@ -460,7 +757,7 @@ def _take_output(cfg: EncodeConfig, fingerprint: str) -> None:
         if storage.read_json(url, so).get("fingerprint") != fingerprint:
             raise ConfigError(
                 f"{storage.redact(cfg.output)} holds shards encoded with other settings "
-                "(encoder, resolution, tasks, ...); use a new output or --overwrite"
+                "(autoencoder, text encoders, resolution, buckets, tasks, ...); use a new output or --overwrite"
             )
         return
     storage.write_json(url, {"fingerprint": fingerprint}, so)

@@ -66,8 +66,13 @@ def _check_sample(fields: dict[str, bytes], man: dict, where: str) -> dict[str, 
             except ValueError as exc:
                 raise ManifestError(f"{where}: {name} is not a plain .npy array ({exc})") from None
     shape = arrays.get("latent.npy", {}).get("shape")
-    if shape != list(man["latent_shape"]):
-        raise ManifestError(f"{where}: latent shape {shape} but the manifest says {man['latent_shape']}")
+    allowed = [man["latent_shape"]] if man["latent_shape"] else [b["latent_shape"] for b in man.get("buckets") or []]
+    if shape not in allowed:
+        said = man["latent_shape"] or f"one of the buckets' {allowed}"
+        raise ManifestError(f"{where}: latent shape {shape} but the manifest says {said}")
+    flip = arrays.get("latent_flip.npy", {}).get("shape")
+    if man.get("flip") and flip != shape:
+        raise ManifestError(f"{where}: flipped latent shape {flip}, latent shape {shape}")
     return arrays
 
 
@@ -116,6 +121,15 @@ def inspect(cfg: InspectConfig) -> dict[str, Any]:
             "tasks": man["tasks"],
             "preprocessing": man["preprocessing"],
         }
+        for key in ("buckets", "flip", "captions"):
+            if man.get(key) is not None:
+                out[key] = man[key]
+        if man.get("text_encoders"):
+            out["text_encoders"] = [
+                {k: te[k] for k in ("name", "source", "field", "pooled_field")}
+                | {"max_tokens": te["identity"]["max_tokens"], "width": te["identity"]["width"]}
+                for te in man["text_encoders"]
+            ]
         if cfg.verify:
             out["verified_shards"] = verify_shards(url, man, so)
         return out

@@ -154,6 +154,10 @@ def latent_stream(
         raise manifest.ManifestError(
             f"latent dataset has no '{task}' view (it has {man['tasks']}); re-encode with --tasks {task}"
         )
+    if man["latent_shape"] is None:
+        raise manifest.ManifestError(
+            f"{storage.redact(root)} is bucketed by aspect ratio; this training stream reads square datasets only"
+        )
     scale, shift = float(man["scale"]), float(man["shift"])
     shape = tuple(man["latent_shape"])
 

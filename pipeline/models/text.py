@@ -1,0 +1,249 @@
+"""Caption embeddings from Hugging Face ``transformers`` text encoders (CLIP, T5, ...).
+
+A text encoder is a folder (local or on object storage) as ``save_pretrained`` writes it: the
+model's ``config.json`` and safetensors weights, and its tokenizer's files. Only safetensors
+weights are loaded (``.bin`` files are pickles) and no remote code runs.
+
+:meth:`TextEncoder.encode` returns, per caption, the hidden states of the real tokens only (the
+padding stripped: a short caption costs a few rows, not ``max_tokens``), the pooled embedding
+where the model has one (CLIP), and whether the caption was truncated at ``max_tokens``. The
+hidden states of the unpadded tokens are the encoder's own output on the unpadded caption: the
+padding mask keeps padding out of attention.
+
+:attr:`TextEncoder.identity` (model type, weights and tokenizer hashes, max tokens, width, hidden
+layer) is what a cached embedding depends on; encode and train compare it to refuse mixing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.io import storage
+from pipeline.io.checkpoint import CheckpointError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "vocab.txt",
+)
+_ENCODER_CLASSES = {  # model_type -> the transformers class holding only the text encoder
+    "clip": "CLIPTextModel",
+    "clip_text_model": "CLIPTextModel",
+    "t5": "T5EncoderModel",
+    "mt5": "MT5EncoderModel",
+    "umt5": "UMT5EncoderModel",
+}
+
+
+@dataclass
+class Embedding:
+    hidden: np.ndarray  # (tokens, width) float16, padding stripped
+    pooled: np.ndarray | None  # (pooled width,) float16, or None
+    truncated: bool
+
+
+def short_name(model_type: str) -> str:
+    """``clip_text_model`` -> ``clip``; the name that prefixes a text encoder's stored fields."""
+    base = {"clip_text_model": "clip", "umt5": "t5", "mt5": "t5"}.get(model_type, model_type)
+    return re.sub(r"[^a-z0-9]", "", base.lower()) or "text"
+
+
+def _hash_files(local: str, names: list[str]) -> str:
+    h = hashlib.sha256()
+    for n in sorted(names):
+        h.update(n.encode() + b"\0" + storage.sha256_file(os.path.join(local, n)).encode())
+    return h.hexdigest()
+
+
+class TextEncoder:
+    """One text encoder and its tokenizer, loaded once per worker."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, *, max_tokens: int = 0, hidden_layer: int = -1):
+        import transformers
+
+        where = storage.redact(url)
+        local = storage.download_dir(url, storage_options)
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise CheckpointError(f"{where} is not a transformers text encoder folder: no config.json")
+        weights = [n for n in os.listdir(local) if n.endswith(".safetensors")]
+        if not weights:
+            raise CheckpointError(
+                f"{where}: only safetensors weights are loaded (no *.safetensors file; .bin files are pickles)"
+            )
+        toks = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(local, n))]
+        if not toks:
+            raise CheckpointError(f"{where}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        try:
+            config = transformers.AutoConfig.from_pretrained(local, local_files_only=True)
+            cls_name = next(
+                (
+                    a
+                    for a in (config.architectures or [])
+                    if a.endswith(("EncoderModel", "TextModel", "WithProjection"))
+                ),
+                _ENCODER_CLASSES.get(config.model_type, "AutoModel"),
+            )
+            cls = getattr(transformers, cls_name)
+            model = cls.from_pretrained(local, local_files_only=True, use_safetensors=True)
+            if getattr(model.config, "is_encoder_decoder", False):
+                model = model.get_encoder()
+            tokenizer = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, ImportError) as exc:
+            raise CheckpointError(f"{where}: cannot load the text encoder ({str(exc).splitlines()[0][:160]})") from None
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.model: Any = model.eval()
+        self.tokenizer: Any = tokenizer
+        self.model_type: str = config.model_type
+        limits = [
+            v
+            for v in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None))
+            if isinstance(v, int) and 0 < v < 1_000_000
+        ]
+        limit = min(limits) if limits else 512
+        if max_tokens > limit:
+            raise CheckpointError(f"{where}: max tokens {max_tokens} exceeds the encoder's limit {limit}")
+        self.max_tokens = max_tokens or limit
+        layers = int(getattr(config, "num_hidden_layers", getattr(config, "num_layers", 0)) or 0)
+        if not -layers <= hidden_layer < 0:
+            raise CheckpointError(f"{where}: hidden layer {hidden_layer} is not in -{layers}..-1")
+        self.hidden_layer = hidden_layer
+        self.width = int(getattr(config, "hidden_size", getattr(config, "d_model", 0)))
+        self.source = where
+        self._weights_sha256 = _hash_files(local, weights)
+        self._tokenizer_sha256 = _hash_files(local, toks)
+        self.pooled_width = self._pooled_width()
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "weights_sha256": self._weights_sha256,
+            "tokenizer_sha256": self._tokenizer_sha256,
+            "max_tokens": self.max_tokens,
+            "width": self.width,
+            "hidden_layer": self.hidden_layer,
+            "pooled_width": self.pooled_width,
+        }
+
+    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> TextEncoder:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def _pooled_width(self) -> int:
+        pooled = self._forward([""])[1]
+        return 0 if pooled is None else int(pooled.shape[-1])
+
+    @torch.no_grad()
+    def _forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        dev = next(self.model.parameters()).device
+        batch = self.tokenizer(
+            captions, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        ).to(dev)
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=self.hidden_layer != -1,
+        )
+        hidden = out.last_hidden_state if self.hidden_layer == -1 else out.hidden_states[self.hidden_layer]
+        pooled = getattr(out, "text_embeds", None)
+        if pooled is None:
+            pooled = getattr(out, "pooler_output", None)
+        return hidden, pooled, batch["attention_mask"]
+
+    def encode(self, captions: list[str]) -> list[Embedding]:
+        """Embeddings of ``captions`` (an empty string gives the empty-caption embedding)."""
+        full = self.tokenizer(captions, truncation=False)["input_ids"]
+        hidden, pooled, mask = self._forward(captions)
+        counts = mask.sum(dim=1).tolist()
+        h = hidden.float().cpu().numpy()
+        p = pooled.float().cpu().numpy() if pooled is not None else None
+        return [
+            Embedding(
+                h[i, : counts[i]].astype(np.float16),
+                p[i].astype(np.float16) if p is not None else None,
+                len(full[i]) > self.max_tokens,
+            )
+            for i in range(len(captions))
+        ]
+
+
+def build_stand_in(out_dir: str, corpus: list[str], *, kind: str = "clip", width: int = 32, seed: int = 0) -> str:
+    """Save a tiny random-weight text encoder and a word-level tokenizer trained on ``corpus``.
+
+    A stand-in for tests and the offline demo (nothing is downloaded): the embeddings carry the
+    words' identity, not their meaning. ``kind`` is ``clip`` (CLIPTextModel: causal, pooled
+    embedding at the end token) or ``t5`` (T5EncoderModel: bidirectional, no pooled embedding).
+    """
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    transformers.logging.disable_progress_bar()
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    ids = {s: tok.token_to_id(s) for s in specials}
+    if kind == "clip":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", ids["</s>"])])
+    max_tokens = 16
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=max_tokens,
+    )
+    torch.manual_seed(seed)
+    if kind == "clip":
+        config = transformers.CLIPTextConfig(
+            vocab_size=tok.get_vocab_size(),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=max_tokens,
+            pad_token_id=ids["<pad>"],
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+        )
+        model: Any = transformers.CLIPTextModel(config)
+    elif kind == "t5":
+        config = transformers.T5Config(
+            vocab_size=tok.get_vocab_size(),
+            d_model=width,
+            d_kv=width // 4,
+            d_ff=2 * width,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=ids["<pad>"],
+            eos_token_id=ids["</s>"],
+            decoder_start_token_id=ids["<pad>"],
+        )
+        model = transformers.T5EncoderModel(config)
+    else:
+        raise ValueError(f"unknown stand-in kind {kind!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
