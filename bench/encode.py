@@ -1,11 +1,19 @@
-"""Benchmark the latent-caching job against its compute ceiling and a naive loop, in one run.
+"""Benchmark the latent-caching job, in one run, in three parts (``--parts``):
 
-(1) bare encoder forward on pre-decoded tensors in memory (the compute ceiling, all cores);
-(2) a naive single-process loop: read tar, PIL decode, preprocess, encode, write a tar;
-(3) the Ray encode job (``run_encode``) over the same shards.
+``job``: the job against its compute ceiling and a naive loop:
+  (1) bare encoder forward on pre-decoded tensors in memory (the compute ceiling, all cores);
+  (2) a naive single-process loop: read tar, PIL decode, preprocess, encode, write a tar;
+  (3) the Ray encode job (``run_encode``) over the same shards.
+``datapath``: the data-path ceiling, i.e. what decides a GPU's throughput:
+  (4) one encode task (``encode_shard``, 2 CPUs) with a zero-cost encoder (an average-pool
+      "autoencoder") on 512-px JPEG sources into 256-px crops, with 1 and 2 decode threads
+      (target: 2 threads >= 1.7x one), without and with JPEG draft decoding;
+  (5) decode + resize to 256 px of 1024-px JPEGs with and without draft mode (target >= 2x).
+``text``: caption embeddings: per-sample cost of a CLIP-L-shaped and a T5-small-shaped text
+  encoder (random weights, same compute) and storage per sample, padded vs padding stripped.
 
-Prints images/s for each and the ratios (3)/(1), (3)/(2) as JSON (also written to --json).
-Usage: python bench/encode.py [--shards 16 --per-shard 48 --resolution 256 --preset tiny]
+Prints JSON (also written to --json).
+Usage: python bench/encode.py [--parts job,datapath,text --shards 16 --per-shard 48]
 """
 
 from __future__ import annotations
@@ -79,8 +87,96 @@ def naive_loop(vae, shard_paths: list[str], out_dir: str, resolution: int, batch
     return n / (time.perf_counter() - t)
 
 
+class PoolEncoder(torch.nn.Module):
+    """A zero-cost "autoencoder": 8x8 average pooling (measures everything but the encoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, x: torch.Tensor) -> autoencoder.Posterior:
+        return autoencoder.Posterior(torch.nn.functional.avg_pool2d(x, 8), None)
+
+
+def data_path(root: str, images: int, threads_list: tuple[int, ...] = (1, 2)) -> dict:
+    """(4) and (5): images/s of one encode task with a free encoder, and draft decode speed."""
+    from pipeline.stages import encode
+
+    photos = photo_crops(images, 512, seed=11)
+    src = os.path.join(root, "dp.tar")
+    write_tar(src, [(f"k{j:05d}.jpg", encode_image(im, "JPEG", quality=90)) for j, im in enumerate(photos)])
+    pool = autoencoder.Autoencoder(
+        PoolEncoder(), "pool", {}, latent_channels=3, downsample=8, scale=1.0, shift=0.0, weights_sha256="0"
+    )
+    out: dict = {"images": images, "source_px": 512, "target_px": 256}
+    for threads, draft in [(t, d) for d in (False, True) for t in threads_list]:
+        cfg = EncodeConfig(
+            input=src, output=os.path.join(root, f"dp{threads}{draft}"), vae="pool", resolution=256, num_cpus=2,
+            decode_threads=threads, batch_size=16, jpeg_draft=draft,
+        )  # fmt: skip
+        encode._ENCODERS[(cfg.vae, "cpu", torch.float32)] = pool
+        storage.write_json(os.path.join(cfg.output, encode.SETTINGS_NAME), {"fingerprint": "bench"})
+        plan = encode.EncodePlan("bench", None, [])
+        best = 0.0
+        for _ in range(2):  # best of two: the first run warms the page cache
+            t = time.perf_counter()
+            out_tar, record = os.path.join(cfg.output, "o.tar"), os.path.join(cfg.output, "r.json")
+            rec = encode.encode_shard(cfg, src, out_tar, record, plan)
+            best = max(best, rec["written"] / (time.perf_counter() - t))
+        out[f"job_img_s_{threads}_threads{'_draft' if draft else ''}"] = round(best, 2)
+    out["threads_2_vs_1"] = round(out["job_img_s_2_threads"] / out["job_img_s_1_threads"], 3)
+    out["threads_2_vs_1_draft"] = round(out["job_img_s_2_threads_draft"] / out["job_img_s_1_threads_draft"], 3)
+
+    big = [encode_image(im.resize((1024, 1024)), "JPEG", quality=90) for im in photos[:24]]
+    rates = {}
+    for draft in (False, True):
+        plan_fn = (lambda w, h: (256, 256)) if draft else None
+        t = time.perf_counter()
+        for data in big:
+            im, size = imaging.decode_for(data, plan=plan_fn)
+            imaging.resize_cover(imaging.to_rgb(im), (256, 256), size)
+        rates[draft] = len(big) / (time.perf_counter() - t)
+    out["decode_1024_to_256_img_s"] = {"full": round(rates[False], 1), "draft": round(rates[True], 1)}
+    out["draft_vs_full"] = round(rates[True] / rates[False], 2)
+    out["targets"] = {"threads_2_vs_1": 1.7, "draft_vs_full": 2.0}
+    return out
+
+
+def text_cost(root: str, samples: int = 128) -> dict:
+    """Per-sample embedding time and bytes per sample, padded to max tokens vs stripped."""
+    from pipeline.models import text
+
+    rng = np.random.default_rng(0)
+    words = "a photo of the red blue small large old new cat dog tree house sea sky city street car boat".split()  # noqa: SIM905
+    captions = [" ".join(rng.choice(words, size=int(rng.integers(4, 30)))) for _ in range(samples)]
+    shapes = {
+        "clip_l_shaped": {"kind": "clip", "width": 768, "layers": 12, "heads": 12, "max_tokens": 77},
+        "t5_small_shaped": {"kind": "t5", "width": 512, "layers": 6, "heads": 8, "max_tokens": 256},
+    }
+    out: dict = {"samples": samples, "mean_words": round(float(np.mean([len(c.split()) for c in captions])), 1)}
+    torch.set_num_threads(os.cpu_count() or 1)
+    for name, kw in shapes.items():
+        te = text.TextEncoder(text.build_stand_in(os.path.join(root, name), captions, **kw))
+        te.encode(captions[:8])  # warm-up
+        t = time.perf_counter()
+        embs = [e for i in range(0, samples, 32) for e in te.encode(captions[i : i + 32])]
+        dt = time.perf_counter() - t
+        stripped = np.mean([e.hidden.nbytes + (e.pooled.nbytes if e.pooled is not None else 0) for e in embs])
+        padded = te.max_tokens * te.width * 2 + (te.pooled_width * 2)
+        out[name] = {
+            "ms_per_sample": round(1000 * dt / samples, 2),
+            "mean_tokens": round(float(np.mean([e.hidden.shape[0] for e in embs])), 1),
+            "bytes_per_sample_padded": int(padded),
+            "bytes_per_sample_stripped": int(stripped),
+            "padded_vs_stripped": round(padded / stripped, 2),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="job,datapath,text")
+    ap.add_argument("--datapath-images", type=int, default=96)
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--per-shard", type=int, default=48)
     ap.add_argument("--resolution", type=int, default=256)
@@ -88,8 +184,25 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--json", default="bench/results/encode.json")
     args = ap.parse_args()
-
+    parts = set(args.parts.split(","))
+    result: dict = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as root:
+        if "datapath" in parts:
+            result["datapath"] = data_path(root, args.datapath_images)
+            print(json.dumps(result["datapath"], indent=2), flush=True)
+        if "text" in parts:
+            result["text"] = text_cost(root)
+            print(json.dumps(result["text"], indent=2), flush=True)
+        if "job" in parts:
+            result["job"] = job(root, args)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        storage.write_json(args.json, result)
+
+
+def job(root: str, args) -> dict:
+    """(1)-(3): the Ray job against the bare forward and a naive loop."""
+    if True:
         shard_paths = make_shards(root, args.shards, args.per_shard, args.resolution)
         vae_dir = os.path.join(root, "vae")
         autoencoder.save_kl(autoencoder.new_kl(args.preset)[0], vae_dir)
@@ -114,11 +227,10 @@ def main() -> None:
         )
         ray_rate = man["totals"]["written"] / (time.perf_counter() - t)
 
-    result = {
+    return {
         "images": len(images),
         "resolution": args.resolution,
         "preset": args.preset,
-        "cpus": os.cpu_count(),
         "bare_forward_img_s": round(ceiling, 2),
         "naive_loop_img_s": round(naive, 2),
         "ray_job_img_s": round(ray_rate, 2),
@@ -126,9 +238,6 @@ def main() -> None:
         "ray_vs_naive": round(ray_rate / naive, 3),
         "targets": {"ray_vs_bare": 0.9, "ray_vs_naive": 1.0},
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        storage.write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -197,8 +197,8 @@ def test_encode_captions_buckets_and_flips(tmp_path, bucket, ray_cluster, encode
         # the flipped latent is the autoencoder's output on the mirror image of the same crop
         ext = "png" if key == "square" else "jpg"
         p = prepare_sample(Sample(key, {ext: members[f"{key}.{ext}"]}), cfg, list(by_size))
-        np.testing.assert_array_equal(p.flipped, p.pixels[:, :, ::-1])
-        want_flip = vae.encode(torch.from_numpy(p.flipped[None])).mean[0].numpy()
+        mirror = imaging.to_tensor_array(imaging.from_tensor_array(p.pixels).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        want_flip = vae.encode(torch.from_numpy(mirror[None])).mean[0].numpy()
         np.testing.assert_allclose(_npy(fields["latent_flip.npy"]).astype(np.float32), want_flip, atol=2e-2)
         want_lat = vae.encode(torch.from_numpy(p.pixels[None])).mean[0].numpy()
         np.testing.assert_allclose(lat.astype(np.float32), want_lat, atol=2e-2)
@@ -297,3 +297,30 @@ def test_outputs_do_not_depend_on_decode_threads(tmp_path, vae_path):
         assert rec["written"] == 9 and sum(rec["buckets"].values()) == 9
         digests.append(rec["sha256"])
     assert digests[0] == digests[1]
+
+
+def test_device_decoder_matches_pillow_and_skips_a_broken_jpeg(tmp_path, vae_path):
+    """``--decoder torchvision`` (nvjpeg on CUDA; the same call on CPU here)."""
+    crops = photo_crops(4, size=200, seed=9)
+    good = [encode_image(c.resize((240, 160)), "JPEG", quality=92) for c in crops]
+    members = [(f"k{i}.jpg", d) for i, d in enumerate(good)] + [("broken.jpg", good[0][: len(good[0]) // 2])]
+    members.append(("png.png", encode_image(crops[0])))  # not a JPEG: Pillow decodes it
+    write_tar(str(tmp_path / "a.tar"), members)
+    base = EncodeConfig(input=str(tmp_path / "a.tar"), output=str(tmp_path / "o"), vae=vae_path, resolution=64)
+    dev = dataclasses.replace(base, decoder="torchvision")
+    for i, data in enumerate(good):
+        want = prepare_sample(Sample(f"k{i}", {"jpg": data}), base).pixels
+        p = prepare_sample(Sample(f"k{i}", {"jpg": data}), dev)
+        assert p.pixels is None and p.box == (40, 0, 200, 160)
+        (got,) = encode._device_decode([p], "cpu", [])
+        err = (got.pixels.numpy() - want) * 127.5
+        assert 10 * math.log10(255**2 / float(np.mean(err**2))) > 30  # bicubic-antialias vs Lanczos
+    plan = encode.EncodePlan("fp", None, [])
+    storage.write_json(str(tmp_path / "o" / encode.SETTINGS_NAME), {"fingerprint": "fp"})
+    rec = encode_shard(
+        dev, str(tmp_path / "a.tar"), str(tmp_path / "o" / "a.tar"), str(tmp_path / "o" / "r.json"), plan
+    )
+    assert (rec["seen"], rec["written"], rec["skipped"]) == (6, 5, {"corrupt_image": 1})
+    assert rec["errors"][0]["key"] == "broken"
+    vae = autoencoder.load(vae_path)
+    assert encode.settings_fingerprint(base, vae.identity) != encode.settings_fingerprint(dev, vae.identity)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -64,23 +65,46 @@ def decode_for(
     ``draft``), several times faster; the returned image is then smaller than ``(w, h)`` by an
     exact power-of-two factor and never smaller than the size asked for.
     """
+    with _decode_errors():
+        im, (w, h), swapped = _open(data, max_pixels)
+        needed = plan(w, h) if plan is not None else None
+        if needed is not None and im.format == "JPEG" and min(w // needed[0], h // needed[1]) >= 2:
+            im.draft(None, (needed[1], needed[0]) if swapped else needed)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    return im, (w, h)
+
+
+def header_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """The oriented (w, h) from the header alone (no pixel decoded), with the pixel limit."""
+    with _decode_errors():
+        return _open(data, max_pixels)[1]
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int], bool]:
+    """Open (no pixels decoded yet), check the pixel limit; the oriented size and whether the
+    EXIF orientation swaps the axes."""
     if not data:
         raise BadImage("empty_file")
+    im: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    w, h = im.size
+    if w * h > max_pixels:
+        raise BadImage("decompression_bomb", f"{w}x{h} exceeds {max_pixels} pixels")
+    swapped = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+    return im, ((h, w) if swapped else (w, h)), swapped
+
+
+@contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Every decoding problem as a BadImage with its reason; bomb warnings are errors."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            w, h = im.size
-            if w * h > max_pixels:
-                raise BadImage("decompression_bomb", f"{w}x{h} exceeds {max_pixels} pixels")
-            swapped = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
-            if swapped:
-                w, h = h, w
-            needed = plan(w, h) if plan is not None else None
-            if needed is not None and im.format == "JPEG" and min(w // needed[0], h // needed[1]) >= 2:
-                im.draft(None, (needed[1], needed[0]) if swapped else needed)
-            im.load()
-            im = ImageOps.exif_transpose(im)
+            yield
     except BadImage:
         raise
     except Image.UnidentifiedImageError:
@@ -94,7 +118,6 @@ def decode_for(
         EOFError,
     ) as exc:
         raise BadImage("corrupt_image", type(exc).__name__ + ": " + str(exc)[:120]) from None
-    return im, (w, h)
 
 
 _ORIENTATION = 0x0112

@@ -182,7 +182,17 @@ class TextEncoder:
         ]
 
 
-def build_stand_in(out_dir: str, corpus: list[str], *, kind: str = "clip", width: int = 32, seed: int = 0) -> str:
+def build_stand_in(
+    out_dir: str,
+    corpus: list[str],
+    *,
+    kind: str = "clip",
+    width: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    max_tokens: int = 16,
+    seed: int = 0,
+) -> str:
     """Save a tiny random-weight text encoder and a word-level tokenizer trained on ``corpus``.
 
     A stand-in for tests and the offline demo (nothing is downloaded): the embeddings carry the
@@ -205,7 +215,6 @@ def build_stand_in(out_dir: str, corpus: list[str], *, kind: str = "clip", width
         )
     else:
         tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", ids["</s>"])])
-    max_tokens = 16
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -219,9 +228,9 @@ def build_stand_in(out_dir: str, corpus: list[str], *, kind: str = "clip", width
         config = transformers.CLIPTextConfig(
             vocab_size=tok.get_vocab_size(),
             hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
             max_position_embeddings=max_tokens,
             pad_token_id=ids["<pad>"],
             bos_token_id=ids["<s>"],
@@ -232,10 +241,10 @@ def build_stand_in(out_dir: str, corpus: list[str], *, kind: str = "clip", width
         config = transformers.T5Config(
             vocab_size=tok.get_vocab_size(),
             d_model=width,
-            d_kv=width // 4,
-            d_ff=2 * width,
-            num_layers=2,
-            num_heads=4,
+            d_kv=width // heads,
+            d_ff=4 * width,
+            num_layers=layers,
+            num_heads=heads,
             pad_token_id=ids["<pad>"],
             eos_token_id=ids["</s>"],
             decoder_start_token_id=ids["<pad>"],

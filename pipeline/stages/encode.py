@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pipeline.config import (
     ConfigError,
@@ -60,6 +59,7 @@ SHARD_RECORDS = "_shards"
 SETTINGS_NAME = "_settings.json"  # the settings fingerprint that owns this output
 PRECISIONS = ("fp32", "fp16", "bf16")
 CROPS = ("center",)
+DECODERS = ("pil", "torchvision")
 
 
 @dataclass
@@ -107,6 +107,12 @@ class EncodeConfig:
     decode_threads: int = option(
         0, "image decode threads per task (0: one per --num-cpus); the outputs do not depend on it"
     )
+    decoder: str = option(
+        "pil",
+        "JPEG decoder: 'pil' (Pillow on the decode threads, Lanczos resize) or 'torchvision' (batched "
+        "decode_jpeg on the encoder's device: nvjpeg on CUDA, antialiased bicubic resize there; other "
+        "formats still use Pillow; part of the settings fingerprint)",
+    )
     jpeg_draft: bool = option(
         True,
         "decode JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain when at least twice the target size "
@@ -152,6 +158,9 @@ class EncodeConfig:
         check_range("bucket_multiple", self.bucket_multiple, 1, 8192)
         check_range("max_aspect", self.max_aspect, 1.0, 100.0)
         check_range("decode_threads", self.decode_threads, 0, 256)
+        check_choice("decoder", self.decoder, DECODERS)
+        if self.decoder != "pil" and self.tasks:
+            raise ConfigError("option 'decoder torchvision' cannot be combined with 'tasks' (views need Pillow)")
         if self.buckets and self.tasks:
             raise ConfigError("option 'buckets' cannot be combined with 'tasks' (task views are square crops)")
 
@@ -240,7 +249,8 @@ def settings_fingerprint(
         "precision": cfg.precision,
         "latent_dtype": cfg.latent_dtype,
         "tasks": sorted(cfg.tasks),
-        "jpeg_draft": cfg.jpeg_draft,
+        "jpeg_draft": cfg.jpeg_draft and cfg.decoder == "pil",
+        "decoder": cfg.decoder,
         "flip": cfg.flip,
         "buckets": {"table": [list(s) for s in table], "max_aspect": cfg.max_aspect} if table else None,
         "text": {"encoders": text, "caption_field": cfg.caption_field, "empty_caption": cfg.empty_caption}
@@ -254,12 +264,13 @@ def settings_fingerprint(
 class _Prepared:
     key: str
     size: tuple[int, int]  # (width, height) of the crop that is encoded
-    pixels: np.ndarray
-    flipped: np.ndarray | None
+    pixels: Any  # (3, H, W) in [-1, 1], numpy; a device tensor from the device decoder; None before it
     meta: dict
     passthrough: dict[str, bytes]
     views: dict[str, np.ndarray]
     caption: str | None  # None: no text encoders
+    jpeg: bytes | None = None
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 def _caption(sample: Sample, meta: dict, cfg: EncodeConfig) -> str:
@@ -302,15 +313,21 @@ def prepare_sample(sample: Sample, cfg: EncodeConfig, table: list[tuple[int, int
         else:
             size = (cfg.resolution, cfg.resolution)
         chosen.append(size)
-        if not cfg.jpeg_draft:
+        if not cfg.jpeg_draft or cfg.decoder != "pil":
             return None
         left, top, right, bottom = imaging.center_crop_box(w, h, size)
         s = max(size[0] / (right - left), size[1] / (bottom - top))
         return math.ceil(w * s), math.ceil(h * s)
 
-    im, (w, h) = imaging.decode_for(sample.fields[img_ext], cfg.max_pixels, plan)
+    data = sample.fields[img_ext]
+    if cfg.decoder == "torchvision" and imaging.is_jpeg(data):
+        w, h = imaging.header_size(data, cfg.max_pixels)
+        plan(w, h)
+        rgb, box = None, imaging.center_crop_box(w, h, chosen[0])
+    else:
+        im, (w, h) = imaging.decode_for(data, cfg.max_pixels, plan)
+        rgb, box = imaging.resize_cover(imaging.to_rgb(im), chosen[0], (w, h))
     size = chosen[0]
-    rgb, box = imaging.resize_cover(imaging.to_rgb(im), size, (w, h))
     passthrough: dict[str, bytes] = {}
     if "txt" in sample.fields:
         passthrough["txt"] = sample.fields["txt"]
@@ -331,9 +348,10 @@ def prepare_sample(sample: Sample, cfg: EncodeConfig, table: list[tuple[int, int
     meta.update(key=sample.key, original_size=[w, h], crop_box=list(box), resolution=cfg.resolution, image_ext=img_ext)
     if table:
         meta["bucket"] = list(size)
+    if rgb is None:
+        return _Prepared(sample.key, size, None, meta, passthrough, {}, caption, data, box)
     views = {t: task_view_pixels(t, rgb, sample.key) for t in cfg.tasks}
-    flipped = imaging.to_tensor_array(rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) if cfg.flip else None
-    return _Prepared(sample.key, size, imaging.to_tensor_array(rgb), flipped, meta, passthrough, views, caption)
+    return _Prepared(sample.key, size, imaging.to_tensor_array(rgb), meta, passthrough, views, caption)
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -403,15 +421,55 @@ def check_owner(cfg: EncodeConfig, fingerprint: str) -> None:
         )
 
 
-def _latent_arrays(vae, batch: list[_Prepared], np_dtype) -> list[dict[str, np.ndarray]]:
+def _device_decode(batch: list[_Prepared], device, skips: list[dict]) -> list[_Prepared]:
+    """Decode the batch's JPEGs left to the device (nvjpeg on CUDA) in one call, crop and
+    resize there (antialiased bicubic); a JPEG that fails is skipped as ``corrupt_image``."""
+    import warnings
+
+    import torch
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as _decode_jpeg
+
+    def decode_jpeg(data, **kw):
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs for torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _decode_jpeg(data, **kw)
+
+    todo = [p for p in batch if p.pixels is None]
+    if not todo:
+        return batch
+    datas = [torch.frombuffer(bytearray(p.jpeg or b""), dtype=torch.uint8) for p in todo]
+    try:
+        images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError:  # one bad file fails the batched call: find it one by one
+        images = []
+        for d in datas:
+            try:
+                images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+            except RuntimeError as exc:
+                images.append(exc)
+    failed = set()
+    for p, im in zip(todo, images):
+        if isinstance(im, Exception):
+            skips.append({"key": p.key, "reason": "corrupt_image", "detail": f"decode_jpeg: {str(im)[:120]}"})
+            failed.add(p.key)
+            continue
+        left, top, right, bottom = p.box
+        x = im[None, :, top:bottom, left:right].float()
+        x = torch.nn.functional.interpolate(x, size=(p.size[1], p.size[0]), mode="bicubic", antialias=True)
+        p.pixels = x[0].clamp(0, 255).round() / 127.5 - 1.0
+    return [p for p in batch if p.key not in failed]
+
+
+def _latent_arrays(vae, batch: list[_Prepared], np_dtype, flip: bool) -> list[dict[str, np.ndarray]]:
     """Per sample of a batch (one size), its latent arrays by field name."""
     import torch
 
     n = len(batch)
-    x = np.stack([p.pixels for p in batch])
-    if batch[0].flipped is not None:  # one forward pass for the images and their mirror images
-        x = np.concatenate([x, np.stack([p.flipped for p in batch])])
-    post = vae.encode(torch.from_numpy(x))
+    x = torch.stack([torch.as_tensor(p.pixels).to(vae.device) for p in batch])
+    if flip:  # one forward pass for the images and their mirror images (a flip is exact on pixels)
+        x = torch.cat([x, x.flip(-1)])
+    post = vae.encode(x)
     means = post.mean.float().cpu().numpy().astype(np_dtype)
     stds = post.std.float().cpu().numpy().astype(np_dtype) if post.std is not None else None
     rows: list[dict[str, np.ndarray]] = []
@@ -469,7 +527,11 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
                         raise item[1]
                     seen = item[1]
                     break
-                latents = _latent_arrays(vae, item, np_dtype)
+                if cfg.decoder != "pil":
+                    item = _device_decode(item, vae.device, skips)
+                    if not item:
+                        continue
+                latents = _latent_arrays(vae, item, np_dtype, cfg.flip)
                 text = _text_arrays(texts, plan.text_names, item) if texts else [({}, {})] * len(item)
                 for p, arrays, (text_arrays, text_info) in zip(item, latents, text):
                     bad = next((k for k, a in arrays.items() if not np.isfinite(a).all()), None)
