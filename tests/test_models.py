@@ -90,9 +90,12 @@ def test_config_dict_round_trips():
     cfg = denoiser.config_for("small", cond_channels=4, num_classes=10)
     d = denoiser.to_dict(cfg)
     assert d["widths"] == [64, 128] and d["attention"] is True and d["num_classes"] == 10
-    back = DenoiserConfig(**d)
+    assert d["arch"] == "unet"
+    back = denoiser.config_from_dict(d)
     assert back == cfg
     assert isinstance(back.widths, tuple)
+    net = denoiser.from_dict(d)
+    assert isinstance(net, Denoiser) and net.cfg == cfg
 
 
 # --------------------------------------------------------------------------- flow

@@ -16,13 +16,12 @@ import torch
 
 from pipeline.io import checkpoint, storage
 from pipeline.io.checkpoint import CheckpointError, CheckpointInfo
-from pipeline.models import autoencoder
-from pipeline.models.denoiser import Denoiser, DenoiserConfig
+from pipeline.models import autoencoder, denoiser
 
 
 @dataclass
 class DiffusionModel:
-    denoiser: Denoiser
+    denoiser: torch.nn.Module  # a U-Net or a DiT (pipeline.models.denoiser.build)
     vae: autoencoder.Autoencoder
     info: CheckpointInfo
 
@@ -53,7 +52,7 @@ def load(url: str, storage_options: dict | None = None, device: str | None = Non
     local, info = checkpoint.load(url, "diffusion", storage_options)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        net = Denoiser(DenoiserConfig(**info.model))
+        net = denoiser.from_dict(info.model)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: invalid denoiser architecture ({exc})") from None
     checkpoint.load_weights(net, local, "ema")
