@@ -24,6 +24,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster, caplog):
         "shards",
         "train-vae",
         "encode",
+        "text-encoder",
+        "shards-captioned",
+        "encode-captioned",
         "train",
         "train-upscale4",
         "sample",
@@ -37,6 +40,15 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster, caplog):
         assert re.search(rf"<td>{name}</td><td>{ev['scores'][name]['psnr']:.2f}</td>", report)
     assert (wd / "restored" / "_report.json").exists()
     assert json.loads((wd / "restored" / "_report.json").read_text())["written"] == 3
+    # text-to-image: bucketed, captioned latents; a transformer; samples per prompt at two sizes
+    man = json.loads((wd / "captioned-latents" / "_manifest.json").read_text())
+    assert {tuple(b["size"]) for b in man["buckets"]} == {(48, 80), (64, 64), (80, 48)}
+    assert all(b["samples"] > 0 for b in man["buckets"]) and man["flip"] is True
+    assert "tiny random-weight stand-in" in report
+    from PIL import Image
+
+    sheet = Image.open(wd / "samples.png")
+    assert sheet.size == (150 + (2 * 80 + 6) + (2 * 48 + 6), 3 * (80 + 6))  # 2 per prompt at 80x48 and 48x80
 
     # a second run finds every stage done and only rewrites the report
     caplog.set_level(logging.INFO, logger="pipeline")

@@ -162,7 +162,7 @@ def test_a_commit_is_refused_once_another_run_owns_the_output(tmp_path, vae_dir)
             str(tmp_path / "a.tar"),
             str(tmp_path / "o" / "a.tar"),
             str(tmp_path / "o" / "_shards" / "a.tar.json"),
-            "this-run",
+            encode.EncodePlan("this-run", None, []),
         )
     assert not (tmp_path / "o" / "a.tar").exists() and not (tmp_path / "o" / "_shards").exists()
 

@@ -186,20 +186,21 @@ def test_guided_scale_one_calls_once_and_scale_s_extrapolates():
         return x * 2 + shift.view(-1, 1, 1, 1)  # v_c - v_u = y + 1
 
     x, t, y = torch.randn(3, 4, 2, 2), torch.rand(3), torch.tensor([0, 1, 4])
-    out = flow.guided(model_fn, 1.0, y=y)(x, t)
+    null = torch.full_like(y, -1)
+    out = flow.guided(model_fn, 1.0, {"y": y}, {"y": null})(x, t)
     assert calls == [3]
     torch.testing.assert_close(out, model_fn(x, t, y=y))
 
     calls.clear()
     s = 3.5
-    out = flow.guided(model_fn, s, y=y)(x, t)
+    out = flow.guided(model_fn, s, {"y": y}, {"y": null})(x, t)
     assert calls == [6]  # conditional and unconditional halves in one batched call
     v_c, v_u = x * 2 + (y + 1).float().view(-1, 1, 1, 1), x * 2
     torch.testing.assert_close(out, v_u + s * (v_c - v_u))
 
     calls.clear()
-    unconditional = flow.guided(lambda x, t, **kw: calls.append(kw) or x, s)(x, t)
-    assert calls == [{}] and torch.equal(unconditional, x)  # no y: one plain call
+    unconditional = flow.guided(lambda x, t, **kw: calls.append(kw) or x, s, {})(x, t)
+    assert calls == [{}] and torch.equal(unconditional, x)  # nothing to guide on: one plain call
 
 
 def test_timesteps_run_from_start_to_zero():

@@ -60,6 +60,10 @@ class CheckpointInfo:
     latents: str = ""  # the dataset it was trained on (credentials redacted)
     gain: float | None = None  # task models: the detail gain calibrated on held-out photos (restore's default)
     calibration: dict[str, Any] = field(default_factory=dict)  # what that calibration measured
+    # text-to-image models: the text encoders (name, width, pooled width, identity, source) whose
+    # cached embeddings it was trained on, and the latent shapes of the dataset's buckets
+    text_encoders: list[dict[str, Any]] = field(default_factory=list)
+    buckets: list[list[int]] = field(default_factory=list)
     format: str = FORMAT
 
     def __post_init__(self) -> None:

@@ -22,6 +22,16 @@ PHOTOS = {
     "retina.jpg": "retina",
     "ihc.png": "ihc",
 }
+# Short captions per class, for the text-to-image part of the demo.
+CAPTIONS = {
+    "cat": "a photo of a cat",
+    "coffee": "a photo of coffee",
+    "rocket": "a photo of a rocket",
+    "motorcycle": "a photo of a motorcycle",
+    "hubble": "a photo of galaxies",
+    "retina": "a photo of a retina",
+    "ihc": "a photo of stained cells",
+}
 HELD_OUT_PHOTO = "astronaut.png"  # never cut into training crops; evaluation images come from it
 
 
@@ -60,6 +70,29 @@ def write_crops(
             ext = "png" if i % 6 == 0 else "jpg"
             path = os.path.join(out_dir, cls, f"{cls}_{i:03d}.{ext}")
             tile.save(path, quality=95) if ext == "jpg" else tile.save(path)
+            n += 1
+    return n
+
+
+def write_captioned_crops(out_dir: str, sizes: list[tuple[int, int]], per_photo: int = 24, seed: int = 3) -> int:
+    """Crops of each photo at the given (width, height) sizes in turn (mixed aspect ratios),
+    each with a ``.txt`` caption from :data:`CAPTIONS` beside it (``name.jpg`` + ``name.txt``)."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    for fname, cls in PHOTOS.items():
+        im = load_photo(fname)
+        scale = 256 / min(im.size)
+        if scale < 1:
+            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+        os.makedirs(os.path.join(out_dir, cls), exist_ok=True)
+        for i in range(per_photo):
+            w, h = sizes[i % len(sizes)]
+            x = int(rng.integers(0, im.width - w + 1))
+            y = int(rng.integers(0, im.height - h + 1))
+            stem = os.path.join(out_dir, cls, f"{cls}_{i:03d}")
+            im.crop((x, y, x + w, y + h)).save(stem + ".jpg", quality=95)
+            with open(stem + ".txt", "w") as f:
+                f.write(CAPTIONS[cls])
             n += 1
     return n
 

@@ -9,6 +9,7 @@ SDEdit-style restoration from a noised input) down to 0 with Euler or Heun steps
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,25 +49,43 @@ def loss(model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tens
     return F.mse_loss(v.float(), (noise - x0).float())
 
 
-def guided(model_fn: Callable[..., torch.Tensor], scale: float, **cond) -> ModelFn:
+def guided(
+    model_fn: Callable[..., torch.Tensor], scale: float, cond: dict[str, Any], uncond: dict[str, Any] | None = None
+) -> ModelFn:
     """Classifier-free guidance: v = v_uncond + scale * (v_cond - v_uncond).
 
-    ``cond`` holds keyword inputs of the conditional call (``y`` class ids); the unconditional
-    call passes ``y=None`` (the null class).
+    ``cond`` holds the keyword inputs of the conditional call (``y`` class ids, ``text`` tokens
+    with ``text_mask``, ``pooled``); ``uncond`` those of the unconditional call (``y`` = -1, the
+    empty-caption embedding). Both halves run as one batch; token sequences of different
+    lengths are padded, with the padding masked. Without ``uncond`` or at scale 1 the
+    conditional call alone runs.
     """
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if scale == 1.0 or cond.get("y") is None:
+        if scale == 1.0 or not uncond:
             return model_fn(x, t, **cond)
-        both = model_fn(
-            torch.cat([x, x]),
-            torch.cat([t, t]),
-            **{k: (torch.cat([v, torch.full_like(v, -1)]) if k == "y" else torch.cat([v, v])) for k, v in cond.items()},
-        )
+        both = model_fn(torch.cat([x, x]), torch.cat([t, t]), **_stack_halves(cond, uncond))
         v_c, v_u = both.chunk(2)
         return v_u + scale * (v_c - v_u)
 
     return fn
+
+
+def _stack_halves(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Concatenate two calls' keyword inputs along the batch (text padded to one length)."""
+    out: dict[str, Any] = {}
+    for key in a.keys() | b.keys():
+        u, v = a.get(key), b.get(key)
+        if u is None and v is None:
+            out[key] = None
+            continue
+        if u is None or v is None:
+            raise ValueError(f"guidance: {key!r} is given for only one half")
+        if key in ("text", "text_mask") and u.shape[1] != v.shape[1]:
+            n = max(u.shape[1], v.shape[1])
+            u, v = (F.pad(z, (0, 0, 0, n - z.shape[1]) if key == "text" else (0, n - z.shape[1])) for z in (u, v))
+        out[key] = torch.cat([u, v])
+    return out
 
 
 def timesteps(steps: int, t_start: float = 1.0, device=None) -> torch.Tensor:

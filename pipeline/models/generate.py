@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image
@@ -21,18 +23,36 @@ def generate(
     sampler: str = "euler",
     cfg_scale: float = 1.0,
     classes: list[int] | None = None,
+    text: dict[str, Any] | None = None,
+    null_text: dict[str, Any] | None = None,
+    latent_shape: list[int] | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Draw ``n`` images (B, 3, H, W) in [-1, 1] from noise."""
-    if model.denoiser.cfg.cond_channels:
+    """Draw ``n`` images (B, 3, H, W) in [-1, 1] from noise.
+
+    ``text`` / ``null_text``: the denoiser's text inputs for the prompts and for the empty
+    caption (batch ``n`` each, see :func:`pipeline.models.text.condition`); guidance runs when
+    both are given and ``cfg_scale`` != 1. ``latent_shape`` overrides the checkpoint's default
+    (another aspect-ratio bucket).
+    """
+    net: Any = model.denoiser
+    if net.cfg.cond_channels:
         raise ConfigError("this checkpoint is a restoration model: use `latent-pipeline restore`")
     dev = next(model.denoiser.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn((n, *model.latent_shape), generator=gen).to(dev)
-    y = None
-    if model.denoiser.cfg.num_classes and classes:
+    x = torch.randn((n, *(latent_shape or model.latent_shape)), generator=gen).to(dev)
+    cond: dict[str, Any] = {}
+    uncond: dict[str, Any] = {}
+    if net.cfg.num_classes and classes:
         y = torch.tensor([classes[i % len(classes)] for i in range(n)], device=dev)
-    fn = flow.guided(model.denoiser, cfg_scale, y=y)
+        cond["y"], uncond["y"] = y, torch.full_like(y, -1)
+    if text is not None:
+        cond.update({k: v.to(dev) if v is not None else None for k, v in text.items()})
+        if null_text is not None:
+            uncond.update({k: v.to(dev) if v is not None else None for k, v in null_text.items()})
+        elif uncond:
+            raise ConfigError("guidance on classes and text needs the empty-caption embedding")
+    fn = flow.guided(model.denoiser, cfg_scale, cond, uncond)
     z = flow.SAMPLERS[sampler](fn, x, steps)
     return model.decode(z).float().clamp(-1, 1).cpu()
 

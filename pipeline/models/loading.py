@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from pipeline.models import autoencoder, denoiser
 
 @dataclass
 class DiffusionModel:
-    denoiser: torch.nn.Module  # a U-Net or a DiT (pipeline.models.denoiser.build)
+    denoiser: Any  # a U-Net or a DiT (pipeline.models.denoiser.build), with its .cfg
     vae: autoencoder.Autoencoder
     info: CheckpointInfo
 

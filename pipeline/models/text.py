@@ -224,6 +224,7 @@ def build_stand_in(
         model_max_length=max_tokens,
     )
     torch.manual_seed(seed)
+    config: Any
     if kind == "clip":
         config = transformers.CLIPTextConfig(
             vocab_size=tok.get_vocab_size(),
@@ -247,7 +248,6 @@ def build_stand_in(
             num_heads=heads,
             pad_token_id=ids["<pad>"],
             eos_token_id=ids["</s>"],
-            decoder_start_token_id=ids["<pad>"],
         )
         model = transformers.T5EncoderModel(config)
     else:
@@ -256,3 +256,95 @@ def build_stand_in(
     model.save_pretrained(out_dir, safe_serialization=True)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+# --------------------------------------------------------------------------- conditioning tensors
+# Several encoders condition one model as in SD3: each encoder's tokens are zero-padded to the
+# widest encoder's width and the sequences are concatenated; pooled embeddings are concatenated.
+
+
+@dataclass
+class TextSpec:
+    """How a model reads a dataset's caption embeddings: the encoders (name, width, pooled width,
+    identity, source) in order; ``text_dim`` and ``pooled_dim`` follow from them."""
+
+    encoders: list[dict]
+
+    @property
+    def text_dim(self) -> int:
+        return max((e["width"] for e in self.encoders), default=0)
+
+    @property
+    def pooled_dim(self) -> int:
+        return sum(e["pooled_width"] for e in self.encoders)
+
+    @classmethod
+    def from_manifest(cls, man: dict) -> TextSpec:
+        return cls(
+            [
+                {
+                    "name": te["name"],
+                    "width": te["identity"]["width"],
+                    "pooled_width": te["identity"]["pooled_width"],
+                    "identity": te["identity"],
+                    "source": te.get("source", ""),
+                }
+                for te in man.get("text_encoders") or []
+            ]
+        )
+
+    def join(self, hidden: list[np.ndarray], pooled: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray | None]:
+        """One sample's tokens (L, text_dim) float32 and pooled (pooled_dim,) from its encoders'."""
+        d = self.text_dim
+        tokens = np.concatenate(
+            [np.pad(h.astype(np.float32), ((0, 0), (0, d - h.shape[1]))) for h in hidden]
+        ) if hidden else np.zeros((0, d), np.float32)  # fmt: skip
+        kept: list[np.ndarray] = [p.astype(np.float32) for p in pooled if p is not None]
+        return tokens, (np.concatenate(kept) if kept else None)
+
+
+def pad_tokens(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Token sequences (L_i, D) -> (B, max L, D) zero-padded, and the mask (B, max L), True = real."""
+    length = max((s.shape[0] for s in seqs), default=0)
+    width = seqs[0].shape[1] if seqs else 0
+    out = np.zeros((len(seqs), length, width), np.float32)
+    mask = np.zeros((len(seqs), length), bool)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return out, mask
+
+
+def load_recorded(spec: TextSpec, paths: list[str], storage_options: dict | None = None) -> list[TextEncoder]:
+    """The text encoders a model was trained with, from their recorded sources or from ``paths``
+    (in the same order); refuses one whose identity differs from the recorded one."""
+    paths = paths or [e["source"] for e in spec.encoders]
+    if len(paths) != len(spec.encoders):
+        names = ", ".join(e["name"] for e in spec.encoders)
+        raise CheckpointError(
+            f"the model was trained with {len(spec.encoders)} text encoder(s) ({names}), given {len(paths)}"
+        )
+    out = []
+    for e, url in zip(spec.encoders, paths):
+        ident = e["identity"]
+        te = TextEncoder(url, storage_options, max_tokens=ident["max_tokens"], hidden_layer=ident["hidden_layer"])
+        if te.identity != ident:
+            differs = sorted(k for k in ident if te.identity.get(k) != ident[k])
+            raise CheckpointError(
+                f"text encoder {storage.redact(url)} is not the one the model was trained with "
+                f"({e['name']}: {', '.join(differs)} differ)"
+            )
+        out.append(te)
+    return out
+
+
+def condition(encoders: list[TextEncoder], spec: TextSpec, prompts: list[str]) -> dict[str, torch.Tensor | None]:
+    """Denoiser keyword inputs (``text``, ``text_mask``, ``pooled``) for ``prompts``, built as
+    training saw them (float16 embeddings joined by :meth:`TextSpec.join`)."""
+    per_encoder = [te.encode(prompts) for te in encoders]
+    joined = [
+        spec.join([e[i].hidden for e in per_encoder], [e[i].pooled for e in per_encoder]) for i in range(len(prompts))
+    ]
+    tokens, mask = pad_tokens([t for t, _ in joined])
+    pooled = torch.from_numpy(np.stack([p for _, p in joined if p is not None])) if spec.pooled_dim else None
+    return {"text": torch.from_numpy(tokens), "text_mask": torch.from_numpy(mask), "pooled": pooled}

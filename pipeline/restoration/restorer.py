@@ -41,7 +41,7 @@ from PIL import Image
 from pipeline.config import ConfigError, check_choice, check_range, option
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.io.imaging import from_tensor_array, to_tensor_array
-from pipeline.models import degrade, flow
+from pipeline.models import degrade, denoiser, flow
 from pipeline.models.autoencoder import scale_latents, unscale_latents
 from pipeline.models.degrade import INPAINT, from_residual
 from pipeline.models.loading import DiffusionModel
@@ -149,7 +149,7 @@ class Restorer:
         self.device = next(model.denoiser.parameters()).device
         self.vae = model.vae
         self.down = self.vae.downsample
-        self.multiple = self.down * 2 ** (len(model.denoiser.cfg.widths) - 1)
+        self.multiple = self.down * denoiser.grid_multiple(model.denoiser.cfg)
         self.residual_scale = float(model.info.residual_scale)
         # --gain, else the gain calibrated on held-out photos at training time, else 1
         self.gain = opts.gain if opts.gain is not None else (model.info.gain if model.info.gain is not None else 1.0)

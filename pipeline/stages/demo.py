@@ -4,10 +4,13 @@ Local Ray, local folders, photos shipped by scikit-image. Every stage calls the 
 as its CLI verb and cluster job. A stage whose output is complete is skipped, and the training
 stages resume from their latest checkpoint, so an interrupted demo picks up where it stopped.
 
-Stages: photos (crops of the bundled photos; one photo held out) -> shards -> train-vae ->
-encode (with the upscale4 view) -> train (class-conditional generator) -> train --task upscale4
--> sample -> eval (held-out photos vs bicubic / Lanczos / autoencoder) -> restore (Ray Data
-job over the degraded held-out photos) -> report.html.
+Stages: photos (crops of the bundled photos; one photo held out; captioned crops at three
+aspect ratios) -> shards -> train-vae -> encode (with the upscale4 view) -> text-encoder (a tiny
+random-weight stand-in, built offline) -> encode-captioned (aspect-ratio buckets, caption
+embeddings, flipped latents) -> train (a text-conditioned transformer on the buckets) -> train
+--task upscale4 -> sample (per prompt, at two aspect ratios) -> eval (held-out photos vs bicubic
+/ Lanczos / back-projection / autoencoder) -> restore (Ray Data job over the degraded held-out
+photos) -> report.html.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 from pipeline.config import RayOptions, group, option
 from pipeline.io import checkpoint, sample_photos, storage
 from pipeline.io.manifest import MANIFEST_NAME
-from pipeline.models import degrade
+from pipeline.models import degrade, text
 from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.encode import EncodeConfig, run_encode
 from pipeline.stages.eval import EvalConfig, evaluate
@@ -35,6 +38,46 @@ from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
 
 log = logging.getLogger("pipeline.demo")
 
+CAPTIONED_SIZES = [(96, 64), (64, 96), (80, 80)]  # crops at three aspect ratios
+T2I_MODEL = "dit-tiny"
+DEMO_PROMPTS = ["a photo of coffee", "a photo of a cat", "a photo of galaxies"]
+SAMPLE_SIZES = [(80, 48), (48, 80)]  # two aspect-ratio buckets
+
+
+def prompt_sheet(ckpt: str, out: str, steps: int, workdir: str, per_cell: int = 2) -> None:
+    """Samples per prompt (rows) at each size (columns), ``per_cell`` each, as one PNG."""
+    from PIL import Image, ImageDraw
+
+    cells = []
+    for prompt in DEMO_PROMPTS:
+        row = []
+        for w, h in SAMPLE_SIZES:
+            tmp = os.path.join(workdir, f".sample-{w}x{h}.png")
+            row.append(
+                run_sample(
+                    SampleConfig(
+                        checkpoint=ckpt, out=tmp, n=per_cell, steps=steps, sampler="heun", cfg_scale=3.0,
+                        prompt=prompt, width=w, height=h,
+                    )
+                )
+            )  # fmt: skip
+            os.remove(tmp)
+        cells.append(row)
+    label_w, pad = 150, 6
+    col_w = [max(r[j].width for r in cells) for j in range(len(SAMPLE_SIZES))]
+    row_h = [max(c.height for c in r) for r in cells]
+    sheet = Image.new("RGB", (label_w + sum(col_w) + pad * len(col_w), sum(row_h) + pad * len(row_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = 0
+    for prompt, row, rh in zip(DEMO_PROMPTS, cells, row_h):
+        draw.text((4, y + rh // 2 - 6), prompt, fill="black")
+        x = label_w
+        for img, cw in zip(row, col_w):
+            sheet.paste(img, (x, y))
+            x += cw + pad
+        y += rh + pad
+    sheet.save(out)
+
 
 @dataclass
 class DemoConfig:
@@ -46,6 +89,7 @@ class DemoConfig:
 @dataclass(frozen=True)
 class Budget:
     crops_per_photo: int
+    captioned_per_photo: int
     vae_steps: int
     diffusion_steps: int
     task_steps: int
@@ -55,10 +99,24 @@ class Budget:
 
 
 FULL = Budget(
-    crops_per_photo=48, vae_steps=600, diffusion_steps=600, task_steps=600, heldout=6, sample_steps=30, restore_steps=20
+    crops_per_photo=48,
+    captioned_per_photo=48,
+    vae_steps=600,
+    diffusion_steps=600,
+    task_steps=600,
+    heldout=6,
+    sample_steps=30,
+    restore_steps=20,
 )
 QUICK = Budget(
-    crops_per_photo=8, vae_steps=40, diffusion_steps=30, task_steps=30, heldout=3, sample_steps=6, restore_steps=4
+    crops_per_photo=8,
+    captioned_per_photo=6,
+    vae_steps=40,
+    diffusion_steps=30,
+    task_steps=30,
+    heldout=3,
+    sample_steps=6,
+    restore_steps=4,
 )
 
 
@@ -89,6 +147,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             "samples.png",
             "eval",
             "restored",
+            "captioned",
+            "captioned-shards",
+            "text-encoder",
+            "captioned-latents",
         )
     }
     stages: dict[str, dict] = {}
@@ -116,6 +178,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     def photos() -> None:
         sample_photos.write_crops(p["photos"], per_photo=b.crops_per_photo)
+        sample_photos.write_captioned_crops(p["captioned"], CAPTIONED_SIZES, per_photo=b.captioned_per_photo)
         held = sample_photos.write_held_out(p["heldout"], size=128, count=b.heldout)
         # other crops of the held-out photo, to calibrate the x4 model's gain on (not the evaluation crops)
         sample_photos.write_held_out(p["calibration"], size=128, count=b.heldout, seed=2)
@@ -175,20 +238,54 @@ def run_demo(cfg: DemoConfig) -> dict:
         n_crops,
         "images",
     )
-    num_classes = len(sample_photos.PHOTOS)
+    stage(
+        "text-encoder",
+        os.path.exists(os.path.join(p["text-encoder"], "config.json")),
+        lambda: text.build_stand_in(p["text-encoder"], list(sample_photos.CAPTIONS.values()), kind="clip", width=64),
+    )
+    n_captioned = b.captioned_per_photo * len(sample_photos.PHOTOS)
+    stage(
+        "shards-captioned",
+        os.path.exists(os.path.join(p["captioned-shards"], "_index.json")),
+        lambda: run_shards(ShardsConfig(src=p["captioned"], out=p["captioned-shards"], samples_per_shard=48)),
+        n_captioned,
+        "images",
+    )
+    stage(
+        "encode-captioned",
+        os.path.exists(os.path.join(p["captioned-latents"], MANIFEST_NAME)),
+        lambda: run_encode(
+            EncodeConfig(
+                input=storage.join(p["captioned-shards"], "shard-*.tar"),
+                output=p["captioned-latents"],
+                vae=p["vae"],
+                resolution=64,
+                buckets="auto",  # 64x64, 80x48 and 48x80 at area 64^2, multiple 16, aspect <= 2
+                bucket_multiple=16,
+                max_aspect=2.0,
+                flip=True,
+                text_encoder=[p["text-encoder"]],
+                ray=cfg.ray,
+            )
+        ),
+        n_captioned,
+        "images",
+    )
     stage(
         "train",
         _checkpoint_step(p["diffusion"]) >= b.diffusion_steps,
         lambda: run_train(
             TrainConfig(
-                latents=p["latents"],
+                latents=p["captioned-latents"],
                 output=p["diffusion"],
+                model=T2I_MODEL,
                 steps=b.diffusion_steps,
                 batch_size=32,
                 lr=1e-3,
                 warmup_steps=min(50, b.diffusion_steps // 4),
                 checkpoint_every=max(10, b.diffusion_steps // 3),
-                num_classes=num_classes,
+                flip_prob=0.5,
+                caption_dropout=0.1,
                 sample_steps=b.sample_steps,
                 **common,
             )
@@ -219,18 +316,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage(
         "sample",
         os.path.exists(p["samples.png"]),
-        lambda: run_sample(
-            SampleConfig(
-                checkpoint=p["diffusion"],
-                out=p["samples.png"],
-                n=2 * num_classes,
-                steps=b.sample_steps,
-                sampler="heun",
-                cfg_scale=2.0,
-                class_=list(range(num_classes)),
-            )
-        ),
-        2 * num_classes,
+        lambda: prompt_sheet(p["diffusion"], p["samples.png"], b.sample_steps, cfg.workdir),
+        len(DEMO_PROMPTS) * 2 * len(SAMPLE_SIZES),
         "images",
     )
     result: dict = {}

@@ -513,7 +513,8 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
     np_dtype = np.float16 if cfg.latent_dtype == "float16" else np.float32
     skips: list[dict] = []
     sizes: Counter[str] = Counter()
-    captions = {"empty": 0, "truncated": dict.fromkeys(plan.text_names, 0)}
+    empty_captions = 0
+    truncated: Counter[str] = Counter()
     q: queue.Queue = queue.Queue(maxsize=4)
     reader = threading.Thread(target=_reader, args=(shard_url, cfg, plan.buckets, q, skips), daemon=True)
     reader.start()
@@ -545,9 +546,8 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
                     meta = dict(p.meta)
                     if texts:
                         meta["text"] = text_info
-                        captions["empty"] += not p.caption
-                        for name, info in text_info.items():
-                            captions["truncated"][name] += info["truncated"]
+                        empty_captions += not p.caption
+                        truncated.update({name: int(info["truncated"]) for name, info in text_info.items()})
                     fields["json"] = json.dumps(meta, sort_keys=True).encode()
                     writer.write(p.key, fields)
                     sizes[buckets.name(p.size)] += 1
@@ -581,7 +581,7 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
     if plan.buckets:
         record["buckets"] = dict(sorted(sizes.items()))
     if texts:
-        record["captions"] = captions
+        record["captions"] = {"empty": empty_captions, "truncated": {n: truncated[n] for n in plan.text_names}}
     storage.write_json(record_url, record, cfg.storage.options)
     return record
 
@@ -801,7 +801,7 @@ def _write_empty_captions(cfg: EncodeConfig, texts: list, names: list[str]) -> d
     out: dict[str, dict] = {}
     for te, name in zip(texts, names):
         emb = te.encode([""])[0]
-        files = {"hidden": f"{EMPTY_CAPTION_DIR}/text_{name}.npy", "tokens": int(emb.hidden.shape[0])}
+        files: dict[str, Any] = {"hidden": f"{EMPTY_CAPTION_DIR}/text_{name}.npy", "tokens": int(emb.hidden.shape[0])}
         storage.write_bytes(storage.join(cfg.output, files["hidden"]), _npy(emb.hidden), cfg.storage.options)
         if emb.pooled is not None:
             files["pooled"] = f"{EMPTY_CAPTION_DIR}/pooled_{name}.npy"

@@ -93,6 +93,8 @@ def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total
     restore_report = storage.read_json(os.path.join(p["restored"], "_report.json"))
     shards_index = storage.read_json(os.path.join(p["image-shards"], "_index.json"))
     man = storage.read_json(os.path.join(p["latents"], "_manifest.json"))
+    cap_man = storage.read_json(os.path.join(p["captioned-latents"], "_manifest.json"))
+    t2i = storage.read_json(storage.join(latest_checkpoint(p["diffusion"]), "config.json"))
     vae_cfg = storage.read_json(storage.join(latest_checkpoint(p["vae"]), "config.json"))
     recon_sheet, recon_scores = _reconstructions(p["vae"], p["heldout"])
     stage_seconds = sum(s["seconds"] for s in stages.values())
@@ -127,8 +129,30 @@ def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total
             [
                 ["image shards", st["seen"], st["written"], sum(st["skipped"].values()), len(shards_index["shards"])],
                 ["latent shards", lt["seen"], lt["written"], sum(lt["skipped"].values()), len(man["shards"])],
+                [
+                    "captioned latent shards (buckets)",
+                    cap_man["totals"]["seen"],
+                    cap_man["totals"]["written"],
+                    sum(cap_man["totals"]["skipped"].values()),
+                    len(cap_man["shards"]),
+                ],
             ],
         )
+    )
+    parts.append(
+        _table(
+            ["bucket (w x h px)", "latent shape", "samples"],
+            [[f"{b['size'][0]} x {b['size'][1]}", str(b["latent_shape"]), b["samples"]] for b in cap_man["buckets"]],
+        )
+    )
+    te = cap_man["text_encoders"][0]
+    parts.append(
+        f"<p>Captioned latents: one bucket per aspect ratio, flipped latents stored too; caption embeddings "
+        f"from text encoder <code>{te['name']}</code> ({te['identity']['model_type']}, width "
+        f"{te['identity']['width']}, up to {te['identity']['max_tokens']} tokens, padding stripped). The demo's "
+        "text encoder is a <b>tiny random-weight stand-in</b> built offline (CLIP architecture, a word-level "
+        "tokenizer trained on the demo's captions): it tells the captions apart but knows no meaning. With a "
+        "real CLIP or T5 folder the same commands apply (README).</p>"
     )
     parts.append(
         f"<p>Latents {man['latent_shape']} ({man['latent_dtype']}), scale {man['scale']:.4f}, "
@@ -156,11 +180,15 @@ def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total
         "(never trained on). Bottom: their reconstructions through the autoencoder.</figcaption></figure>"
     )
 
-    parts.append("<h2 id='samples'>Samples</h2>")
+    parts.append("<h2 id='samples'>Text-to-image samples</h2>")
+    mc = t2i["model"]
     with open(p["samples.png"], "rb") as f:
         parts.append(
-            f"<figure>{_img(f.read(), 'samples', 512)}<figcaption>Class-conditional samples (Heun, "
-            "guidance 2), decoded with the run's autoencoder; one class per photo.</figcaption></figure>"
+            f"<figure>{_img(f.read(), 'samples', 640)}<figcaption>Samples per prompt (rows) at two aspect "
+            f"ratios (columns: 80x48 and 48x80 px), from a text-conditioned transformer ({mc['arch']}, hidden "
+            f"{mc.get('hidden')}, depth {mc.get('depth')}, patch {mc.get('patch')}; {t2i['step']} steps on the "
+            "bucketed latents, caption dropout 0.1), Heun sampler, classifier-free guidance 3 on the text, "
+            "decoded with the run's autoencoder.</figcaption></figure>"
         )
 
     parts.append("<h2 id='upscaling'>Upscaling x4 (held-out photo)</h2>")
@@ -199,7 +227,7 @@ def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total
         _table(
             ["run", "steps", "loss (first log)", "loss (last log)", "samples/s"],
             [
-                ["diffusion (class-conditional)", *_loss_summary(p["diffusion"])],
+                ["text-to-image (transformer, buckets)", *_loss_summary(p["diffusion"])],
                 ["upscale4 (residual over Lanczos)", *_loss_summary(p["upscale4"])],
                 ["autoencoder", *_loss_summary(p["vae"])],
             ],

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError, StorageOptions, check_choice, group, option, require
 from pipeline.io import storage
-from pipeline.models import flow, loading
+from pipeline.models import denoiser, flow, loading, text
 from pipeline.models.generate import generate, grid
 
 log = logging.getLogger("pipeline.sample")
@@ -25,6 +25,14 @@ class SampleConfig:
     sampler: str = option("euler", "euler or heun")
     cfg_scale: float = option(1.0, "classifier-free guidance scale (1: off)")
     class_: list[int] = option([], "class ids to condition on (cycled over the samples)")
+    prompt: str = option("", "text-to-image checkpoints: the caption to draw (empty: the unconditional model)")
+    width: int = option(0, "image width in pixels (0: the checkpoint's default bucket); a multiple of its grid")
+    height: int = option(0, "image height in pixels (0: the checkpoint's default bucket)")
+    text_encoder: list[str] = option(
+        [],
+        "text encoder folder(s) to embed the prompt with, in training order (default: the paths recorded in "
+        "the checkpoint); refused unless identical to the ones the model was trained with",
+    )
     seed: int = option(0, "random seed")
     storage: StorageOptions = group(StorageOptions, private=True)
 
@@ -37,6 +45,23 @@ class SampleConfig:
             raise ConfigError("options 'n' (1..4096) and 'steps' (1..10000) are out of range")
         if not self.cfg_scale == self.cfg_scale or abs(self.cfg_scale) > 1e3:
             raise ConfigError("option 'cfg-scale' must be a finite number")
+        if not (0 <= self.width <= 16384 and 0 <= self.height <= 16384) or (self.width == 0) != (self.height == 0):
+            raise ConfigError("options 'width' and 'height' go together, each in 1..16384 (or both 0: the default)")
+        self.text_encoder = [storage.absolute(u) for u in self.text_encoder]
+
+
+def latent_shape(cfg: SampleConfig, info) -> list[int] | None:
+    """The latent shape for ``--width``/``--height`` (None: the checkpoint's default)."""
+    if not cfg.width:
+        return None
+    down = int(info.vae_identity.get("downsample", 1))
+    multiple = down * denoiser.grid_multiple(denoiser.config_from_dict(info.model))
+    if cfg.width % multiple or cfg.height % multiple:
+        raise ConfigError(
+            f"options 'width'/'height': {cfg.width}x{cfg.height} must be multiples of {multiple} "
+            f"(autoencoder downsampling {down} x the denoiser's grid)"
+        )
+    return [info.latent_shape[0], cfg.height // down, cfg.width // down]
 
 
 def run_sample(cfg: SampleConfig) -> Image.Image:
@@ -49,16 +74,37 @@ def run_sample(cfg: SampleConfig) -> Image.Image:
     bad = [c for c in classes or [] if not 0 <= c < num_classes]
     if bad:
         raise ConfigError(f"option 'class': {bad[0]} is out of range; the checkpoint has classes 0..{num_classes - 1}")
+    if (cfg.prompt or cfg.text_encoder) and not info.text_encoders:
+        raise ConfigError("options 'prompt'/'text-encoder': this checkpoint is not text-conditioned")
+    shape = latent_shape(cfg, info)
     storage.probe_writable(cfg.out.rsplit("/", 1)[0] if "/" in cfg.out else ".", so)
     model = loading.load(cfg.checkpoint, so)
+    text_kw: dict = {}
+    if info.text_encoders:  # the prompt (or the empty caption) through the recorded encoders
+        spec = text.TextSpec(info.text_encoders)
+        encoders = text.load_recorded(spec, cfg.text_encoder, so)
+        text_kw = {
+            "text": text.condition(encoders, spec, [cfg.prompt] * cfg.n),
+            "null_text": text.condition(encoders, spec, [""] * cfg.n),
+        }
     images = generate(
-        model, cfg.n, steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale, classes=classes, seed=cfg.seed
+        model,
+        cfg.n,
+        steps=cfg.steps,
+        sampler=cfg.sampler,
+        cfg_scale=cfg.cfg_scale,
+        classes=classes,
+        latent_shape=shape,
+        seed=cfg.seed,
+        **text_kw,
     )
     img = grid(images)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     storage.write_bytes(cfg.out, buf.getvalue(), so)
+    what = f" of {cfg.prompt!r}" if cfg.prompt else ""
     log.info(
-        f"[sample] {cfg.n} samples ({img.width}x{img.height} grid, step {model.info.step}) -> {storage.redact(cfg.out)}"
+        f"[sample] {cfg.n} samples{what} ({img.width}x{img.height} grid, step {model.info.step}) "
+        f"-> {storage.redact(cfg.out)}"
     )
     return img

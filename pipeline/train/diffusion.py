@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -42,10 +43,20 @@ log = logging.getLogger("pipeline.train")
 @dataclass
 class TrainConfig(LoopConfig):
     latents: str = option("", "latent dataset (output of `encode`, with _manifest.json)")
-    model: str = option("tiny", "denoiser size: tiny, small, base, large")
+    model: str = option(
+        "tiny",
+        "denoiser: U-Net tiny, small, base, large, or transformer dit-tiny, dit-s, dit-b, dit-l, dit-xl "
+        "(DiT's published sizes, patch 2)",
+    )
     task: str = option("", "restoration task to train (upscale2, upscale4, restore); '' = unconditional")
     num_classes: int = option(0, "class-conditional with this many classes (.cls); 0 = unconditional")
     label_dropout: float = option(0.1, "probability of dropping the class label (classifier-free guidance)")
+    text: bool = option(True, "condition on the dataset's caption embeddings when it has them (encode --text-encoder)")
+    caption_dropout: float = option(
+        0.1, "probability of training a sample on the empty-caption embedding (classifier-free guidance)"
+    )
+    flip_prob: float = option(0.0, "probability of using a sample's cached flipped latent (encode --flip)")
+    compile: bool = option(False, "torch.compile the denoiser (pays off on GPU for long runs; first steps are slow)")
     sample_posterior: bool = option(False, "train on mean + std * noise instead of the posterior mean")
     shuffle_buffer: int = option(1000, "samples in each rank's shuffle buffer")
     vae: str = option("", "autoencoder of the latents (default: the one recorded in the manifest)")
@@ -75,6 +86,8 @@ class TrainConfig(LoopConfig):
         denoiser.config_for(self.model)  # validates the size name
         check_task(self.task, allow_empty=True)
         check_range("label_dropout", self.label_dropout, 0.0, 1.0, hi_open=True)
+        check_range("caption_dropout", self.caption_dropout, 0.0, 1.0, hi_open=True)
+        check_range("flip_prob", self.flip_prob, 0.0, 1.0)
         if self.num_classes < 0 or self.shuffle_buffer < 1 or self.sample_steps < 1:
             raise ConfigError(
                 "options 'num-classes' (>= 0), 'shuffle-buffer' and 'sample-steps' (>= 1) are out of range"
@@ -103,11 +116,18 @@ def train_loop(loop_config: dict) -> None:
 
     # ---- data description, model, optimizer
     man = manifest.load(cfg.latents, so)
-    cond_channels = man["latent_shape"][0] if cfg.task else 0
+    shapes = latent_shapes(man)
+    spec = text_spec(cfg, man)
+    channels = shapes[0][0]
     mcfg = denoiser.config_for(
-        cfg.model, latent_channels=man["latent_shape"][0], cond_channels=cond_channels, num_classes=cfg.num_classes
+        cfg.model,
+        latent_channels=channels,
+        cond_channels=channels if cfg.task else 0,
+        num_classes=cfg.num_classes,
+        text_dim=spec.text_dim if spec else 0,
+        pooled_dim=spec.pooled_dim if spec else 0,
     )
-    model = denoiser.Denoiser(mcfg).to(dev)
+    model = denoiser.build(mcfg).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = new_optimizer(model, cfg)
     vae_local = checkpoint.local_copy(_vae_url(cfg, man), so)
@@ -130,9 +150,14 @@ def train_loop(loop_config: dict) -> None:
             sample_posterior=cfg.sample_posterior,
             task=cfg.task,
             use_classes=cfg.num_classes > 0,
+            use_text=spec is not None,
+            caption_dropout=cfg.caption_dropout,
+            flip_prob=cfg.flip_prob,
             storage_options=so,
         )
     )
+    null_text = empty_caption(cfg.latents, man, spec, so) if spec else None
+    net = torch.compile(ddp) if cfg.compile else ddp
     metrics_log = MetricsLog(cfg.output, start, so) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank + start)
@@ -143,7 +168,9 @@ def train_loop(loop_config: dict) -> None:
         model=denoiser.to_dict(mcfg),
         train=public_dict(cfg),
         task=cfg.task,
-        latent_shape=man["latent_shape"],
+        latent_shape=default_shape(man),
+        buckets=[list(s) for s in shapes] if man["latent_shape"] is None else [],
+        text_encoders=spec.encoders if spec else [],
         scale=man["scale"],
         shift=man["shift"],
         residual_scale=residual_scale,
@@ -161,17 +188,16 @@ def train_loop(loop_config: dict) -> None:
             batch = next(stream)
             window.waited(time.perf_counter() - t_wait)
             x0 = batch.x0.to(dev)
-            cond = batch.cond.to(dev) if batch.cond is not None else None
-            if cond is not None:  # a task model generates the residual over the classical view
-                x0 = residual_target(x0, cond, residual_scale)
-            y = batch.y.to(dev) if batch.y is not None else None
-            if y is not None and cfg.label_dropout:
-                drop = torch.rand(y.shape, generator=gen).to(dev) < cfg.label_dropout
-                y = torch.where(drop, torch.full_like(y, -1), y)
+            kw = batch.model_kwargs(dev)  # cond, y, text, text_mask, pooled
+            if kw["cond"] is not None:  # a task model generates the residual over the classical view
+                x0 = residual_target(x0, kw["cond"], residual_scale)
+            if kw["y"] is not None and cfg.label_dropout:
+                drop = torch.rand(kw["y"].shape, generator=gen).to(dev) < cfg.label_dropout
+                kw["y"] = torch.where(drop, torch.full_like(kw["y"], -1), kw["y"])
             t = flow.sample_t(x0.shape[0], "cpu", gen, uniform_share=0.5 if cfg.task else 0.0).to(dev)
             noise = torch.randn(x0.shape, generator=gen).to(dev)
             with grad_sync(ddp, micro, cfg, world), autocast:
-                loss = flow.loss(lambda x, tt: ddp(x, tt, cond, y), x0, t, noise)
+                loss = flow.loss(lambda x, tt: net(x, tt, **kw), x0, t, noise)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum  # .item() syncs with the device once per micro-step
         grad_norm = optimizer_step(ddp, opt, ema, step, cfg)
@@ -193,6 +219,7 @@ def train_loop(loop_config: dict) -> None:
                 16,
                 steps=cfg.sample_steps,
                 classes=list(range(cfg.num_classes)) or None,
+                text=repeat(null_text, 16) if null_text else None,  # unconditional: the empty caption
                 seed=cfg.seed,
             )
             buf = io.BytesIO()
@@ -204,6 +231,49 @@ def train_loop(loop_config: dict) -> None:
             )
             if metrics_log is not None:
                 metrics_log.sync()
+
+
+def latent_shapes(man: dict) -> list[tuple[int, ...]]:
+    """The dataset's latent shapes: one, or one per aspect-ratio bucket."""
+    if man["latent_shape"] is not None:
+        return [tuple(man["latent_shape"])]
+    return [tuple(b["latent_shape"]) for b in man["buckets"]]
+
+
+def default_shape(man: dict) -> list[int]:
+    """The latent shape `sample` draws by default: the dataset's, or its squarest bucket's
+    (the most populated among equally square ones)."""
+    if man["latent_shape"] is not None:
+        return list(man["latent_shape"])
+    best = min(man["buckets"], key=lambda b: (abs(math.log(b["size"][0] / b["size"][1])), -b["samples"]))
+    return list(best["latent_shape"])
+
+
+def text_spec(cfg: TrainConfig, man: dict):
+    """How the model reads the captions (None: not text-conditioned)."""
+    from pipeline.models.text import TextSpec
+
+    if not cfg.text or not man.get("text_encoders"):
+        return None
+    return TextSpec.from_manifest(man)
+
+
+def empty_caption(root: str, man: dict, spec, storage_options: dict | None) -> dict[str, torch.Tensor | None]:
+    """The denoiser's text inputs for one empty caption, from the dataset's stored embedding."""
+    from pipeline.models.text import pad_tokens
+    from pipeline.train.streams import read_empty_captions
+
+    tokens, pooled = spec.join(*read_empty_captions(root, man, storage_options))
+    t, m = pad_tokens([tokens])
+    return {
+        "text": torch.from_numpy(t),
+        "text_mask": torch.from_numpy(m),
+        "pooled": torch.from_numpy(pooled[None]) if pooled is not None else None,
+    }
+
+
+def repeat(kw: dict[str, torch.Tensor | None], n: int) -> dict[str, torch.Tensor | None]:
+    return {k: v.expand(n, *v.shape[1:]) if v is not None else None for k, v in kw.items()}
 
 
 def measure_residual_scale(cfg: TrainConfig, batches: int = 4) -> float:
@@ -221,6 +291,23 @@ def measure_residual_scale(cfg: TrainConfig, batches: int = 4) -> float:
     return float(1.0 / res.std().clamp_min(1e-4))
 
 
+def check_model_fits(cfg: TrainConfig, man: dict) -> None:
+    """Refuse, on the driver, a dataset the model cannot take: bucket grids that are not
+    multiples of the model's, a task or flips the dataset lacks."""
+    mcfg = denoiser.config_for(cfg.model)
+    multiple = denoiser.grid_multiple(mcfg)
+    for shape in latent_shapes(man):
+        if shape[1] % multiple or shape[2] % multiple:
+            raise ConfigError(
+                f"latents of shape {list(shape)} do not fit model {cfg.model!r}: height and width must be "
+                f"multiples of {multiple} (re-encode with a --bucket-multiple or --resolution that gives them)"
+            )
+    if cfg.flip_prob and not man.get("flip"):
+        raise ConfigError("option 'flip-prob': the latent dataset has no flipped latents (encode with --flip)")
+    if man["latent_shape"] is None and cfg.task:
+        raise ConfigError("option 'task': restoration tasks train on square latents, this dataset is bucketed")
+
+
 def train_model(cfg: TrainConfig):
     """Check the inputs on the driver, then run the loop on Ray Train; returns Ray's Result."""
     so = cfg.storage.options
@@ -228,6 +315,7 @@ def train_model(cfg: TrainConfig):
     if cfg.task and cfg.task not in man["tasks"]:
         raise ConfigError(f"the latent dataset has no '{cfg.task}' view; encode with --tasks {cfg.task}")
     autoencoder.load(_vae_url(cfg, man), so)  # refuse a missing or wrong autoencoder on the driver
+    check_model_fits(cfg, man)
     if cfg.init_from:
         checkpoint.load(cfg.init_from, "diffusion", so)
     if cfg.calibration_images and not storage.list_files(cfg.calibration_images, imaging.IMAGE_SUFFIXES, so):
