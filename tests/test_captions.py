@@ -20,6 +20,7 @@ from pipeline.io.tarshards import Sample, iter_samples
 from pipeline.models import autoencoder, text
 from pipeline.stages import encode
 from pipeline.stages.encode import EncodeConfig, encode_shard, prepare_sample, run_encode
+from pipeline.stages.inspect import InspectConfig, inspect
 
 CAPTIONS = {
     "portrait": "a photo of a tall tower",
@@ -205,6 +206,10 @@ def test_encode_captions_buckets_and_flips(tmp_path, bucket, ray_cluster, encode
     empty = man["text_encoders"][0]["empty_caption"]
     stored_empty = _npy(storage.read_bytes(f"{bucket}/lat/{empty['hidden']}"))
     np.testing.assert_array_equal(stored_empty, tes["clip"].encode([""])[0].hidden)
+
+    info = inspect(InspectConfig(url=f"{bucket}/lat", verify=True))  # shapes checked against the buckets
+    assert info["verified_shards"] == 1 and [t["name"] for t in info["text_encoders"]] == ["clip", "t5"]
+    assert sum(b["samples"] for b in info["buckets"]) == 7
 
     # every output is readable by webdataset and by Ray Data
     import ray

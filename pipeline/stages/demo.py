@@ -101,9 +101,9 @@ class Budget:
 FULL = Budget(
     crops_per_photo=48,
     captioned_per_photo=48,
-    vae_steps=600,
+    vae_steps=450,
     diffusion_steps=600,
-    task_steps=600,
+    task_steps=500,
     heldout=6,
     sample_steps=30,
     restore_steps=20,

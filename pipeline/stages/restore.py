@@ -231,15 +231,18 @@ class RestoreActor:
         import torch
 
         from pipeline.models import loading
-        from pipeline.restoration import networks
+        from pipeline.restoration import networks, pipelines
         from pipeline.restoration.networks import NetworkRestorer
+        from pipeline.restoration.pipelines import PipelineRestorer
         from pipeline.restoration.restorer import Restorer
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg, self.task = cfg, task
-        self.restorer: Restorer | NetworkRestorer
+        self.restorer: Restorer | NetworkRestorer | PipelineRestorer
         if networks.is_network_file(cfg.checkpoint):
             self.restorer = NetworkRestorer(cfg.checkpoint, task, cfg.settings, cfg.storage.options)
+        elif pipelines.is_pipeline_folder(cfg.checkpoint, cfg.storage.options):
+            self.restorer = PipelineRestorer(cfg.checkpoint, task, cfg.settings, cfg.storage.options)
         else:
             self.restorer = Restorer(loading.load(cfg.checkpoint, cfg.storage.options), task, cfg.settings)
         self.actor_id = f"{os.getpid()}-{id(self)}"  # the report lists the actors (one model load each)
@@ -381,14 +384,16 @@ def _existing_outputs(cfg: RestoreConfig) -> frozenset:
 
 def run_restore(cfg: RestoreConfig) -> dict:
     from pipeline.models import loading
-    from pipeline.restoration import networks
+    from pipeline.restoration import networks, pipelines
     from pipeline.restoration.restorer import check_compatible
 
     t0 = time.time()
     so = cfg.storage.options
-    # the checkpoint or network is checked first: one line, before any Ray work
+    # the checkpoint, network or pipeline is checked first: one line, before any Ray work
     if networks.is_network_file(cfg.checkpoint):
         task = networks.describe(cfg.checkpoint, cfg.task, so)
+    elif pipelines.is_pipeline_folder(cfg.checkpoint, so):
+        task = pipelines.describe(cfg.checkpoint, cfg.task, so)
     else:
         task = check_compatible(loading.describe(cfg.checkpoint, so), cfg.task)
     items, refused = list_inputs(cfg)

@@ -1,0 +1,230 @@
+"""Pretrained diffusers x4 super-resolution pipelines in the same job: a diffusers pipeline folder
+(``model_index.json`` at its root) of class ``LDMSuperResolutionPipeline`` (latent diffusion:
+VQModel + UNet2DModel + scheduler) or ``StableDiffusionUpscalePipeline`` (AutoencoderKL +
+UNet2DConditionModel + CLIP text encoder + two schedulers; run with the empty prompt).
+
+Only safetensors weights are loaded (``use_safetensors=True``; a component with ``.bin`` /
+``.pt`` / ``.ckpt`` weights only is refused on the driver: they are pickles), only from the local
+copy (``local_files_only``), and no code from the folder is run: the pipeline class must be one of
+the two above and every component must come from diffusers or transformers. A remote folder is
+copied once into the private cache (:func:`storage.download_dir`); the pipeline is loaded once per
+actor.
+
+Both pipelines are x4, so the task is ``upscale4``. The low-resolution input is reflect-padded to
+a multiple of the pipeline's size unit (32 for LDM, whose own preprocessing would otherwise resize
+it) and the output cropped back to exactly 4x the input. Large images run tile by tile with
+blended overlaps (:mod:`tiling`; tiles of ``--tile / 4`` input pixels), so memory is bounded by
+``--tile``; images of one size go through the pipeline in one batched call. ``--steps`` is the
+number of inference steps and ``--seed`` seeds the sampler noise (each pipeline call starts from
+a generator seeded with it, so a tile's noise does not continue across tiles).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.config import ConfigError
+from pipeline.io import checkpoint, storage
+from pipeline.models.tiling import tiled_apply
+from pipeline.restoration.restorer import RestoreSettings
+
+INDEX_NAME = "model_index.json"
+LDM_SR = "LDMSuperResolutionPipeline"
+SD_UPSCALE = "StableDiffusionUpscalePipeline"
+# the components each supported pipeline needs (others, such as a safety checker, are optional)
+REQUIRED = {
+    LDM_SR: ("vqvae", "unet", "scheduler"),
+    SD_UPSCALE: ("vae", "text_encoder", "tokenizer", "unet", "low_res_scheduler", "scheduler"),
+}
+SCALE, TASK = 4, "upscale4"
+WEIGHTS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
+# libraries a component may come from: diffusers' own modules ("stable_diffusion" is the safety
+# checker's) and transformers; anything else would import code shipped with the folder
+LIBRARIES = ("diffusers", "transformers", "stable_diffusion")
+# components of these classes have no weights (configs and vocabularies only)
+WEIGHTLESS = ("Scheduler", "Tokenizer", "TokenizerFast", "ImageProcessor", "FeatureExtractor")
+LDM_MULTIPLE = 32  # LDMSuperResolutionPipeline resizes a PIL input to a multiple of 32
+
+
+def is_pipeline_folder(url: str, storage_options: dict | None = None) -> bool:
+    """Whether ``--checkpoint`` names a diffusers pipeline folder (``model_index.json`` at its root)."""
+    return storage.exists(storage.join(url, INDEX_NAME), storage_options)
+
+
+def _inspect(url: str, storage_options: dict | None = None, where: str = "") -> str:
+    """The pipeline's class name, after checking the folder is one that is loaded (one line)."""
+    where = where or storage.redact(url)
+    try:
+        index = storage.read_json(storage.join(url, INDEX_NAME), storage_options)
+    except FileNotFoundError:
+        raise checkpoint.CheckpointError(f"{where}: no {INDEX_NAME}: not a diffusers pipeline folder") from None
+    except (ValueError, UnicodeDecodeError):
+        raise checkpoint.CheckpointError(f"{where}: {INDEX_NAME} is not valid JSON") from None
+    if not isinstance(index, dict):
+        raise checkpoint.CheckpointError(f"{where}: {INDEX_NAME} is not a JSON object")
+    cls = index.get("_class_name")
+    if not isinstance(cls, str) or cls not in REQUIRED:
+        raise ConfigError(
+            f"{where}: a diffusers {cls!r} pipeline; restore runs only the x4 super-resolution pipelines "
+            f"{' and '.join(REQUIRED)}"
+        )
+    components: dict[str, str] = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue  # metadata and config values (e.g. max_noise_level)
+        if len(value) != 2:
+            raise checkpoint.CheckpointError(f"{where}: {INDEX_NAME}: component {name!r} is not [library, class]")
+        library, class_name = value
+        if library is None and class_name is None:
+            continue  # an optional component that is absent
+        if library not in LIBRARIES:
+            raise ConfigError(
+                f"{where}: component {name!r} comes from {library!r}; only diffusers and transformers "
+                "components are loaded (no code from the folder is run)"
+            )
+        components[name] = str(class_name)
+    missing = [c for c in REQUIRED[cls] if c not in components]
+    if missing:
+        raise checkpoint.CheckpointError(f"{where}: {cls} without its {', '.join(missing)} component(s)")
+    files = storage.walk_files(url, storage_options)
+    code = [f for f in files if f.lower().endswith(".py")]
+    if code:
+        raise ConfigError(f"{where}: the folder holds Python code ({code[0]}); pipelines with custom code are not loaded")
+    for name, class_name in components.items():
+        if class_name.endswith(WEIGHTLESS):
+            continue
+        under = [f for f in files if f.startswith(name + "/")]
+        if any(f.endswith(WEIGHTS_SUFFIX) for f in under):
+            continue
+        pickles = [f for f in under if f.lower().endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise checkpoint.CheckpointError(
+                f"{where}: {name}/ has only pickle weights ({posixpath.basename(pickles[0])}); only safetensors "
+                "are loaded: re-save the pipeline with safe_serialization=True"
+            )
+        raise checkpoint.CheckpointError(f"{where}: {name}/ has no {WEIGHTS_SUFFIX} weights")
+    return cls
+
+
+def _check_task(cls: str, task: str) -> None:
+    if task and task != TASK:
+        raise ConfigError(f"option 'task': {cls} is a x{SCALE} super-resolution pipeline, so its task is {TASK!r}, not {task!r}")
+
+
+def describe(url: str, task: str, storage_options: dict | None = None) -> str:
+    """The task the pipeline at ``url`` runs (``upscale4``), checked against ``--task`` on the driver (one line)."""
+    _check_task(_inspect(url, storage_options), task)
+    return TASK
+
+
+def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad the bottom and right of (B, C, h, w) up to a multiple (repeatedly for tiny sides,
+    replicating a side of one pixel)."""
+    ph, pw = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
+    while ph or pw:
+        dh, dw = min(ph, x.shape[-2] - 1), min(pw, x.shape[-1] - 1)
+        if not dh and not dw:
+            return F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x = F.pad(x, (0, dw, 0, dh), mode="reflect")
+        ph, pw = ph - dh, pw - dw
+    return x
+
+
+class PipelineRestorer:
+    """Upscales images x4 with a diffusers pipeline; the same interface as :class:`Restorer`."""
+
+    def __init__(
+        self,
+        url: str,
+        task: str,
+        opts: RestoreSettings,
+        storage_options: dict | None = None,
+        device: str | None = None,
+        *,
+        prompt: str = "",
+    ):
+        from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        where = storage.redact(url)
+        local = storage.download_dir(url, storage_options)  # a local folder as is; a remote one copied once
+        self.class_name = _inspect(local, where=where)  # the copy that is loaded is the one checked
+        _check_task(self.class_name, task)
+        self.task, self.scale, self.opts, self.gain, self.prompt = TASK, SCALE, opts, 1.0, prompt
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        diffusers_logging.disable_progress_bar()
+        try:
+            pipe: Any = DiffusionPipeline.from_pretrained(local, use_safetensors=True, local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+            detail = " ".join(str(exc).split())[:160]
+            raise checkpoint.CheckpointError(
+                f"{where}: diffusers could not load the pipeline ({type(exc).__name__}: {detail})"
+            ) from None
+        if type(pipe).__name__ != self.class_name:
+            raise checkpoint.CheckpointError(f"{where}: loaded a {type(pipe).__name__}, not a {self.class_name}")
+        vae = pipe.vqvae if self.class_name == LDM_SR else pipe.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if factor != SCALE:
+            raise checkpoint.CheckpointError(f"{where}: its autoencoder decodes at x{factor}, not x{SCALE}")
+        # the size unit of the input: LDM's own preprocessing rounds to 32; the SD UNet halves it per level
+        self.multiple = (
+            LDM_MULTIPLE if self.class_name == LDM_SR else max(8, 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+        )
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+
+    @torch.no_grad()
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        """One pipeline call: (B, 3, h, w) in [0, 1], h and w multiples of ``self.multiple`` ->
+        (B, 3, 4h, 4w) in [0, 1]."""
+        generator = torch.Generator("cpu").manual_seed(self.opts.seed)
+        common = {"num_inference_steps": self.opts.steps, "generator": generator, "output_type": "pt"}
+        if self.class_name == LDM_SR:  # takes a tensor in [-1, 1] as it is
+            out = self.pipe(image=x * 2 - 1, **common).images
+        else:  # takes a tensor in [0, 1]; the empty prompt needs no classifier-free guidance (both halves agree)
+            out = self.pipe(
+                prompt=[self.prompt] * x.shape[0],
+                image=x,
+                guidance_scale=9.0 if self.prompt else 1.0,
+                **common,
+            ).images
+        return out.float().clamp(0, 1)
+
+    @torch.no_grad()
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) in [0, 1] -> (B, 3, 4h, 4w) in [0, 1]: padded, tile by tile, cropped back."""
+        h, w = x.shape[-2:]
+        padded = _pad(x.to(self.device), self.multiple)
+        tile = max(self.multiple, (self.opts.tile // SCALE) // self.multiple * self.multiple)
+        overlap = max(0, min(self.opts.overlap // SCALE, tile // 2 - 1))
+        y = tiled_apply(self._call, padded, tile, overlap, factor=SCALE, batch=max(1, 8 // x.shape[0]))
+        return y[:, :, : h * SCALE, : w * SCALE]
+
+    @torch.no_grad()
+    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
+        """Upscale several images, those of one size in one batch."""
+        out: list[Image.Image | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.size, []).append(i)
+        for idx in groups.values():
+            # exactly the pipelines' own conversion of a PIL image: uint8 / 255 in float32
+            x = torch.from_numpy(
+                np.stack([np.asarray(images[i].convert("RGB")).astype(np.float32).transpose(2, 0, 1) for i in idx])
+                / 255.0
+            )
+            y = self._run(x).cpu().numpy()
+            for j, i in enumerate(idx):
+                arr = np.round(y[j].transpose(1, 2, 0) * 255)
+                out[i] = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+        return out  # type: ignore[return-value]
+
+    def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image:
+        return self.restore_many([im])[0]
