@@ -346,3 +346,37 @@ def test_batched_restore_matches_one_by_one(upscale_model):
         alone = np.asarray(r.restore(im), np.int16)
         assert out.size == (2 * im.width, 2 * im.height)
         assert np.abs(np.asarray(out, np.int16) - alone).max() <= 1
+
+
+def test_restore_task_builds_on_the_classical_restoration_and_eval_keeps_the_input_floor(tmp_path):
+    """The ``restore`` task: gain 0 is the denoised + deconvolved input, the model's estimate is
+    measured from it, and eval's floor per image is the degraded input itself."""
+    from helpers import tiny_diffusion_checkpoint
+    from pipeline.stages.eval import score
+
+    ck = tiny_diffusion_checkpoint(str(tmp_path / "ck"), task="restore")
+    model = loading.load(ck, device="cpu")
+    hr = photo_crops(1, size=64, seed=3)[0]
+    lr = degrade.degrade("restore", hr, 0)
+    raw = degrade.classical_base("restore", lr)
+    base = np.round(np.clip(raw, 0, 255)).astype(np.uint8)
+    out0 = Restorer(model, "restore", RestoreSettings(gain=0.0)).restore(lr)
+    assert np.abs(np.asarray(out0, np.int16) - base).max() <= 1  # exactly the base (up to rounding)
+    parts = Restorer(model, "restore", RestoreSettings()).parts(lr)
+    one = np.asarray(Restorer(model, "restore", RestoreSettings(gain=1.0)).compose(parts, 1.0), np.float32)
+    half = np.asarray(Restorer(model, "restore", RestoreSettings(gain=0.5)).compose(parts, 0.5), np.float32)
+    inside = (one > 0) & (one < 255) & (raw > 0) & (raw < 255)  # where neither was clipped
+    assert inside.mean() > 0.3
+    np.testing.assert_allclose(half[inside], ((one + base) / 2)[inside], atol=1.01)  # a mix of base and estimate
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, im in enumerate(photo_crops(3, size=96, seed=8)):
+        im.save(photos / f"p{i}.png")
+    result, _ = score(EvalConfig(task="restore", checkpoint=ck, images=str(photos), out=str(tmp_path / "e")))
+    rows = result["scores"]
+    assert set(rows) == {"model", "input", "classical_base", "autoencoder"} and result["floor"] == "input"
+    assert rows["classical_base"]["psnr"] > rows["input"]["psnr"]
+    best = str(result["recommended_gain"])
+    assert result["calibration"][best]["never_below_baseline"]
+    assert result["calibration"]["0.0"]["psnr"] == pytest.approx(rows["classical_base"]["psnr"], abs=1e-3)

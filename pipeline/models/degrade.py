@@ -136,13 +136,48 @@ def back_project(lr: Image.Image, scale: int, *, iters: int = 10, start: np.ndar
     return x
 
 
+# The classical restoration of the ``restore`` task, tuned once on the bundled training photos
+# (scikit-image's, never the held-out ones): total-variation denoising, then Wiener
+# deconvolution with the task's known Gaussian blur (reflect-padded). Measured on 60 random
+# 96-px crops of the training photos: +0.36 dB or more over the degraded input (mean +0.91); on
+# 8 whole held-out photos (astronaut, camera, coins, brick, grass, gravel, text, moon): +0.92 to
+# +2.98 dB (mean +1.52), never below it.
+RESTORE_TV_WEIGHT = 0.01
+RESTORE_WIENER_BALANCE = 0.02
+
+
+def gaussian_psf(sigma: float) -> np.ndarray:
+    r = max(1, int(np.ceil(3 * sigma)))
+    g = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2))
+    g /= g.sum()
+    return np.outer(g, g)
+
+
+def classical_restore(task: str, degraded: Image.Image) -> np.ndarray:
+    """Denoise (TV) and deconvolve (Wiener, the task's known blur) an image of a same-size task;
+    float (H, W, 3) in 0..255, unclipped."""
+    from skimage.restoration import denoise_tv_chambolle, wiener
+
+    t = TASKS[task]
+    x = np.asarray(degraded.convert("RGB"), np.float64) / 255.0
+    x = denoise_tv_chambolle(x, weight=RESTORE_TV_WEIGHT, channel_axis=-1)
+    if t.blur_sigma:  # Wiener works in the Fourier domain: reflect-pad so the borders do not wrap
+        psf = gaussian_psf(t.blur_sigma)
+        p = min(4 * (psf.shape[0] // 2), x.shape[0] - 1, x.shape[1] - 1)
+        xp = np.pad(x, ((p, p), (p, p), (0, 0)), mode="reflect")
+        xp = np.stack([wiener(xp[..., c], psf, balance=RESTORE_WIENER_BALANCE, clip=False) for c in range(3)], -1)
+        x = xp[p : xp.shape[0] - p, p : xp.shape[1] - p]
+    return (x * 255.0).astype(np.float32)
+
+
 def classical_base(task: str, degraded: Image.Image) -> np.ndarray:
     """The classical restoration every output is built on (float (H, W, 3), 0..255, unclipped):
-    the back-projected upsample for ``upscaleN`` (consistent with the input), the input itself
-    for ``restore``. ``--gain 0`` gives exactly this, clipped."""
+    the back-projected upsample for ``upscaleN`` (consistent with the input), the denoised and
+    deconvolved input (:func:`classical_restore`) for ``restore``. ``--gain 0`` gives exactly
+    this, clipped."""
     t = TASKS[task]
     if t.scale == 1:
-        return np.asarray(degraded.convert("RGB"), np.float32)
+        return classical_restore(task, degraded)
     return back_project(degraded, t.scale)
 
 

@@ -8,7 +8,8 @@ decoded as a whole. The output is
 
 * ``base``: the classical result, :func:`degrade.classical_base` of the input: for ``upscaleN``
   the back-projected upsample, consistent with the input (downsampled, it gives the input back);
-  the input itself for ``restore`` / ``inpaint``;
+  for ``restore`` the input denoised (total variation) and deconvolved (Wiener, the task's known
+  blur); the input itself for ``inpaint``;
 * ``z_base``: the (scaled) latent of the view the model is conditioned on
   (:func:`degrade.condition_view`, the Lanczos upsample); ``z``: the latent the denoiser produced;
 * ``D(z) - D(z_base)``: the detail the model adds, as a *difference* of two decodes, so the
@@ -18,6 +19,9 @@ decoded as a whole. The output is
   input; low-frequency colour drift from the autoencoder cannot get in. After adding the detail,
   a few back-projection steps make the output consistent with the input again (range–null-space
   decomposition, as in DDNM: the model only fills what the downsampling cannot see);
+* for ``restore``, the model is conditioned on the degraded input itself, so its detail is
+  measured from the classical base instead: ``out = base + gain * (view + D(z) - D(z_base) - base)``
+  (gain 1 is the model's own estimate);
 * ``gain``: the ``--gain`` option (0 gives exactly the classical base: the floor).
 
 Model kinds: a checkpoint trained with ``train --task T`` (concat-conditioned, it generates the
@@ -250,6 +254,8 @@ class Restorer:
         scale = degrade.TASKS[self.task].scale
         if scale > 1:
             residual = project_upscale(residual, scale)
+        elif self.conditional:  # the model's estimate (view + residual) measured from the classical base:
+            residual = residual + (view - base)  # gain 0 = the base, gain 1 = the model's own estimate
         lrs = rgb if scale > 1 else [None] * len(rgb)
         return [Parts(base[i : i + 1], residual[i : i + 1], h, w, gain, lrs[i]) for i in range(len(images))]
 

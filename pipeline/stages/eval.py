@@ -3,9 +3,12 @@
 Held-out images are degraded with the same pipeline as training (:mod:`degrade`), restored with
 the same core as ``restore`` (:mod:`restoration`), and scored against the originals (RGB PSNR,
 luma PSNR with a ``scale``-pixel border cropped as in the super-resolution literature, SSIM)
-next to bicubic and Lanczos resizes of the same input, the back-projection base (the classical
-floor of every upscaling output) and the autoencoder's own reconstruction of the original (the
-ceiling a latent method decoding whole images would hit).
+next to the classical rows and the autoencoder's own reconstruction of the original (the ceiling
+a latent method decoding whole images would hit). Classical rows: for upscaling, bicubic and
+Lanczos resizes of the same input and the back-projection base (the classical floor of every
+upscaling output); for ``restore``, the degraded input itself and the classical restoration base
+(denoised and deconvolved). The per-image floor is Lanczos for upscaling and the degraded input
+for ``restore``.
 """
 
 from __future__ import annotations
@@ -83,7 +86,10 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     if not urls:
         raise FileNotFoundError(f"no images at {storage.redact(cfg.images)}")
     Scores = dict[str, list[float]]
-    names = ("model", "bicubic", "lanczos", *(("back_projection",) if scale > 1 else ()), "autoencoder")
+    # the classical rows: resizes and the back-projection base (upscaling); the degraded input and the
+    # classical restoration base (same-size tasks)
+    classical = ("bicubic", "lanczos", "back_projection") if scale > 1 else ("input", "classical_base")
+    names = ("model", *classical, "autoencoder")
     rows: dict[str, Scores] = {k: {"psnr": [], "psnr_y": [], "ssim": []} for k in names}
     calib: dict[float, Scores] = {g: {"psnr": [], "psnr_y": [], "ssim": []} for g in GAINS}
     panels: list[list[Image.Image]] = []
@@ -113,13 +119,14 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
         by_gain = {g: restorer.compose(parts, g) for g in {*GAINS, parts.gain}}  # each composed once
         for g in GAINS:
             add(calib[g], _t(by_gain[g]))
-        outs = {
-            "model": by_gain[parts.gain],
-            "bicubic": lr.resize(hr.size, Image.Resampling.BICUBIC),
-            "lanczos": lr.resize(hr.size, Image.Resampling.LANCZOS),
-        }
-        if scale > 1:  # the classical floor of every upscaling output: exactly what --gain 0 gives
+        outs = {"model": by_gain[parts.gain]}
+        if scale > 1:  # the classical floor of every upscaling output is exactly what --gain 0 gives
+            outs["bicubic"] = lr.resize(hr.size, Image.Resampling.BICUBIC)
+            outs["lanczos"] = lr.resize(hr.size, Image.Resampling.LANCZOS)
             outs["back_projection"] = by_gain[0.0]
+        else:
+            outs["input"] = lr
+            outs["classical_base"] = by_gain[0.0]
         for name, im in outs.items():
             add(rows[name], _t(im))
         with torch.no_grad():  # padded to the autoencoder's multiple, cropped back
@@ -129,7 +136,7 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
         add(rows["autoencoder"], recon)
         if len(panels) < 4:
             panels.append(
-                [lr.resize(hr.size, Image.Resampling.NEAREST), outs["bicubic"], outs["lanczos"], outs["model"], hr]
+                [lr.resize(hr.size, Image.Resampling.NEAREST), *(outs[k] for k in classical[:2]), outs["model"], hr]
             )
     if not rows["model"]["psnr"]:
         raise ConfigError(
@@ -146,7 +153,7 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     }
     # the floor a gain must keep: never below Lanczos on any image (upscaling; for `restore`, never
     # below the degraded input itself) in PSNR, and on average at least the classical base
-    ref = rows["lanczos"] if scale > 1 else calib[0.0]
+    ref = rows["lanczos"] if scale > 1 else rows["input"]
     base_mean = float(np.mean(calib[0.0]["psnr"]))
 
     def never_below(r: dict) -> bool:
@@ -169,6 +176,7 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
         "gain": restorer.gain,
         "checkpoint_step": model.info.step,
         "scores": table,
+        "floor": "lanczos" if scale > 1 else "input",
         "model_never_below_lanczos": never_below(rows["model"]),
         "calibration": calibration,
         "recommended_gain": max(safe, key=lambda g: np.mean(calib[g]["psnr"])) if safe else 0.0,
@@ -197,7 +205,7 @@ def format_table(result: dict) -> str:
     lines.append("* reconstruction of the original through the autoencoder: the ceiling of whole-image decoding")
     lines.append("** luma PSNR with a border of <scale> pixels cropped (the super-resolution papers' convention)")
     lines.append(
-        "model never below Lanczos (PSNR per image) and at least the base on average: "
+        f"model never below {result['floor']} (PSNR per image) and at least the base on average: "
         f"{result['model_never_below_lanczos']}"
     )
     lines.append(
@@ -209,13 +217,14 @@ def format_table(result: dict) -> str:
     )
     lines.append(
         f"recommended --gain: {result['recommended_gain']} (the best mean PSNR among the gains never below "
-        "Lanczos on any of these images, nor below the classical base on average; 0 = the base)"
+        f"{result['floor']} on any of these images, nor below the classical base on average; 0 = the base)"
     )
     return "\n".join(lines)
 
 
 def _side_by_side(panels: list[list[Image.Image]]) -> bytes:
-    """Rows of: input (nearest) | bicubic | Lanczos | model | original."""
+    """Rows of: input (nearest) | bicubic | Lanczos | model | original (upscaling); input | input |
+    classical base | model | original (``restore``)."""
     w, h = panels[0][0].size
     sheet = Image.new("RGB", (5 * w, len(panels) * h), (255, 255, 255))
     for r, row in enumerate(panels):
