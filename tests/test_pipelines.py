@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from helpers import photo_crops
@@ -167,17 +169,48 @@ def test_an_untiled_image_matches_the_librarys_own_call(saved, kind):
     assert np.abs(_px(other) - _px(out)).mean() > 0.5
 
 
-def test_tiled_pipeline_agrees_with_untiled(saved):
+class _NearestX4:
+    """Stands in for the LDM pipeline's call: x4 nearest upsampling, a map with no reach beyond
+    the pixel, so tiled and untiled runs must agree exactly; records the shapes it was called on."""
+
+    def __init__(self):
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, image, **kwargs):
+        self.shapes.append(tuple(image.shape))
+        return SimpleNamespace(images=F.interpolate((image + 1) / 2, scale_factor=4, mode="nearest"))
+
+
+@pytest.mark.parametrize("size", [(64, 48), (50, 37)])
+def test_tiles_are_padded_placed_blended_and_cropped_exactly(saved, size):
+    im = photo_crops(1, 64, seed=5)[0].crop((0, 0, *size))
+    expected = np.asarray(im).repeat(4, 0).repeat(4, 1)
+    for tile, windows in ((512, 1), (128, 9)):  # 128 output px: 32 px input tiles, 8 px overlap
+        r = PipelineRestorer(saved["ldm"][0], "", RestoreSettings(tile=tile, overlap=32))
+        r.pipe = _NearestX4()
+        out = r.restore(im)
+        assert np.array_equal(np.asarray(out), expected), (size, tile)
+        # the padded input (64 x 64) whole, or 3 x 3 windows of 32 px (batched into the calls)
+        assert sum(s[0] for s in r.pipe.shapes) == windows
+        assert {s[-2:] for s in r.pipe.shapes} == {(64, 64) if tile == 512 else (32, 32)}
+
+
+def test_a_tiled_pipeline_agrees_with_the_untiled_one_at_low_frequencies(saved):
+    """The real pipeline tiled: its GroupNorms and attention see the tile, not the image, and the
+    VQ codes of a random model flip easily, so pixels differ; the content agrees where it lies."""
     folder, _pipe = saved["ldm_noise_free"]
     im = photo_crops(1, 64, seed=5)[0].crop((0, 0, 64, 48))
     whole = PipelineRestorer(folder, "", RestoreSettings(steps=2, tile=512)).restore(im)
-    tiled = PipelineRestorer(folder, "", RestoreSettings(steps=2, tile=128, overlap=32)).restore(im)  # 32 px tiles
+    tiled = PipelineRestorer(folder, "", RestoreSettings(steps=2, tile=128, overlap=32)).restore(im)
     assert whole.size == tiled.size == (256, 192)
-    a, b = _px(whole) / 127.5 - 1, _px(tiled) / 127.5 - 1
-    diff = np.abs(a - b).mean()
-    # a tile misplaced by a few output pixels (a wrong offset) would differ by far more
-    shifted = np.abs(a[4:, 4:] - a[:-4, :-4]).mean()
-    assert 0 < diff < 0.05 and diff < shifted / 3, (diff, shifted)
+
+    def pooled(x: Image.Image) -> np.ndarray:  # 16 x 16 output px cells, in [-1, 1]
+        t = torch.from_numpy(_px(x) / 127.5 - 1).permute(2, 0, 1)[None]
+        return F.avg_pool2d(t, 16)[0].numpy()
+
+    a, b = pooled(whole), pooled(tiled)
+    corr = np.corrcoef((a - a.mean()).ravel(), (b - b.mean()).ravel())[0, 1]
+    assert np.abs(a - b).mean() < 0.1 and corr > 0.75, (np.abs(a - b).mean(), corr)
 
 
 def test_unsupported_pickled_or_mismatched_pipelines_are_refused_on_the_driver(tmp_path, saved, capsys):
@@ -199,7 +232,7 @@ def test_unsupported_pickled_or_mismatched_pipelines_are_refused_on_the_driver(t
     index = json.loads((custom / "model_index.json").read_text())
     index["unet"] = ["my_unet", "MyUNet"]
     (custom / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ConfigError, match="comes from 'my_unet'.*no code from the folder is run"):
+    with pytest.raises(ConfigError, match=r"comes from 'my_unet'.*no code from the folder is run"):
         pipelines.describe(str(custom), "")
     assert not pipelines.is_pipeline_folder(str(tmp_path / "nothing"))
     (tmp_path / "in").mkdir()

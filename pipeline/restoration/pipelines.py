@@ -21,6 +21,7 @@ a generator seeded with it, so a tile's noise does not continue across tiles).
 
 from __future__ import annotations
 
+import importlib.util
 import posixpath
 from typing import Any
 
@@ -48,8 +49,8 @@ PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
 # libraries a component may come from: diffusers' own modules ("stable_diffusion" is the safety
 # checker's) and transformers; anything else would import code shipped with the folder
 LIBRARIES = ("diffusers", "transformers", "stable_diffusion")
-# components of these classes have no weights (configs and vocabularies only)
-WEIGHTLESS = ("Scheduler", "Tokenizer", "TokenizerFast", "ImageProcessor", "FeatureExtractor")
+# the components of each that are networks (must have safetensors weights)
+NETWORKS = {LDM_SR: ("vqvae", "unet"), SD_UPSCALE: ("vae", "text_encoder", "unet")}
 LDM_MULTIPLE = 32  # LDMSuperResolutionPipeline resizes a PIL input to a multiple of 32
 
 
@@ -96,10 +97,10 @@ def _inspect(url: str, storage_options: dict | None = None, where: str = "") -> 
     files = storage.walk_files(url, storage_options)
     code = [f for f in files if f.lower().endswith(".py")]
     if code:
-        raise ConfigError(f"{where}: the folder holds Python code ({code[0]}); pipelines with custom code are not loaded")
-    for name, class_name in components.items():
-        if class_name.endswith(WEIGHTLESS):
-            continue
+        raise ConfigError(
+            f"{where}: the folder holds Python code ({code[0]}); pipelines with custom code are not loaded"
+        )
+    for name in components:
         under = [f for f in files if f.startswith(name + "/")]
         if any(f.endswith(WEIGHTS_SUFFIX) for f in under):
             continue
@@ -109,13 +110,16 @@ def _inspect(url: str, storage_options: dict | None = None, where: str = "") -> 
                 f"{where}: {name}/ has only pickle weights ({posixpath.basename(pickles[0])}); only safetensors "
                 "are loaded: re-save the pipeline with safe_serialization=True"
             )
-        raise checkpoint.CheckpointError(f"{where}: {name}/ has no {WEIGHTS_SUFFIX} weights")
+        if name in NETWORKS[cls]:
+            raise checkpoint.CheckpointError(f"{where}: {name}/ has no {WEIGHTS_SUFFIX} weights")
     return cls
 
 
 def _check_task(cls: str, task: str) -> None:
     if task and task != TASK:
-        raise ConfigError(f"option 'task': {cls} is a x{SCALE} super-resolution pipeline, so its task is {TASK!r}, not {task!r}")
+        raise ConfigError(
+            f"option 'task': {cls} is a x{SCALE} super-resolution pipeline, so its task is {TASK!r}, not {task!r}"
+        )
 
 
 def describe(url: str, task: str, storage_options: dict | None = None) -> str:
@@ -161,7 +165,12 @@ class PipelineRestorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         diffusers_logging.disable_progress_bar()
         try:
-            pipe: Any = DiffusionPipeline.from_pretrained(local, use_safetensors=True, local_files_only=True)
+            pipe: Any = DiffusionPipeline.from_pretrained(
+                local,
+                use_safetensors=True,
+                local_files_only=True,
+                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,  # (it needs accelerate)
+            )
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
             detail = " ".join(str(exc).split())[:160]
             raise checkpoint.CheckpointError(
