@@ -92,8 +92,9 @@ def test_bucket_batches_hold_one_bucket_and_carry_remainders(bucketed):
 
 def test_text_to_image_on_two_workers_resumes_and_samples(bucketed, encoders, bucket, ray_cluster, tmp_path):
     out = f"{bucket}/runs/t2i"
+    storage.upload_dir(bucketed, f"{bucket}/lat")  # latents, checkpoints and metrics on the S3 endpoint
     cfg = TrainConfig(
-        latents=bucketed,
+        latents=f"{bucket}/lat",
         output=out,
         model="dit-tiny",
         workers=2,
