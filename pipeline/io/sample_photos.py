@@ -48,6 +48,14 @@ def load_photo(name: str) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
+def _at_most(im: Image.Image, short_side: int) -> Image.Image:
+    """Bring a big photo down (shorter side ``short_side``) so a crop holds a recognisable part of the scene."""
+    scale = short_side / min(im.size)
+    if scale >= 1:
+        return im
+    return im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+
+
 def write_crops(
     out_dir: str, crop: int = 96, per_photo: int = 24, seed: int = 0, photos: dict[str, str] | None = None
 ) -> int:
@@ -55,11 +63,7 @@ def write_crops(
     rng = np.random.default_rng(seed)
     n = 0
     for fname, cls in (photos or PHOTOS).items():
-        im = load_photo(fname)
-        # bring big photos down so a crop holds a recognisable part of the scene
-        scale = 256 / min(im.size)
-        if scale < 1:
-            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+        im = _at_most(load_photo(fname), 256)
         os.makedirs(os.path.join(out_dir, cls), exist_ok=True)
         for i in range(per_photo):
             x = int(rng.integers(0, im.width - crop + 1))
@@ -80,10 +84,7 @@ def write_captioned_crops(out_dir: str, sizes: list[tuple[int, int]], per_photo:
     rng = np.random.default_rng(seed)
     n = 0
     for fname, cls in PHOTOS.items():
-        im = load_photo(fname)
-        scale = 256 / min(im.size)
-        if scale < 1:
-            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
+        im = _at_most(load_photo(fname), 256)
         os.makedirs(os.path.join(out_dir, cls), exist_ok=True)
         for i in range(per_photo):
             w, h = sizes[i % len(sizes)]

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError
 from pipeline.io import checkpoint, storage
 from pipeline.io.imaging import to_tensor_array
 from pipeline.models.tiling import tiled_apply
-from pipeline.restoration.restorer import RestoreSettings
+from pipeline.restoration.restorer import RestoreSettings, indices_by_size
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt", ".bin", ".pkl")
@@ -115,10 +115,7 @@ class NetworkRestorer:
     def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
         """Restore several images, those of one size in one batch."""
         out: list[Image.Image | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(im.size, []).append(i)
-        for idx in groups.values():
+        for idx in indices_by_size(images):
             x = torch.from_numpy(np.stack([to_tensor_array(images[i].convert("RGB")) for i in idx]))
             y = self._run(x).float().cpu().numpy()
             for j, i in enumerate(idx):

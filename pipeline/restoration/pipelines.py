@@ -33,7 +33,7 @@ from PIL import Image
 from pipeline.config import ConfigError
 from pipeline.io import checkpoint, storage
 from pipeline.models.tiling import tiled_apply
-from pipeline.restoration.restorer import RestoreSettings
+from pipeline.restoration.restorer import RestoreSettings, indices_by_size
 
 INDEX_NAME = "model_index.json"
 LDM_SR = "LDMSuperResolutionPipeline"
@@ -220,10 +220,7 @@ class PipelineRestorer:
     def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
         """Upscale several images, those of one size in one batch."""
         out: list[Image.Image | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(im.size, []).append(i)
-        for idx in groups.values():
+        for idx in indices_by_size(images):
             # exactly the pipelines' own conversion of a PIL image: uint8 / 255 in float32
             x = torch.from_numpy(
                 np.stack([np.asarray(images[i].convert("RGB")).astype(np.float32).transpose(2, 0, 1) for i in idx])

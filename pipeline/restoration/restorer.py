@@ -143,6 +143,14 @@ class Parts:
     lr: Image.Image | None = None  # the input of an upscaling task: the output is kept consistent with it
 
 
+def indices_by_size(images: list[Image.Image]) -> list[list[int]]:
+    """The positions of ``images`` grouped by image size (each group is one batched model call)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.size, []).append(i)
+    return list(groups.values())
+
+
 class Restorer:
     """Holds a loaded checkpoint and restores images with it."""
 
@@ -193,10 +201,7 @@ class Restorer:
         (beyond float rounding).
         """
         out: list[Image.Image | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(im.size, []).append(i)
-        for idx in groups.values():
+        for idx in indices_by_size(images):
             for i, parts in zip(idx, self.parts_many([images[i] for i in idx])):
                 out[i] = self.compose(parts, parts.gain)
         return out  # type: ignore[return-value]
