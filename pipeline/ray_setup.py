@@ -80,3 +80,15 @@ def check_fits(
                 f"{f', {reserve_cpus:g} CPU kept for reads' if reserve_cpus else ''}); "
                 f"at most {max(0, min(fit_cpu, fit_gpu))}"
             )
+
+
+def check_memory(bytes_per_unit: float, count: int, option: str, what: str) -> None:
+    """Refuse ``count`` units needing ``bytes_per_unit`` of RAM each when the Ray cluster's memory
+    (what Ray offers to tasks and actors) cannot hold them, instead of swapping or being killed."""
+    have = float(ray.cluster_resources().get("memory", 0))
+    need = bytes_per_unit * count
+    if have and need > have:
+        raise ConfigError(
+            f"option {option!r}: {what} needs about {bytes_per_unit / 2**30:.1f} GiB per worker "
+            f"({need / 2**30:.1f} GiB for {count}), the Ray cluster offers {have / 2**30:.1f} GiB of memory"
+        )

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from PIL import Image
 from helpers import encode_image, photo_crops, write_tar
 from pipeline.config import ConfigError
 from pipeline.io import buckets, imaging, manifest, storage
+from pipeline.io.checkpoint import CheckpointError
 from pipeline.io.tarshards import Sample, iter_samples
 from pipeline.models import autoencoder, text
 from pipeline.stages import encode
@@ -102,9 +104,11 @@ def test_bucket_file_is_checked():
         (b"[[64, 30]]", "not a multiple of 16"),
         (b"[[64, 32], [64, 32]]", "twice"),
         (b'[["a", 2]]', "positive integers"),
+        (b"[[16384, 64]]", "over 8192 px"),
+        (b"[[256, 32]]", "beyond --max-aspect 4"),
     ]:
         with pytest.raises(buckets.BucketError, match=msg):
-            buckets.parse(bad, 16, "t.json")
+            buckets.parse(bad, 16, "t.json", max_aspect=4.0)
 
 
 def test_jpeg_draft_decodes_smaller_but_never_below_the_need():
@@ -137,6 +141,31 @@ def test_stored_embedding_is_the_encoders_output_on_the_unpadded_caption(encoder
             np.testing.assert_allclose(emb.hidden.astype(np.float32), own, atol=2e-3)
         assert [e.truncated for e in batch] == [False, True, False]
         assert (batch[0].pooled is not None) == (kind == "clip")
+
+
+def test_a_text_encoder_whose_weights_do_not_match_its_config_is_refused(encoders, tmp_path):
+    """transformers would fill the missing weights with random values and only warn."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(encoders["clip"], bad)
+    shutil.copy(os.path.join(encoders["t5"], "config.json"), bad / "config.json")
+    with pytest.raises(CheckpointError, match="weights do not match T5EncoderModel"):
+        text.TextEncoder(str(bad))
+
+
+def test_caption_field_of_an_unreadable_json_is_a_bad_caption(encoders, vae_path):
+    cfg = EncodeConfig(
+        input="x.tar", output="/tmp/o", vae=vae_path, text_encoder=[encoders["clip"]], caption_field="caption"
+    )
+    fields = {"png": encode_image(photo_crops(1, 64)[0]), "json": b"{not json"}
+    with pytest.raises(imaging.BadImage, match="bad_caption"):
+        prepare_sample(Sample("k", fields), cfg)
+    fields["json"] = b'{"caption": 3}'
+    with pytest.raises(imaging.BadImage, match="bad_caption"):
+        prepare_sample(Sample("k", fields), cfg)
+    fields["json"] = b'{"caption": "a photo of coffee"}'
+    assert prepare_sample(Sample("k", fields), cfg).caption == "a photo of coffee"
 
 
 # --------------------------------------------------------------------------- the job

@@ -137,8 +137,15 @@ def test_text_to_image_on_two_workers_resumes_and_samples(bucketed, encoders, bu
             SampleConfig(checkpoint=ckpt, out=str(tmp_path / "x.png"), n=1, steps=1, prompt="a photo of coffee",
                          text_encoder=[encoders["other"]])
         )  # fmt: skip
+    with pytest.raises(ConfigError, match="more than 16x the largest area"):
+        run_sample(SampleConfig(checkpoint=ckpt, out=str(tmp_path / "z.png"), n=1, steps=1, width=512, height=512))
     with pytest.raises(ConfigError, match="multiples of 8"):
         run_sample(SampleConfig(checkpoint=ckpt, out=str(tmp_path / "y.png"), n=1, steps=1, width=60, height=32))
+
+
+def test_a_model_too_large_for_the_cluster_is_refused_before_training(bucketed, ray_cluster, tmp_path):
+    with pytest.raises(ConfigError, match=r"option 'model': model dit-xl \(\d+M\) needs about \d+\.\d GiB per worker"):
+        run_train(TrainConfig(latents=bucketed, output=str(tmp_path / "xl"), model="dit-xl", workers=4))
 
 
 def test_unet_takes_text_and_buckets_too(bucketed, ray_cluster, tmp_path):

@@ -49,8 +49,13 @@ def sort(sizes) -> list[Size]:
     return sorted(sizes, key=lambda s: (s[0] / s[1], s[0]))
 
 
-def parse(data: bytes, multiple: int, where: str) -> list[Size]:
-    """A table from a JSON file: ``[[w, h], ...]`` (or ``{"buckets": [[w, h], ...]}``)."""
+MAX_SIDE = 8192  # as --resolution
+MAX_BUCKETS = 4096
+
+
+def parse(data: bytes, multiple: int, where: str, max_aspect: float = 100.0) -> list[Size]:
+    """A table from a JSON file: ``[[w, h], ...]`` (or ``{"buckets": [[w, h], ...]}``), each size a
+    multiple of ``multiple``, at most :data:`MAX_SIDE` a side and ``max_aspect`` long side to short."""
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -58,6 +63,8 @@ def parse(data: bytes, multiple: int, where: str) -> list[Size]:
     rows = doc.get("buckets") if isinstance(doc, dict) else doc
     if not isinstance(rows, list) or not rows:
         raise BucketError(f"bucket table {where} must be a non-empty list of [width, height]")
+    if len(rows) > MAX_BUCKETS:
+        raise BucketError(f"bucket table {where} lists {len(rows)} sizes; at most {MAX_BUCKETS}")
     sizes: list[Size] = []
     for row in rows:
         if not (
@@ -68,6 +75,11 @@ def parse(data: bytes, multiple: int, where: str) -> list[Size]:
             raise BucketError(f"bucket table {where}: {row!r} is not [width, height] in positive integers")
         if row[0] % multiple or row[1] % multiple:
             raise BucketError(f"bucket table {where}: {row[0]}x{row[1]} is not a multiple of {multiple}")
+        if max(row) > MAX_SIDE or aspect(row[0], row[1]) > max_aspect + 1e-9:
+            raise BucketError(
+                f"bucket table {where}: {row[0]}x{row[1]} is over {MAX_SIDE} px a side or beyond "
+                f"--max-aspect {max_aspect:g}"
+            )
         sizes.append((row[0], row[1]))
     if len(set(sizes)) != len(sizes):
         raise BucketError(f"bucket table {where} lists a size twice")

@@ -88,21 +88,27 @@ class TextEncoder:
         transformers.logging.disable_progress_bar()
         try:
             config = transformers.AutoConfig.from_pretrained(local, local_files_only=True)
+            known = (*_ENCODER_CLASSES.values(), "CLIPTextModelWithProjection")
             cls_name = next(
-                (
-                    a
-                    for a in (config.architectures or [])
-                    if a.endswith(("EncoderModel", "TextModel", "WithProjection"))
-                ),
+                (a for a in (config.architectures or []) if a in known),
                 _ENCODER_CLASSES.get(config.model_type, "AutoModel"),
             )
             cls = getattr(transformers, cls_name)
-            model = cls.from_pretrained(local, local_files_only=True, use_safetensors=True)
+            model, loading = cls.from_pretrained(
+                local, local_files_only=True, use_safetensors=True, output_loading_info=True
+            )
             if getattr(model.config, "is_encoder_decoder", False):
                 model = model.get_encoder()
             tokenizer = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
         except (OSError, ValueError, KeyError, AttributeError, TypeError, ImportError) as exc:
             raise CheckpointError(f"{where}: cannot load the text encoder ({str(exc).splitlines()[0][:160]})") from None
+        # transformers fills weights it cannot find with random values and only warns: refuse instead
+        missing = list(loading.get("missing_keys") or []) + list(loading.get("mismatched_keys") or [])
+        if missing:
+            raise CheckpointError(
+                f"{where}: the weights do not match {cls_name} ({len(missing)} missing or mismatched, "
+                f"e.g. {missing[0]}); is config.json the model's own?"
+            )
         tokenizer.padding_side = "right"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -327,6 +333,11 @@ def load_recorded(spec: TextSpec, paths: list[str], storage_options: dict | None
     out = []
     for e, url in zip(spec.encoders, paths):
         ident = e["identity"]
+        if url == e["source"] and not storage.exists(url, storage_options):
+            raise CheckpointError(
+                f"the text encoder recorded in the checkpoint ({e['name']}: {url}) is not there; "
+                "pass its folder with --text-encoder"
+            )
         te = TextEncoder(url, storage_options, max_tokens=ident["max_tokens"], hidden_layer=ident["hidden_layer"])
         if te.identity != ident:
             differs = sorted(k for k in ident if te.identity.get(k) != ident[k])
@@ -338,10 +349,15 @@ def load_recorded(spec: TextSpec, paths: list[str], storage_options: dict | None
     return out
 
 
-def condition(encoders: list[TextEncoder], spec: TextSpec, prompts: list[str]) -> dict[str, torch.Tensor | None]:
+def condition(
+    encoders: list[TextEncoder], spec: TextSpec, prompts: list[str], truncated: list[str] | None = None
+) -> dict[str, torch.Tensor | None]:
     """Denoiser keyword inputs (``text``, ``text_mask``, ``pooled``) for ``prompts``, built as
-    training saw them (float16 embeddings joined by :meth:`TextSpec.join`)."""
+    training saw them (float16 embeddings joined by :meth:`TextSpec.join`). The names of the
+    encoders that had to truncate a prompt are appended to ``truncated``."""
     per_encoder = [te.encode(prompts) for te in encoders]
+    if truncated is not None:
+        truncated += [e["name"] for e, embs in zip(spec.encoders, per_encoder) if any(x.truncated for x in embs)]
     joined = [
         spec.join([e[i].hidden for e in per_encoder], [e[i].pooled for e in per_encoder]) for i in range(len(prompts))
     ]

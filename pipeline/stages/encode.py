@@ -276,6 +276,8 @@ class _Prepared:
 def _caption(sample: Sample, meta: dict, cfg: EncodeConfig) -> str:
     """The sample's caption by the documented rule; raises BadImage to skip it."""
     if cfg.caption_field:
+        if meta.get("source_json_invalid"):
+            raise imaging.BadImage("bad_caption", "the sample's .json is not valid JSON (--caption-field)")
         value = meta.get(cfg.caption_field)
         if value is not None and not isinstance(value, str):
             raise imaging.BadImage("bad_caption", f"json field {cfg.caption_field!r} is {type(value).__name__}")
@@ -774,11 +776,13 @@ def _bucket_table(cfg: EncodeConfig, downsample: int) -> list[tuple[int, int]] |
         if cfg.buckets == "auto":
             return buckets.generate(cfg.bucket_area or cfg.resolution**2, cfg.bucket_multiple, cfg.max_aspect)
         data = storage.read_bytes(cfg.buckets, cfg.storage.options)
-        return buckets.parse(data, cfg.bucket_multiple, storage.redact(cfg.buckets))
+        return buckets.parse(data, cfg.bucket_multiple, storage.redact(cfg.buckets), cfg.max_aspect)
     except buckets.BucketError as exc:
         raise ConfigError(f"option 'buckets': {exc}") from None
-    except FileNotFoundError:
-        raise ConfigError(f"option 'buckets': {storage.redact(cfg.buckets)} does not exist") from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        raise ConfigError(
+            f"option 'buckets': cannot read {storage.redact(cfg.buckets)} ({type(exc).__name__})"
+        ) from None
 
 
 def _load_text_encoders(cfg: EncodeConfig) -> list:

@@ -14,6 +14,7 @@ from pipeline.models import denoiser, flow, loading, text
 from pipeline.models.generate import generate, grid
 
 log = logging.getLogger("pipeline.sample")
+MAX_AREA_OVER_TRAINED = 16  # a larger canvas than this is refused (a model does not extrapolate that far)
 
 
 @dataclass
@@ -61,7 +62,14 @@ def latent_shape(cfg: SampleConfig, info) -> list[int] | None:
             f"options 'width'/'height': {cfg.width}x{cfg.height} must be multiples of {multiple} "
             f"(autoencoder downsampling {down} x the denoiser's grid)"
         )
-    return [info.latent_shape[0], cfg.height // down, cfg.width // down]
+    shape = [info.latent_shape[0], cfg.height // down, cfg.width // down]
+    trained = max(h * w for _, h, w in (info.buckets or [info.latent_shape]))
+    if shape[1] * shape[2] > MAX_AREA_OVER_TRAINED * trained:
+        raise ConfigError(
+            f"options 'width'/'height': {cfg.width}x{cfg.height} is more than {MAX_AREA_OVER_TRAINED}x the "
+            f"largest area the model was trained on ({trained * down * down} pixels)"
+        )
+    return shape
 
 
 def run_sample(cfg: SampleConfig) -> Image.Image:
@@ -83,10 +91,13 @@ def run_sample(cfg: SampleConfig) -> Image.Image:
     if info.text_encoders:  # the prompt (or the empty caption) through the recorded encoders
         spec = text.TextSpec(info.text_encoders)
         encoders = text.load_recorded(spec, cfg.text_encoder, so)
+        cut: list[str] = []
         text_kw = {
-            "text": text.condition(encoders, spec, [cfg.prompt] * cfg.n),
+            "text": text.condition(encoders, spec, [cfg.prompt] * cfg.n, cut),
             "null_text": text.condition(encoders, spec, [""] * cfg.n),
         }
+        for name in cut:
+            log.warning(f"[sample] the prompt is longer than text encoder {name}'s limit: truncated")
     images = generate(
         model,
         cfg.n,
@@ -102,7 +113,7 @@ def run_sample(cfg: SampleConfig) -> Image.Image:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     storage.write_bytes(cfg.out, buf.getvalue(), so)
-    what = f" of {cfg.prompt!r}" if cfg.prompt else ""
+    what = f" of {cfg.prompt[:80]!r}{'...' if len(cfg.prompt) > 80 else ''}" if cfg.prompt else ""
     log.info(
         f"[sample] {cfg.n} samples{what} ({img.width}x{img.height} grid, step {model.info.step}) "
         f"-> {storage.redact(cfg.out)}"

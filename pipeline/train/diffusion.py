@@ -118,15 +118,7 @@ def train_loop(loop_config: dict) -> None:
     man = manifest.load(cfg.latents, so)
     shapes = latent_shapes(man)
     spec = text_spec(cfg, man)
-    channels = shapes[0][0]
-    mcfg = denoiser.config_for(
-        cfg.model,
-        latent_channels=channels,
-        cond_channels=channels if cfg.task else 0,
-        num_classes=cfg.num_classes,
-        text_dim=spec.text_dim if spec else 0,
-        pooled_dim=spec.pooled_dim if spec else 0,
-    )
+    mcfg = model_config(cfg, man)
     model = denoiser.build(mcfg).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = new_optimizer(model, cfg)
@@ -291,6 +283,30 @@ def measure_residual_scale(cfg: TrainConfig, batches: int = 4) -> float:
     return float(1.0 / res.std().clamp_min(1e-4))
 
 
+BYTES_PER_PARAMETER = 20  # fp32 weights, gradients, EMA and AdamW's two moments (activations not counted)
+
+
+def model_config(cfg: TrainConfig, man: dict):
+    """The denoiser's architecture for this dataset: its latent channels, the task view's
+    channels, classes, and the width of its text inputs."""
+    spec = text_spec(cfg, man)
+    channels = latent_shapes(man)[0][0]
+    return denoiser.config_for(
+        cfg.model,
+        latent_channels=channels,
+        cond_channels=channels if cfg.task else 0,
+        num_classes=cfg.num_classes,
+        text_dim=spec.text_dim if spec else 0,
+        pooled_dim=spec.pooled_dim if spec else 0,
+    )
+
+
+def parameter_count(cfg: TrainConfig, man: dict) -> int:
+    """The denoiser's parameter count for this dataset, counted without allocating it."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in denoiser.build(model_config(cfg, man)).parameters())
+
+
 def check_model_fits(cfg: TrainConfig, man: dict) -> None:
     """Refuse, on the driver, a dataset the model cannot take: bucket grids that are not
     multiples of the model's, a task or flips the dataset lacks."""
@@ -316,6 +332,12 @@ def train_model(cfg: TrainConfig):
         raise ConfigError(f"the latent dataset has no '{cfg.task}' view; encode with --tasks {cfg.task}")
     autoencoder.load(_vae_url(cfg, man), so)  # refuse a missing or wrong autoencoder on the driver
     check_model_fits(cfg, man)
+    if not cfg.gpus_per_worker:  # CPU training: weights, EMA, gradients and AdamW state live in RAM
+        from pipeline.ray_setup import check_memory, ensure_ray
+
+        ensure_ray(cfg.ray.address)
+        params = parameter_count(cfg, man)
+        check_memory(params * BYTES_PER_PARAMETER, cfg.workers, "model", f"model {cfg.model} ({params / 1e6:.0f}M)")
     if cfg.init_from:
         checkpoint.load(cfg.init_from, "diffusion", so)
     if cfg.calibration_images and not storage.list_files(cfg.calibration_images, imaging.IMAGE_SUFFIXES, so):
