@@ -468,7 +468,10 @@ def _latent_arrays(vae, batch: list[_Prepared], np_dtype, flip: bool) -> list[di
     import torch
 
     n = len(batch)
-    x = torch.stack([torch.as_tensor(p.pixels).to(vae.device) for p in batch])
+    if all(isinstance(p.pixels, np.ndarray) for p in batch):  # numpy's stack: one copy, no torch threads
+        x = torch.from_numpy(np.stack([p.pixels for p in batch])).to(vae.device)
+    else:  # some pixels come from the device decoder
+        x = torch.stack([torch.as_tensor(p.pixels).to(vae.device) for p in batch])
     if flip:  # one forward pass for the images and their mirror images (a flip is exact on pixels)
         x = torch.cat([x, x.flip(-1)])
     post = vae.encode(x)
