@@ -33,6 +33,9 @@ CAPTIONS = {
     "ihc": "a photo of stained cells",
 }
 HELD_OUT_PHOTO = "astronaut.png"  # never cut into training crops; evaluation images come from it
+# Other photos never trained on, for calibration only (not in bench/quality.py's set either): a
+# calibration on crops of one photo picked gains that whole photos of other content did not bear.
+CALIBRATION_PHOTOS = ("cell.png", "page.png", "clock_motion.png")
 
 
 def photo_dir() -> str:
@@ -96,6 +99,26 @@ def write_captioned_crops(out_dir: str, sizes: list[tuple[int, int]], per_photo:
                 f.write(CAPTIONS[cls])
             n += 1
     return n
+
+
+def write_calibration(out_dir: str, size: int = 128, count: int = 6, seed: int = 2) -> list[str]:
+    """Calibration images: ``count`` crops of the held-out photo (other than the evaluation crops
+    for another ``seed``) and two crops of each of :data:`CALIBRATION_PHOTOS`."""
+    paths = write_held_out(out_dir, size, count, seed)
+    rng = np.random.default_rng(seed)
+    for name in CALIBRATION_PHOTOS:
+        im = load_photo(name)
+        for i in range(2):
+            for _ in range(50):  # a crop with some content (a flat patch says nothing about a gain)
+                x = int(rng.integers(0, im.width - size + 1))
+                y = int(rng.integers(0, im.height - size + 1))
+                crop = im.crop((x, y, x + size, y + size))
+                if float(np.asarray(crop.convert("L"), np.float32).std()) >= 12:
+                    break
+            p = os.path.join(out_dir, f"{name.split('.')[0]}_{i}.png")
+            crop.save(p)
+            paths.append(p)
+    return paths
 
 
 def write_held_out(out_dir: str, size: int = 128, count: int = 6, seed: int = 1) -> list[str]:

@@ -180,8 +180,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         sample_photos.write_crops(p["photos"], per_photo=b.crops_per_photo)
         sample_photos.write_captioned_crops(p["captioned"], CAPTIONED_SIZES, per_photo=b.captioned_per_photo)
         held = sample_photos.write_held_out(p["heldout"], size=128, count=b.heldout)
-        # other crops of the held-out photo, to calibrate the x4 model's gain on (not the evaluation crops)
-        sample_photos.write_held_out(p["calibration"], size=128, count=b.heldout, seed=2)
+        # to calibrate the x4 model's gain on: other crops of the held-out photo and of 3 other photos
+        sample_photos.write_calibration(p["calibration"], size=128, count=b.heldout, seed=2)
         os.makedirs(p["lowres"], exist_ok=True)
         for path in held:  # the degraded inputs a user would bring to `restore`
             name = os.path.basename(path)
