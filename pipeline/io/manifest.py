@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from pipeline.io import buckets as bucket_tables
 from pipeline.io import storage
 
 FORMAT = "latent-shards/1"
@@ -64,7 +65,7 @@ def build(
         counts: Counter[str] = Counter()
         for r in records:
             counts.update(r.get("buckets", {}))
-        extra["buckets"] = [{**b, "samples": counts.get(f"{b['size'][0]}x{b['size'][1]}", 0)} for b in buckets]
+        extra["buckets"] = [{**b, "samples": counts.get(bucket_tables.name(b["size"]), 0)} for b in buckets]
         extra["max_aspect"] = max_aspect
     if text_encoders:
         truncated: Counter[str] = Counter()

@@ -194,19 +194,11 @@ def _encoder(cfg: EncodeConfig):
 
 def _text_encoders(cfg: EncodeConfig) -> list:
     """The text encoders for this worker process, in ``--text-encoder`` order, loaded once."""
-    from pipeline.models.text import TextEncoder
-
     device, dtype = _device_dtype(cfg.precision)
-    out = []
-    for url in cfg.text_encoder:
-        key = (url, device, dtype, cfg.text_max_tokens, cfg.text_hidden_layer)
-        if key not in _TEXT_ENCODERS:
-            te = TextEncoder(
-                url, cfg.storage.options, max_tokens=cfg.text_max_tokens, hidden_layer=cfg.text_hidden_layer
-            )
-            _TEXT_ENCODERS[key] = te.to(device, dtype)
-        out.append(_TEXT_ENCODERS[key])
-    return out
+    key = (tuple(cfg.text_encoder), device, dtype, cfg.text_max_tokens, cfg.text_hidden_layer)
+    if key not in _TEXT_ENCODERS:
+        _TEXT_ENCODERS[key] = [te.to(device, dtype) for te in _load_text_encoders(cfg)]
+    return _TEXT_ENCODERS[key]
 
 
 def text_field_names(model_types: list[str]) -> list[str]:
