@@ -33,6 +33,7 @@ from pipeline.stages.encode import EncodeConfig, run_encode
 from pipeline.stages.restore import RestoreActor, RestoreConfig, run_restore
 from pipeline.stages.shards import ShardsConfig, run_shards
 from pipeline.stages.train import TrainConfig, run_train
+from pipeline.train.refiner import RefinerTrainConfig, run_train_refiner
 
 MEMORY_PROBE = """
 import sys, threading, time, numpy as np, psutil
@@ -58,7 +59,8 @@ print((peak[0] - start) / 2**20)
 """
 
 
-def build_model(root: str) -> str:
+def build_model(root: str) -> tuple[str, str]:
+    """(a tiny upscale2 checkpoint, the same with a pixel refiner of the default size bundled)."""
     write_photo_folder(os.path.join(root, "photos"), n=24, size=64)
     run_shards(
         ShardsConfig(src=os.path.join(root, "photos"), out=os.path.join(root, "shards"), samples_per_shard=12),
@@ -85,7 +87,33 @@ def build_model(root: str) -> str:
             warmup_steps=1,
         ),
     )
-    return os.path.join(root, "run")
+    run_train_refiner(
+        RefinerTrainConfig(
+            task="upscale2",
+            images=os.path.join(root, "shards", "shard-000000.tar"),
+            heldout=os.path.join(root, "shards", "shard-000001.tar"),
+            output=os.path.join(root, "refiner"),
+            resolution=32,
+            steps=5,
+            checkpoint_every=5,
+            log_every=5,
+            warmup_steps=1,
+        ),
+    )
+    run_train(
+        TrainConfig(
+            latents=os.path.join(root, "lat"),
+            output=os.path.join(root, "run-refined"),
+            task="upscale2",
+            init_from=os.path.join(root, "run"),
+            refiner=os.path.join(root, "refiner"),
+            steps=1,
+            batch_size=8,
+            checkpoint_every=1,
+            warmup_steps=0,
+        ),
+    )
+    return os.path.join(root, "run"), os.path.join(root, "run-refined")
 
 
 def naive_loop(cfg: RestoreConfig, files: list[str]) -> float:
@@ -114,7 +142,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         ensure_ray()
-        ckpt = build_model(root)
+        latent_ckpt, ckpt = build_model(root)
         inp = os.path.join(root, "in")
         os.makedirs(inp)
         for i, im in enumerate(photo_crops(args.images, args.size, seed=5)):
@@ -128,12 +156,16 @@ def main() -> None:
             "settings": RestoreSettings(steps=args.steps),
         }
         naive = naive_loop(RestoreConfig(output=os.path.join(root, "naive"), **common), files)
-        # fidelity (the default now: one model evaluation) vs detail mode with the previous default's
-        # steps, same images and output size, single process
+        # fidelity (the default: the pixel refiner; without one, one latent model evaluation) vs
+        # detail mode with the first release's default steps, same images and output size, one process
         sample = files[: max(8, len(files) // 4)]
         modes = {}
-        for mode, steps in (("fidelity", 1), ("detail", args.old_default_steps)):
-            mode_cfg = dict(common, settings=RestoreSettings(mode=mode, steps=steps))
+        for mode, steps, model in (
+            ("fidelity", 1, ckpt),
+            ("fidelity_latent", 1, latent_ckpt),
+            ("detail", args.old_default_steps, latent_ckpt),  # the first release's default
+        ):
+            mode_cfg = dict(common, checkpoint=model, settings=RestoreSettings(mode=mode.split("_")[0], steps=steps))
             modes[mode] = naive_loop(RestoreConfig(output=os.path.join(root, f"mode-{mode}"), **mode_cfg), sample)
         # a pretrained-format network (spandrel's Real-ESRGAN Compact, tiny random weights: throughput only)
         net_file = os.path.join(root, "compact_x2.safetensors")
@@ -191,6 +223,7 @@ def main() -> None:
         "ray_steady_per_core_vs_naive": round(steady / cores / naive, 3),
         "peak_extra_rss_mb_by_output_size": memory,
         "naive_img_s_fidelity_mode": round(modes["fidelity"], 3),
+        "naive_img_s_fidelity_mode_latent_model_only": round(modes["fidelity_latent"], 3),
         f"naive_img_s_detail_mode_{args.old_default_steps}_steps": round(modes["detail"], 3),
         "fidelity_vs_previous_default": round(modes["fidelity"] / modes["detail"], 2),
         "naive_img_s_spandrel_compact_x2_16x4": round(modes["network"], 3),

@@ -78,6 +78,12 @@ VERBS = [
         "train.autoencoder:run_train_vae",
     ),
     Verb(
+        "train-refiner",
+        "train a restoration task's pixel refiner on image shards with Ray Train (bundle it with train --refiner)",
+        "train.refiner:RefinerTrainConfig",
+        "train.refiner:run_train_refiner",
+    ),
+    Verb(
         "encode",
         "encode image shards into latent shards with Ray tasks",
         "stages.encode:EncodeConfig",

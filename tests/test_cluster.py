@@ -28,7 +28,14 @@ from pipeline.stages.shards import ShardsConfig, run_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
-STAGES = {"shards": "shards", "train_vae": "train-vae", "encode": "encode", "train": "train", "restore": "restore"}
+STAGES = {
+    "shards": "shards",
+    "train_vae": "train-vae",
+    "train_refiner": "train-refiner",
+    "encode": "encode",
+    "train": "train",
+    "restore": "restore",
+}
 
 
 # --------------------------------------------------------------------------- jobs/

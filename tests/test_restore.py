@@ -380,3 +380,133 @@ def test_restore_task_builds_on_the_classical_restoration_and_eval_keeps_the_inp
     best = str(result["recommended_gain"])
     assert result["calibration"][best]["never_below_baseline"]
     assert result["calibration"]["0.0"]["psnr"] == pytest.approx(rows["classical_base"]["psnr"], abs=1e-3)
+
+
+# --------------------------------------------------------------------------- the pixel refiner
+
+
+@pytest.fixture(scope="module")
+def refined_model(upscale_model, tmp_path_factory, ray_cluster):
+    """The fixture's upscale2 model with a briefly trained pixel refiner bundled (train --refiner)."""
+    import os
+
+    from pipeline.train.refiner import RefinerTrainConfig, run_train_refiner
+
+    root = tmp_path_factory.mktemp("refiner")
+    shards = os.path.join(os.path.dirname(upscale_model), "shards")
+    run_train_refiner(
+        RefinerTrainConfig(
+            task="upscale2",
+            images=os.path.join(shards, "shard-000000.tar"),
+            heldout=os.path.join(shards, "shard-000001.tar"),
+            output=str(root / "refiner"),
+            channels=16,
+            depth=4,
+            resolution=32,
+            batch_size=8,
+            steps=30,
+            checkpoint_every=30,
+            warmup_steps=5,
+            eval_images=6,
+            log_every=10,
+        )
+    )
+    run_train(
+        TrainConfig(
+            latents=os.path.join(os.path.dirname(upscale_model), "lat"),
+            output=str(root / "run"),
+            task="upscale2",
+            init_from=upscale_model,  # the fixture's weights: this run only bundles the refiner
+            refiner=str(root / "refiner"),
+            workers=1,
+            steps=1,
+            batch_size=4,
+            warmup_steps=0,
+            checkpoint_every=1,
+        )
+    )
+    return str(root / "refiner"), str(root / "run")
+
+
+def test_refiner_training_measures_the_base_it_refines(refined_model):
+    from pipeline.io import checkpoint
+    from pipeline.models import quality, refiner
+    from pipeline.train.refiner import training_pair
+
+    ref_url, _ = refined_model
+    _, info = checkpoint.load(ref_url, "refiner")
+    assert (info.kind, info.task, info.step) == ("refiner", "upscale2", 30)
+    m = info.metrics
+    assert np.isfinite([m["loss"], m["psnr"], m["psnr_base"]]).all()
+    assert m["gain_db"] == pytest.approx(m["psnr"] - m["psnr_base"])
+    # the held-out base PSNR is the classical base's, computed here independently
+    from pipeline.train.crops import heldout_crops
+    from pipeline.train.refiner import RefinerTrainConfig
+
+    held = heldout_crops(
+        [info.train["heldout"]],
+        RefinerTrainConfig(task="upscale2", images=info.train["images"], output="unused", resolution=32, eval_images=6),
+    )
+    pairs = [training_pair("upscale2", im, i) for i, im in enumerate(held)]
+    base = torch.from_numpy(np.stack([b for b, _ in pairs])).clamp(-1, 1)
+    clean = torch.from_numpy(np.stack([c for _, c in pairs]))
+    assert float(quality.psnr(base, clean).mean()) == pytest.approx(m["psnr_base"], abs=1e-3)
+    net = refiner.load(ref_url, task="upscale2")
+    assert net.cfg == refiner.RefinerConfig("upscale2", channels=16, depth=4, unshuffle=2)
+    with pytest.raises(checkpoint.CheckpointError, match="trained for task 'upscale2', not 'upscale4'"):
+        refiner.load(ref_url, task="upscale4")
+    with pytest.raises(checkpoint.CheckpointError, match="is a refiner checkpoint, not a diffusion checkpoint"):
+        loading.load(ref_url)
+
+
+def test_an_untrained_refiner_returns_the_base_and_keeps_any_size():
+    from pipeline.models.refiner import Refiner, RefinerConfig
+
+    net = Refiner(RefinerConfig("upscale4", channels=8, depth=3, unshuffle=4))
+    x = torch.rand(2, 3, 37, 50) * 2 - 1
+    assert net(x).shape == x.shape and net(x).abs().max() == 0  # the last layer starts at zero
+    torch.nn.init.normal_(net.net[-1].weight)
+    assert net(x).shape == x.shape and net(x).abs().max() > 0
+    with pytest.raises(ValueError, match="unshuffle"):
+        RefinerConfig("upscale4", unshuffle=3)
+
+
+def test_fidelity_mode_uses_the_bundled_refiner_and_detail_mode_adds_the_sample_to_it(refined_model):
+    _, run = refined_model
+    model = loading.load(run)
+    assert model.refiner is not None and model.refiner.cfg.task == "upscale2"
+    calls = []
+    hook = model.denoiser.register_forward_hook(lambda *_: calls.append(1))
+    lr = photo_crops(1, 32, seed=6)[0]
+    out = Restorer(model, "upscale2", RestoreSettings(gain=1.0)).restore(lr)
+    assert not calls  # fidelity with a refiner: no latent model, no autoencoder
+    # what it computed: base + P(refiner(base)), then back-projected to consistency
+    base = torch.from_numpy(degrade.classical_base("upscale2", lr).transpose(2, 0, 1)[None] / 127.5 - 1).float()
+    with torch.no_grad():
+        refined = base + project_upscale(model.refiner(base), 2)
+    want = degrade.back_project(lr, 2, iters=3, start=(refined[0].numpy().transpose(1, 2, 0) + 1) * 127.5)
+    assert np.abs(np.asarray(out, np.float32) - np.clip(np.round(want), 0, 255)).max() <= 1
+    assert np.abs(_down(out, 2) - np.asarray(lr, np.float32)).mean() < 0.75  # consistent with the input
+    detail = Restorer(model, "upscale2", RestoreSettings(mode="detail", steps=3, gain=1.0)).restore(lr)
+    hook.remove()
+    assert len(calls) == 3 + 1  # the sample's steps, and the latent mean it is measured from
+    assert not np.array_equal(np.asarray(detail), np.asarray(out))
+
+
+def test_a_refiner_for_another_task_or_without_a_task_is_refused(refined_model, upscale_model, tmp_path):
+    import os
+
+    from pipeline.io.checkpoint import CheckpointError
+    from pipeline.train.diffusion import train_model
+
+    ref_url, _ = refined_model
+    with pytest.raises(ConfigError, match="'refiner' needs a --task"):
+        TrainConfig(latents="l", output=str(tmp_path / "o"), refiner=ref_url)
+    lat = os.path.join(os.path.dirname(upscale_model), "lat")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint at or under"):
+        train_model(
+            TrainConfig(latents=lat, output=str(tmp_path / "o"), task="upscale2", refiner=str(tmp_path / "empty"))
+        )
+    with pytest.raises(CheckpointError, match="is a diffusion checkpoint, not a refiner checkpoint"):
+        train_model(TrainConfig(latents=lat, output=str(tmp_path / "o"), task="upscale2", refiner=upscale_model))

@@ -1,14 +1,15 @@
 """Self-describing checkpoint directories: ``config.json`` (a :class:`CheckpointInfo`) plus
 safetensors weights.
 
-Both kinds of checkpoint (``autoencoder`` and ``diffusion``) use the same tensor names:
+Every kind of checkpoint (``autoencoder``, ``diffusion``, ``refiner``) uses the same tensor names:
 
 * ``model.safetensors``: the raw training weights (what a resumed run continues from);
 * ``ema.safetensors``: the EMA weights (what inference and ``--init-from`` load);
 * ``optimizer.safetensors``: the optimizer state, flattened to tensors (its JSON part lives in
   :attr:`CheckpointInfo.optimizer`).
 
-A diffusion checkpoint also carries the autoencoder it was trained with under ``vae/``.
+A diffusion checkpoint also carries the autoencoder it was trained with under ``vae/``, and a
+task checkpoint trained with ``--refiner`` its pixel refiner under ``refiner/``.
 ``config.json`` is written by :func:`save` and read by :func:`read_info` only, and carries a
 format version that is checked on load. Nothing here unpickles: tensors are read with
 safetensors, everything else is JSON. A checkpoint directory can live on local disk or object
@@ -32,8 +33,9 @@ from pipeline.io import storage
 FORMAT = "latent-pipeline-checkpoint/2"
 CONFIG_NAME = "config.json"
 RUN_NAME = "run"  # a training output keeps its checkpoints in <output>/run/checkpoint_<step>/
-KINDS = ("autoencoder", "diffusion")
+KINDS = ("autoencoder", "diffusion", "refiner")
 VAE_DIR = "vae"  # where a diffusion checkpoint keeps its autoencoder
+REFINER_DIR = "refiner"  # where a task checkpoint keeps its pixel refiner (train --refiner)
 
 
 class CheckpointError(ValueError):
@@ -53,7 +55,7 @@ class CheckpointInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)  # param groups + scalar state
     # diffusion checkpoints only
-    task: str = ""  # restoration task the model was trained for; '' = generator
+    task: str = ""  # restoration task the model was trained for; '' = generator (refiners: their task)
     latent_shape: list[int] = field(default_factory=list)
     residual_scale: float = 1.0
     vae_identity: dict[str, Any] = field(default_factory=dict)  # identity of the autoencoder under vae/

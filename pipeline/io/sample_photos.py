@@ -60,13 +60,20 @@ def _at_most(im: Image.Image, short_side: int) -> Image.Image:
 
 
 def write_crops(
-    out_dir: str, crop: int = 96, per_photo: int = 24, seed: int = 0, photos: dict[str, str] | None = None
+    out_dir: str,
+    crop: int = 96,
+    per_photo: int = 24,
+    seed: int = 0,
+    photos: dict[str, str] | None = None,
+    short_side: int = 256,
+    png_every: int = 6,
 ) -> int:
-    """Write ``per_photo`` random square crops of each photo into ``out_dir/<class>/``."""
+    """Write ``per_photo`` random square crops of each photo into ``out_dir/<class>/``, from the
+    photo brought down to ``short_side``; every ``png_every``-th crop is a PNG, the others JPEG."""
     rng = np.random.default_rng(seed)
     n = 0
     for fname, cls in (photos or PHOTOS).items():
-        im = _at_most(load_photo(fname), 256)
+        im = _at_most(load_photo(fname), short_side)
         os.makedirs(os.path.join(out_dir, cls), exist_ok=True)
         for i in range(per_photo):
             x = int(rng.integers(0, im.width - crop + 1))
@@ -74,7 +81,7 @@ def write_crops(
             tile = im.crop((x, y, x + crop, y + crop))
             if rng.random() < 0.5:
                 tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            ext = "png" if i % 6 == 0 else "jpg"
+            ext = "png" if i % png_every == 0 else "jpg"
             path = os.path.join(out_dir, cls, f"{cls}_{i:03d}.{ext}")
             tile.save(path, quality=95) if ext == "jpg" else tile.save(path)
             n += 1

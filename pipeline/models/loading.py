@@ -1,7 +1,8 @@
 """Loading a diffusion checkpoint for inference: the denoiser (EMA weights) and its autoencoder.
 
 A diffusion checkpoint directory holds ``ema.safetensors`` / ``model.safetensors``, the
-autoencoder it was trained with under ``vae/``, and ``config.json`` (a
+autoencoder it was trained with under ``vae/``, a task model's pixel refiner under ``refiner/``
+when it was trained with one, and ``config.json`` (a
 :class:`~pipeline.io.checkpoint.CheckpointInfo`: denoiser architecture, latent scale/shift,
 task, step), so sampling and restoration need only its URL. :func:`describe` checks a
 checkpoint cheaply (``config.json`` only) so a driver can refuse a wrong one before any Ray work.
@@ -18,6 +19,8 @@ import torch
 from pipeline.io import checkpoint, storage
 from pipeline.io.checkpoint import CheckpointError, CheckpointInfo
 from pipeline.models import autoencoder, denoiser
+from pipeline.models.refiner import Refiner
+from pipeline.models.refiner import load as load_refiner
 
 
 @dataclass
@@ -25,6 +28,7 @@ class DiffusionModel:
     denoiser: Any  # a U-Net or a DiT (pipeline.models.denoiser.build), with its .cfg
     vae: autoencoder.Autoencoder
     info: CheckpointInfo
+    refiner: Refiner | None = None  # task checkpoints trained with --refiner (under refiner/)
 
     @property
     def latent_shape(self) -> list[int]:
@@ -43,7 +47,8 @@ def describe(url: str, storage_options: dict | None = None) -> CheckpointInfo:
         raise CheckpointError(f"{where} is a diffusers {raw['_class_name']} folder, not a diffusion checkpoint")
     info = checkpoint.read_info(local, where)
     if info.kind != "diffusion":
-        raise CheckpointError(f"{where} is an {info.kind} checkpoint, not a diffusion checkpoint")
+        article = "an" if info.kind[0] in "aeiou" else "a"
+        raise CheckpointError(f"{where} is {article} {info.kind} checkpoint, not a diffusion checkpoint")
     return info
 
 
@@ -60,4 +65,7 @@ def load(url: str, storage_options: dict | None = None, device: str | None = Non
     vae = autoencoder.load(os.path.join(local, checkpoint.VAE_DIR)).to(dev)
     if vae.weights_sha256 != info.vae_identity.get("weights_sha256"):
         raise CheckpointError(f"{where}: the embedded autoencoder does not match the recorded identity")
-    return DiffusionModel(net.eval().to(dev), vae, info)
+    ref = None
+    if os.path.isdir(os.path.join(local, checkpoint.REFINER_DIR)):
+        ref = load_refiner(os.path.join(local, checkpoint.REFINER_DIR), task=info.task).to(dev)
+    return DiffusionModel(net.eval().to(dev), vae, info, ref)

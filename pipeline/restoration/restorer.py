@@ -160,6 +160,7 @@ class Restorer:
         self.model, self.opts = model, opts
         self.device = next(model.denoiser.parameters()).device
         self.vae = model.vae
+        self.refiner = model.refiner
         self.down = self.vae.downsample
         self.multiple = self.down * denoiser.grid_multiple(model.denoiser.cfg)
         self.residual_scale = float(model.info.residual_scale)
@@ -215,54 +216,62 @@ class Restorer:
         """:meth:`parts` for images of one size, computed as one batch."""
         o = self.opts
         rgb = [im.convert("RGB") for im in images]
-        # the model is conditioned on the view it was trained with (degrade.condition_view); the
-        # output is built on the classical base (back-projection for upscaling)
-        views = [
-            pad_to(torch.from_numpy(to_tensor_array(degrade.condition_view(self.task, im)))[None], self.multiple)
-            for im in rgb
-        ]
         bases = [
             pad_to(
                 torch.from_numpy(degrade.classical_base(self.task, im).transpose(2, 0, 1) / 127.5 - 1.0)[None],
                 self.multiple,
-            )[0]
+            )
             for im in rgb
         ]
-        (h, w) = views[0][1]
-        view = torch.cat([v for v, _ in views]).to(self.device)
-        base = torch.cat(bases).float().to(self.device)
-        z_base = self._encode(view)
-        shape = (1, *z_base.shape[1:])
-        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(o.seed)) for _ in images]).to(
-            self.device
-        )
-        # fidelity: one Euler step from t = t_start is the flow model's posterior mean,
-        # x0_hat = x_t - t * v_hat(x_t, t); detail: integrate the sampler in --steps steps
-        sample, steps = (flow.euler, 1) if o.mode == "fidelity" else (flow.SAMPLERS[o.sampler], o.steps)
-        if self.conditional:
-            r = sample(self._model_fn(z_base), noise, steps)
-            z, gain = from_residual(r, z_base, self.residual_scale), self.gain
-        else:  # zero-shot SDEdit from the classical result
-            t0 = float(o.noise)
-            z = (
-                sample(
-                    self._model_fn(None),
-                    flow.interpolate(z_base, noise, torch.full((z_base.shape[0],), t0, device=z_base.device)),
-                    steps,
-                    t_start=t0,
-                )
-                if t0 > 0
-                else z_base
-            )
-            gain = 1.0
-        residual = self._decode(z) - self._decode(z_base)
+        (h, w) = bases[0][1]
+        base = torch.cat([b for b, _ in bases]).float().to(self.device)
         scale = degrade.TASKS[self.task].scale
+        lrs = rgb if scale > 1 else [None] * len(rgb)
+        if o.mode == "fidelity" and self.refiner is not None:  # the pixel refiner's mean estimate only
+            residual, gain = self._refine(base), self.gain
+        else:
+            # the latent model is conditioned on the view it was trained with (degrade.condition_view)
+            views = [
+                pad_to(torch.from_numpy(to_tensor_array(degrade.condition_view(self.task, im)))[None], self.multiple)[0]
+                for im in rgb
+            ]
+            residual = self._latent_residual(torch.cat(views).to(self.device), base, len(images))
+            gain = self.gain if self.conditional else 1.0
         if scale > 1:
             residual = project_upscale(residual, scale)
-        elif self.conditional:  # the model's estimate (view + residual) measured from the classical base:
-            residual = residual + (view - base)  # gain 0 = the base, gain 1 = the model's own estimate
-        lrs = rgb if scale > 1 else [None] * len(rgb)
         return [Parts(base[i : i + 1], residual[i : i + 1], h, w, gain, lrs[i]) for i in range(len(images))]
+
+    def _refine(self, base: torch.Tensor) -> torch.Tensor:
+        """The pixel refiner's residual for the classical base, tile by tile."""
+        assert self.refiner is not None
+        return tiled_apply(self.refiner, base, self.opts.tile, self.opts.overlap)
+
+    def _latent_residual(self, view: torch.Tensor, base: torch.Tensor, n: int) -> torch.Tensor:
+        """The pixel detail from the latent model, measured from the classical base."""
+        o = self.opts
+        z_base = self._encode(view)
+        shape = (1, *z_base.shape[1:])
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(o.seed)) for _ in range(n)])
+        noise = noise.to(self.device)
+        # fidelity: one Euler step from t = 1 is the flow model's posterior mean,
+        # x0_hat = x_1 - v_hat(x_1, 1); detail: integrate the sampler in --steps steps
+        sample, steps = (flow.euler, 1) if o.mode == "fidelity" else (flow.SAMPLERS[o.sampler], o.steps)
+        if not self.conditional:  # zero-shot SDEdit from the classical result
+            t0 = float(o.noise)
+            if t0 == 0:
+                return torch.zeros_like(base)
+            noisy = flow.interpolate(z_base, noise, torch.full((n,), t0, device=self.device))
+            z = sample(self._model_fn(None), noisy, steps, t_start=t0)
+            return self._decode(z) - self._decode(z_base)
+        model_fn = self._model_fn(z_base)
+        z = from_residual(sample(model_fn, noise, steps), z_base, self.residual_scale)
+        if self.refiner is not None:  # detail on top of the refiner's mean: the sample minus the latent mean
+            z_mean = from_residual(flow.euler(model_fn, noise, 1), z_base, self.residual_scale)
+            return self._refine(base) + self._decode(z) - self._decode(z_mean)
+        residual = self._decode(z) - self._decode(z_base)
+        if degrade.TASKS[self.task].scale == 1:  # the model's estimate (view + residual) measured from the base:
+            residual = residual + (view - base)  # gain 0 = the base, gain 1 = the model's own estimate
+        return residual
 
     def compose(self, parts: Parts, gain: float) -> Image.Image:
         """``base + gain * residual`` (gain 0: exactly the classical result); for upscaling, a few

@@ -7,8 +7,9 @@ stages resume from their latest checkpoint, so an interrupted demo picks up wher
 Stages: photos (crops of the bundled photos; one photo held out; captioned crops at three
 aspect ratios) -> shards -> train-vae -> encode (with the upscale4 view) -> text-encoder (a tiny
 random-weight stand-in, built offline) -> encode-captioned (aspect-ratio buckets, caption
-embeddings, flipped latents) -> train (a text-conditioned transformer on the buckets) -> train
---task upscale4 -> sample (per prompt, at two aspect ratios) -> eval (held-out photos vs bicubic
+embeddings, flipped latents) -> train (a text-conditioned transformer on the buckets) ->
+train-refiner (the x4 pixel refiner, on crops at the photos' own scale) -> train --task upscale4
+--refiner (the refiner bundled; the gain calibrated on other held-out crops) -> sample (per prompt, at two aspect ratios) -> eval (held-out photos vs bicubic
 / Lanczos / back-projection / autoencoder) -> restore (Ray Data job over the degraded held-out
 photos) -> report.html.
 """
@@ -35,6 +36,7 @@ from pipeline.stages.sample import SampleConfig, run_sample
 from pipeline.stages.shards import ShardsConfig, run_shards
 from pipeline.stages.train import TrainConfig, run_train
 from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
+from pipeline.train.refiner import RefinerTrainConfig, run_train_refiner
 
 log = logging.getLogger("pipeline.demo")
 
@@ -93,6 +95,8 @@ class Budget:
     vae_steps: int
     diffusion_steps: int
     task_steps: int
+    refiner_crops_per_photo: int
+    refiner_steps: int
     heldout: int
     sample_steps: int
     restore_steps: int
@@ -104,6 +108,8 @@ FULL = Budget(
     vae_steps=450,
     diffusion_steps=600,
     task_steps=500,
+    refiner_crops_per_photo=48,
+    refiner_steps=700,
     heldout=6,
     sample_steps=30,
     restore_steps=20,
@@ -114,6 +120,8 @@ QUICK = Budget(
     vae_steps=40,
     diffusion_steps=30,
     task_steps=30,
+    refiner_crops_per_photo=4,
+    refiner_steps=20,
     heldout=3,
     sample_steps=6,
     restore_steps=4,
@@ -144,6 +152,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             "latents",
             "diffusion",
             "upscale4",
+            "refiner-photos",
+            "refiner-shards",
+            "heldout-shards",
+            "refiner4",
             "samples.png",
             "eval",
             "restored",
@@ -178,6 +190,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     def photos() -> None:
         sample_photos.write_crops(p["photos"], per_photo=b.crops_per_photo)
+        # the x4 refiner learns pixel detail: crops at (up to) the photos' own scale, all PNG; a
+        # refiner trained on crops of the photos brought down to 256 px over-sharpens whole photos
+        sample_photos.write_crops(
+            p["refiner-photos"], crop=192, per_photo=b.refiner_crops_per_photo, seed=4, short_side=512, png_every=1
+        )
         sample_photos.write_captioned_crops(p["captioned"], CAPTIONED_SIZES, per_photo=b.captioned_per_photo)
         held = sample_photos.write_held_out(p["heldout"], size=128, count=b.heldout)
         # to calibrate the x4 model's gain on: other crops of the held-out photo and of 3 other photos
@@ -293,6 +310,39 @@ def run_demo(cfg: DemoConfig) -> dict:
         b.diffusion_steps * 32 * 2,
         "samples",
     )
+
+    def refiner_shards() -> None:
+        run_shards(ShardsConfig(src=p["refiner-photos"], out=p["refiner-shards"], samples_per_shard=64))
+        run_shards(ShardsConfig(src=p["heldout"], out=p["heldout-shards"], samples_per_shard=64))
+
+    stage(
+        "shards-refiner",
+        os.path.exists(os.path.join(p["heldout-shards"], "_index.json")),
+        refiner_shards,
+        b.refiner_crops_per_photo * len(sample_photos.PHOTOS) + b.heldout,
+        "images",
+    )
+    stage(
+        "train-refiner",
+        _checkpoint_step(p["refiner4"]) >= b.refiner_steps,
+        lambda: run_train_refiner(
+            RefinerTrainConfig(
+                task="upscale4",
+                images=storage.join(p["refiner-shards"], "shard-*.tar"),
+                heldout=storage.join(p["heldout-shards"], "shard-*.tar"),
+                output=p["refiner4"],
+                steps=b.refiner_steps,
+                checkpoint_every=max(10, b.refiner_steps // 2),
+                eval_images=b.heldout,
+                workers=1,
+                cpus_per_worker=2.0,  # one rank with both cores: the batch is small
+                ray=cfg.ray,
+                log_every=common["log_every"],
+            )
+        ),
+        b.refiner_steps * 16,
+        "samples",
+    )
     stage(
         "train-upscale4",
         _checkpoint_step(p["upscale4"]) >= b.task_steps,
@@ -307,6 +357,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 warmup_steps=min(50, b.task_steps // 4),
                 checkpoint_every=max(10, b.task_steps // 3),
                 calibration_images=p["calibration"],  # the detail gain restore then uses by default
+                refiner=p["refiner4"],  # carried in the checkpoint: restore's fidelity mode uses it
                 **common,
             )
         ),

@@ -18,14 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError, check_choice, check_range, option, public_dict, require
+from pipeline.config import check_choice, check_range, option, public_dict
 from pipeline.io import imaging, storage
 from pipeline.io.checkpoint import CheckpointInfo
-from pipeline.io.tarshards import iter_samples
 from pipeline.models import autoencoder
 from pipeline.models.quality import psnr, ssim
+from pipeline.train.crops import ImageLoopConfig, heldout_crops, random_crop, split_shards
 from pipeline.train.loop import (
-    LoopConfig,
     MetricsLog,
     StepWindow,
     fit,
@@ -43,78 +42,18 @@ log = logging.getLogger("pipeline.train_vae")
 
 
 @dataclass
-class VAETrainConfig(LoopConfig):
-    images: str = option("", "image shards: URL, brace range or glob; comma-separated list")
-    heldout: str = option("", "held-out image shards for PSNR (default: the last input shard, if >1)")
+class VAETrainConfig(ImageLoopConfig):
     preset: str = option("tiny", "autoencoder preset: tiny, small, base")
-    resolution: int = option(64, "training crop size")
     kl_weight: float = option(1e-6, "weight of the KL term")
     ssim_weight: float = option(0.2, "weight of the (1 - SSIM) term")
-    eval_images: int = option(32, "held-out images scored at each checkpoint")
-    shuffle_buffer: int = option(256, "samples in each rank's shuffle buffer")
     lr: float = option(1e-3, "peak AdamW learning rate")
     ema_decay: float = option(0.99, "EMA decay of the weights")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self, "images")
-        self.images, self.heldout = storage.absolute(self.images), storage.absolute(self.heldout)
-        storage.check_separate(
-            self.output, {"images": self.images, "heldout": self.heldout, "init_from": self.init_from}
-        )
         check_choice("preset", self.preset, autoencoder.PRESETS)
-        if not 8 <= self.resolution <= 4096 or self.eval_images < 1 or self.shuffle_buffer < 1:
-            raise ConfigError(
-                "options 'resolution' (8..4096), 'eval-images' and 'shuffle-buffer' (>= 1) are out of range"
-            )
         check_range("kl_weight", self.kl_weight, 0.0)
         check_range("ssim_weight", self.ssim_weight, 0.0)
-
-
-def split_shards(cfg: VAETrainConfig) -> tuple[list[str], list[str]]:
-    train = storage.expand(cfg.images, cfg.storage.options)
-    if cfg.heldout:
-        return train, storage.expand(cfg.heldout, cfg.storage.options)
-    if len(train) < 2:
-        raise ConfigError(
-            "train-vae needs a --heldout shard set, or at least 2 input shards (the last one is held out)"
-        )
-    return train[:-1], train[-1:]
-
-
-def _random_crop(fields: dict[str, bytes], size: int, rng: np.random.Generator) -> np.ndarray | None:
-    try:
-        im = imaging.sample_rgb(fields)
-    except imaging.BadImage:
-        return None
-    short = min(im.size)
-    if short < size:
-        im = im.resize((max(size, round(im.width * size / short)), max(size, round(im.height * size / short))))
-    x = int(rng.integers(0, im.width - size + 1))
-    y = int(rng.integers(0, im.height - size + 1))
-    crop = im.crop((x, y, x + size, y + size))
-    arr = imaging.to_tensor_array(crop)
-    return arr[:, :, ::-1].copy() if rng.random() < 0.5 else arr
-
-
-def heldout_batch(shards: list[str], cfg: VAETrainConfig) -> torch.Tensor:
-    """Centre crops of the first ``eval_images`` readable held-out images."""
-    out = []
-    for url in shards:
-        with storage.open_read(url, cfg.storage.options) as f:
-            for s in iter_samples(f):
-                if s.error:
-                    continue
-                try:
-                    im = imaging.sample_rgb(s.fields)
-                except imaging.BadImage:
-                    continue
-                out.append(imaging.to_tensor_array(imaging.resize_center_crop(im, cfg.resolution)[0]))
-                if len(out) == cfg.eval_images:
-                    return torch.from_numpy(np.stack(out))
-    if not out:
-        raise ConfigError("no readable held-out images")
-    return torch.from_numpy(np.stack(out))
 
 
 @torch.no_grad()
@@ -137,14 +76,14 @@ def train_loop(loop_config: dict) -> None:
     cfg: VAETrainConfig = loop_config["cfg"]
     so = cfg.storage.options
     rank, world, dev = worker_setup()
-    train_shards, held_shards = split_shards(cfg)
+    train_shards, held_shards = split_shards(cfg, "train-vae")
 
     # ---- model, optimizer, held-out images
     model, kl_cfg = autoencoder.new_kl(cfg.preset, seed=cfg.seed)
     model = model.to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = new_optimizer(model, cfg)
-    heldout = heldout_batch(held_shards, cfg)
+    heldout = torch.from_numpy(np.stack([imaging.to_tensor_array(im) for im in heldout_crops(held_shards, cfg)]))
 
     # ---- resume (restart or re-run) or warm start
     start, resumed = resume_or_init(model, ema, opt, cfg, "autoencoder")
@@ -156,7 +95,9 @@ def train_loop(loop_config: dict) -> None:
     rng = np.random.default_rng(cfg.seed * 1000 + rank + start)
 
     def collate(items, _gen):
-        crops = [c for c in (_random_crop(s, cfg.resolution, rng) for s in items) if c is not None]
+        crops = [
+            imaging.to_tensor_array(c) for c in (random_crop(s, cfg.resolution, rng) for s in items) if c is not None
+        ]
         return torch.from_numpy(np.stack(crops)) if crops else None
 
     stream = iter(
@@ -221,7 +162,7 @@ def train_loop(loop_config: dict) -> None:
 
 
 def run_train_vae(cfg: VAETrainConfig):
-    train, held = split_shards(cfg)
+    train, held = split_shards(cfg, "train-vae")
     if cfg.init_from:
         from pipeline.io import checkpoint
 

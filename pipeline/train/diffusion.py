@@ -22,6 +22,7 @@ from pipeline.io import checkpoint, imaging, manifest, storage
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.models import autoencoder, denoiser, flow
 from pipeline.models.degrade import check_task, residual_target
+from pipeline.models.refiner import load as load_refiner
 from pipeline.train.loop import (
     LoopConfig,
     MetricsLog,
@@ -66,14 +67,22 @@ class TrainConfig(LoopConfig):
         "task models: held-out photos (folder or glob) on which the detail gain is calibrated after "
         "training and stored in the checkpoint; `restore` uses it by default",
     )
+    refiner: str = option(
+        "",
+        "task models: a pixel refiner for the same task (output of `train-refiner`), carried in every "
+        "checkpoint; `restore`'s fidelity mode then uses it instead of the latent model",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self, "latents")
         self.latents, self.vae = storage.absolute(self.latents), storage.absolute(self.vae)
         self.calibration_images = storage.absolute(self.calibration_images)
+        self.refiner = storage.absolute(self.refiner)
         if self.calibration_images and not self.task:
             raise ConfigError("option 'calibration-images' needs a --task (it calibrates a restoration model)")
+        if self.refiner and not self.task:
+            raise ConfigError("option 'refiner' needs a --task (a refiner restores)")
         storage.check_separate(
             self.output,
             {
@@ -81,6 +90,7 @@ class TrainConfig(LoopConfig):
                 "vae": self.vae,
                 "init_from": self.init_from,
                 "calibration_images": self.calibration_images,
+                "refiner": self.refiner,
             },
         )
         denoiser.config_for(self.model)  # validates the size name
@@ -124,6 +134,9 @@ def train_loop(loop_config: dict) -> None:
     opt = new_optimizer(model, cfg)
     vae_local = checkpoint.local_copy(_vae_url(cfg, man), so)
     vae = autoencoder.load(vae_local)
+    extra_dirs = {checkpoint.VAE_DIR: vae_local}  # carried in every checkpoint
+    if cfg.refiner:
+        extra_dirs[checkpoint.REFINER_DIR] = checkpoint.local_copy(cfg.refiner, so)
     if vae.weights_sha256 != man["encoder"]["weights_sha256"]:
         raise ConfigError("the autoencoder given does not match the one that encoded the latents")
 
@@ -218,9 +231,7 @@ def train_loop(loop_config: dict) -> None:
             grid(images).save(buf, format="PNG")
             storage.write_bytes(storage.join(cfg.output, "samples", f"step_{done:08d}.png"), buf.getvalue(), so)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(
-                done, {"step": done, **metrics}, info, ddp, ema, opt, extra_dirs={checkpoint.VAE_DIR: vae_local}
-            )
+            save_checkpoint(done, {"step": done, **metrics}, info, ddp, ema, opt, extra_dirs=extra_dirs)
             if metrics_log is not None:
                 metrics_log.sync()
 
@@ -340,6 +351,8 @@ def train_model(cfg: TrainConfig):
         check_memory(params * BYTES_PER_PARAMETER, cfg.workers, "model", f"model {cfg.model} ({params / 1e6:.0f}M)")
     if cfg.init_from:
         checkpoint.load(cfg.init_from, "diffusion", so)
+    if cfg.refiner:  # a wrong path, kind or task fails here, in one line
+        load_refiner(cfg.refiner, so, task=cfg.task)
     if cfg.calibration_images and not storage.list_files(cfg.calibration_images, imaging.IMAGE_SUFFIXES, so):
         raise ConfigError(f"option 'calibration-images': no images under {storage.redact(cfg.calibration_images)}")
     log.info(

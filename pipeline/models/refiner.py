@@ -1,0 +1,100 @@
+"""The pixel refiner: a small residual CNN that predicts what the classical base is missing.
+
+A restoration task's fidelity mode wants the posterior mean E[x | input]. The latent model can
+only express detail at its autoencoder's resolution (f = 8: one latent per 8x8 pixels), and a
+small autoencoder reconstructs photos worse than the back-projection base, so the latent route
+adds nothing measurable to the base. This network predicts the mean residual ``x - base``
+directly in pixel space:
+
+    out = base + gain * P(refiner(base))
+
+where ``base`` is :func:`degrade.classical_base` of the input and ``P`` the projection that
+keeps an upscale consistent with its input (:func:`restorer.project_upscale`).
+
+Architecture: optional pixel-unshuffle (space to depth, lossless) so the convolutions run at a
+fraction of the resolution, ``depth`` 3x3 convolutions with ReLU, pixel-shuffle back. The last
+layer starts at zero, so an untrained refiner returns the base exactly. The network predicts the
+residual times :data:`OUTPUT_SCALE` (what made it learn, see docs/ARCHITECTURE.md); ``forward``
+divides it back out, so callers see the residual in image units ([-1, 1] images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.models import degrade
+
+OUTPUT_SCALE = 10.0  # the network's output is the residual times this (an MSE on it learns; see module doc)
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    task: str
+    channels: int = 64
+    depth: int = 7
+    unshuffle: int = 2  # pixel-unshuffle factor before the convolutions (1: full resolution)
+
+    def __post_init__(self) -> None:
+        degrade.check_task(self.task)
+        if not 8 <= self.channels <= 1024 or not 2 <= self.depth <= 64 or self.unshuffle not in (1, 2, 4):
+            raise ValueError("refiner: channels in 8..1024, depth in 2..64, unshuffle 1, 2 or 4")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": "refiner", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RefinerConfig:
+        d = dict(d)
+        if d.pop("arch", None) != "refiner":
+            raise ValueError("not a refiner architecture")
+        return cls(**d)
+
+
+class Refiner(nn.Module):
+    def __init__(self, cfg: RefinerConfig):
+        super().__init__()
+        self.cfg = cfg
+        u2 = 3 * cfg.unshuffle**2
+        layers: list[nn.Module] = [nn.Conv2d(u2, cfg.channels, 3, padding=1)]
+        for _ in range(cfg.depth - 2):
+            layers += [nn.ReLU(inplace=True), nn.Conv2d(cfg.channels, cfg.channels, 3, padding=1)]
+        layers += [nn.ReLU(inplace=True), nn.Conv2d(cfg.channels, u2, 3, padding=1)]
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        """The predicted residual ``x - base`` for images ``base`` (N, 3, H, W) in [-1, 1]."""
+        u = self.cfg.unshuffle
+        h, w = base.shape[-2:]
+        x = F.pad(base, (0, (-w) % u, 0, (-h) % u), mode="replicate") if (h % u or w % u) else base
+        if u > 1:
+            x = F.pixel_unshuffle(x, u)
+        y = self.net(x)
+        if u > 1:
+            y = F.pixel_shuffle(y, u)
+        return y[..., :h, :w] / OUTPUT_SCALE
+
+
+def load(url: str, storage_options: dict | None = None, task: str = "") -> Refiner:
+    """The EMA weights of the refiner checkpoint at ``url`` (a ``train-refiner`` output or a task
+    checkpoint's ``refiner/``); CheckpointError for anything else, or one of another task."""
+    from pipeline.io import checkpoint, storage
+
+    where = storage.redact(url)
+    local, info = checkpoint.load(url, "refiner", storage_options)
+    try:
+        cfg = RefinerConfig.from_dict(info.model)
+    except (TypeError, ValueError) as exc:
+        raise checkpoint.CheckpointError(f"{where}: invalid refiner architecture ({exc})") from None
+    if task and cfg.task != task:
+        raise checkpoint.CheckpointError(f"{where}: the refiner was trained for task {cfg.task!r}, not {task!r}")
+    net = Refiner(cfg)
+    checkpoint.load_weights(net, local, "ema")
+    return net.eval()

@@ -1,0 +1,83 @@
+"""What the two pixel-space loops (``train-vae``, ``train-refiner``) share: their image options,
+the split into training and held-out shards, random training crops and held-out centre crops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import ConfigError, option, require
+from pipeline.io import imaging, storage
+from pipeline.io.tarshards import iter_samples
+from pipeline.train.loop import LoopConfig
+
+
+@dataclass
+class ImageLoopConfig(LoopConfig):
+    """Options of a loop that trains on image shards."""
+
+    images: str = option("", "image shards: URL, brace range or glob; comma-separated list")
+    heldout: str = option("", "held-out image shards for PSNR (default: the last input shard, if >1)")
+    resolution: int = option(64, "training crop size")
+    eval_images: int = option(32, "held-out images scored at each checkpoint")
+    shuffle_buffer: int = option(256, "samples in each rank's shuffle buffer")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "images")
+        self.images, self.heldout = storage.absolute(self.images), storage.absolute(self.heldout)
+        storage.check_separate(
+            self.output, {"images": self.images, "heldout": self.heldout, "init_from": self.init_from}
+        )
+        if not 8 <= self.resolution <= 4096 or self.eval_images < 1 or self.shuffle_buffer < 1:
+            raise ConfigError(
+                "options 'resolution' (8..4096), 'eval-images' and 'shuffle-buffer' (>= 1) are out of range"
+            )
+
+
+def split_shards(cfg: ImageLoopConfig, verb: str) -> tuple[list[str], list[str]]:
+    """(training shards, held-out shards): ``--heldout``, else the last input shard."""
+    train = storage.expand(cfg.images, cfg.storage.options)
+    if cfg.heldout:
+        return train, storage.expand(cfg.heldout, cfg.storage.options)
+    if len(train) < 2:
+        raise ConfigError(f"{verb} needs a --heldout shard set, or at least 2 input shards (the last one is held out)")
+    return train[:-1], train[-1:]
+
+
+def random_crop(fields: dict[str, bytes], size: int, rng: np.random.Generator) -> Image.Image | None:
+    """A random ``size`` square crop of a sample's image (smaller images scaled up to cover it),
+    mirrored half of the time; None for an unreadable image."""
+    try:
+        im = imaging.sample_rgb(fields)
+    except imaging.BadImage:
+        return None
+    short = min(im.size)
+    if short < size:
+        im = im.resize((max(size, round(im.width * size / short)), max(size, round(im.height * size / short))))
+    x = int(rng.integers(0, im.width - size + 1))
+    y = int(rng.integers(0, im.height - size + 1))
+    crop = im.crop((x, y, x + size, y + size))
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+
+def heldout_crops(shards: list[str], cfg: ImageLoopConfig) -> list[Image.Image]:
+    """Centre crops of the first ``eval_images`` readable held-out images."""
+    out: list[Image.Image] = []
+    for url in shards:
+        with storage.open_read(url, cfg.storage.options) as f:
+            for s in iter_samples(f):
+                if s.error:
+                    continue
+                try:
+                    im = imaging.sample_rgb(s.fields)
+                except imaging.BadImage:
+                    continue
+                out.append(imaging.resize_center_crop(im, cfg.resolution)[0])
+                if len(out) == cfg.eval_images:
+                    return out
+    if not out:
+        raise ConfigError("no readable held-out images")
+    return out
