@@ -28,6 +28,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster, caplog):
         "shards-captioned",
         "encode-captioned",
         "train",
+        "shards-refiner",
+        "train-refiner",
         "train-upscale4",
         "sample",
         "eval",
@@ -38,6 +40,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster, caplog):
     for name in ("model", "bicubic", "lanczos", "autoencoder"):
         assert 5 < ev["scores"][name]["psnr"] < 60 and 0 < ev["scores"][name]["ssim"] <= 1
         assert re.search(rf"<td>{name}</td><td>{ev['scores'][name]['psnr']:.2f}</td>", report)
+    from pipeline.models import loading
+
+    assert loading.load(str(wd / "upscale4")).refiner is not None  # the x4 refiner travels in the checkpoint
     assert (wd / "restored" / "_report.json").exists()
     assert json.loads((wd / "restored" / "_report.json").read_text())["written"] == 3
     # text-to-image: bucketed, captioned latents; a transformer; samples per prompt at two sizes

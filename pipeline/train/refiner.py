@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.config import ConfigError, option, public_dict
+from pipeline.config import ConfigError, option, public_dict, require
 from pipeline.io import checkpoint, imaging, storage
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.models import degrade, refiner
@@ -62,6 +62,7 @@ class RefinerTrainConfig(ImageLoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self, "task")
         degrade.check_task(self.task)
         if self.resolution % degrade.TASKS[self.task].scale:
             raise ConfigError(f"option 'resolution' must be a multiple of the task's scale for {self.task}")
