@@ -265,3 +265,31 @@ def test_the_restore_job_runs_a_pipeline(saved, tmp_path, ray_cluster):
     grey = Image.open(tmp_path / "o" / "grey.png")
     assert grey.size == (80, 48) and grey.mode == "L"
     assert sorted(os.listdir(tmp_path / "o")) == ["_errors.jsonl", "_report.json", "grey.png", "p0.png"]
+
+
+def test_a_prompt_reaches_the_sd_upscaler_and_is_refused_elsewhere(saved, tmp_path, capsys):
+    folder, pipe = saved["sd"]
+    im = photo_crops(1, 64, seed=2)[0].crop((0, 0, 32, 32))
+    out = PipelineRestorer(folder, "upscale4", RestoreSettings(steps=2, seed=3), prompt="a photo").restore(im)
+    ref = pipe(
+        prompt="a photo",
+        image=im,
+        guidance_scale=9.0,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images[0]
+    assert np.abs(_px(out) - np.round(ref * 255)).max() <= 1
+    empty = PipelineRestorer(folder, "upscale4", RestoreSettings(steps=2, seed=3)).restore(im)
+    assert np.abs(_px(out) - _px(empty)).mean() > 0.5  # the prompt changes the output
+    (tmp_path / "in").mkdir()
+    im.save(tmp_path / "in" / "a.png")
+    for checkpoint, words in (
+        (saved["ldm"][0], "only a StableDiffusionUpscalePipeline takes a prompt, not a LDM"),
+        (str(tmp_path / "net.safetensors"), "only a StableDiffusionUpscalePipeline folder takes a prompt"),
+    ):
+        argv = ["restore", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--prompt", "a photo"]
+        rc = cli.main([*argv, "--checkpoint", checkpoint])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and "Traceback" not in err, err
+        assert not (tmp_path / "o").exists()

@@ -122,9 +122,13 @@ def _check_task(cls: str, task: str) -> None:
         )
 
 
-def describe(url: str, task: str, storage_options: dict | None = None) -> str:
-    """The task the pipeline at ``url`` runs (``upscale4``), checked against ``--task`` on the driver (one line)."""
-    _check_task(_inspect(url, storage_options), task)
+def describe(url: str, task: str, storage_options: dict | None = None, prompt: str = "") -> str:
+    """The task the pipeline at ``url`` runs (``upscale4``), checked against ``--task`` (and a
+    ``--prompt`` against the class) on the driver, in one line."""
+    class_name = _inspect(url, storage_options)
+    _check_task(class_name, task)
+    if prompt and class_name != SD_UPSCALE:
+        raise ConfigError(f"option 'prompt': only a {SD_UPSCALE} takes a prompt, not a {class_name}")
     return TASK
 
 

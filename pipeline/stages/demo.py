@@ -9,7 +9,8 @@ aspect ratios) -> shards -> train-vae -> encode (with the upscale4 view) -> text
 random-weight stand-in, built offline) -> encode-captioned (aspect-ratio buckets, caption
 embeddings, flipped latents) -> train (a text-conditioned transformer on the buckets) ->
 train-refiner (the x4 pixel refiner, on crops at the photos' own scale) -> train --task upscale4
---refiner (the refiner bundled; the gain calibrated on other held-out crops) -> sample (per prompt, at two aspect ratios) -> eval (held-out photos vs bicubic
+--refiner (the refiner bundled; the gain calibrated on other held-out crops) -> sample (per
+prompt, at two aspect ratios) -> eval (held-out photos vs bicubic
 / Lanczos / back-projection / autoencoder) -> restore (Ray Data job over the degraded held-out
 photos) -> report.html.
 """

@@ -59,6 +59,11 @@ class RestoreConfig:
     )
     task: str = option("", f"one of {', '.join(RESTORE_TASKS)} (default: the checkpoint's task)")
     scale: int = option(0, "upscale factor 2 or 4 (shorthand for --task upscale2/upscale4)")
+    prompt: str = option(
+        "",
+        "StableDiffusionUpscalePipeline folders only: the text prompt, with the pipeline's default guidance "
+        "scale 9 (default: the empty prompt, no guidance)",
+    )
     mask: str = option(
         "",
         "inpainting masks: 'alpha' (the input's transparency) or a folder of masks "
@@ -242,7 +247,7 @@ class RestoreActor:
         if networks.is_network_file(cfg.checkpoint):
             self.restorer = NetworkRestorer(cfg.checkpoint, task, cfg.settings, cfg.storage.options)
         elif pipelines.is_pipeline_folder(cfg.checkpoint, cfg.storage.options):
-            self.restorer = PipelineRestorer(cfg.checkpoint, task, cfg.settings, cfg.storage.options)
+            self.restorer = PipelineRestorer(cfg.checkpoint, task, cfg.settings, cfg.storage.options, prompt=cfg.prompt)
         else:
             self.restorer = Restorer(loading.load(cfg.checkpoint, cfg.storage.options), task, cfg.settings)
         self.actor_id = f"{os.getpid()}-{id(self)}"  # the report lists the actors (one model load each)
@@ -390,10 +395,12 @@ def run_restore(cfg: RestoreConfig) -> dict:
     t0 = time.time()
     so = cfg.storage.options
     # the checkpoint, network or pipeline is checked first: one line, before any Ray work
+    if cfg.prompt and not pipelines.is_pipeline_folder(cfg.checkpoint, so):
+        raise ConfigError(f"option 'prompt': only a {pipelines.SD_UPSCALE} folder takes a prompt")
     if networks.is_network_file(cfg.checkpoint):
         task = networks.describe(cfg.checkpoint, cfg.task, so)
     elif pipelines.is_pipeline_folder(cfg.checkpoint, so):
-        task = pipelines.describe(cfg.checkpoint, cfg.task, so)
+        task = pipelines.describe(cfg.checkpoint, cfg.task, so, prompt=cfg.prompt)
     else:
         task = check_compatible(loading.describe(cfg.checkpoint, so), cfg.task)
     items, refused = list_inputs(cfg)
