@@ -227,10 +227,11 @@ def test_encode_captions_buckets_and_flips(tmp_path, bucket, ray_cluster, encode
         # the flipped latent is the autoencoder's output on the mirror image of the same crop
         ext = "png" if key == "square" else "jpg"
         p = prepare_sample(Sample(key, {ext: members[f"{key}.{ext}"]}), cfg, list(by_size))
-        mirror = imaging.to_tensor_array(imaging.from_tensor_array(p.pixels).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        crop = Image.fromarray(p.pixels)
+        mirror = imaging.to_tensor_array(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
         want_flip = vae.encode(torch.from_numpy(mirror[None])).mean[0].numpy()
         np.testing.assert_allclose(_npy(fields["latent_flip.npy"]).astype(np.float32), want_flip, atol=2e-2)
-        want_lat = vae.encode(torch.from_numpy(p.pixels[None])).mean[0].numpy()
+        want_lat = vae.encode(torch.from_numpy(imaging.to_tensor_array(crop)[None])).mean[0].numpy()
         np.testing.assert_allclose(lat.astype(np.float32), want_lat, atol=2e-2)
     empty = man["text_encoders"][0]["empty_caption"]
     stored_empty = _npy(storage.read_bytes(f"{bucket}/lat/{empty['hidden']}"))
@@ -347,7 +348,8 @@ def test_device_decoder_matches_pillow_and_skips_a_broken_jpeg(tmp_path, vae_pat
         p = prepare_sample(Sample(f"k{i}", {"jpg": data}), dev)
         assert p.pixels is None and p.box == (40, 0, 200, 160)
         (got,) = encode._device_decode([p], "cpu", [])
-        err = (got.pixels.numpy() - want) * 127.5
+        assert got.pixels.dtype == torch.uint8 and got.pixels.shape == want.shape == (64, 64, 3)
+        err = got.pixels.numpy().astype(np.float32) - want
         assert 10 * math.log10(255**2 / float(np.mean(err**2))) > 30  # bicubic-antialias vs Lanczos
     plan = encode.EncodePlan("fp", None, [])
     storage.write_json(str(tmp_path / "o" / encode.SETTINGS_NAME), {"fingerprint": "fp"})

@@ -256,13 +256,28 @@ def settings_fingerprint(
 class _Prepared:
     key: str
     size: tuple[int, int]  # (width, height) of the crop that is encoded
-    pixels: Any  # (3, H, W) in [-1, 1], numpy; a device tensor from the device decoder; None before it
+    pixels: Any  # (H, W, 3) uint8, numpy; a device tensor from the device decoder; None before it
     meta: dict
     passthrough: dict[str, bytes]
     views: dict[str, np.ndarray]
     caption: str | None  # None: no text encoders
     jpeg: bytes | None = None
     box: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+@dataclass
+class _Batch:
+    """Prepared samples of one size, with their pixels stacked by the reader thread (so the
+    thread that runs the encoder does not copy them); ``pixels`` is None when some are left
+    to the device decoder."""
+
+    items: list[_Prepared]
+    pixels: np.ndarray | None
+
+
+def _batch(items: list[_Prepared]) -> _Batch:
+    ready = all(isinstance(p.pixels, np.ndarray) for p in items)
+    return _Batch(items, np.stack([p.pixels for p in items]) if ready else None)
 
 
 def _caption(sample: Sample, meta: dict, cfg: EncodeConfig) -> str:
@@ -345,7 +360,8 @@ def prepare_sample(sample: Sample, cfg: EncodeConfig, table: list[tuple[int, int
     if rgb is None:
         return _Prepared(sample.key, size, None, meta, passthrough, {}, caption, data, box)
     views = {t: task_view_pixels(t, rgb, sample.key) for t in cfg.tasks}
-    return _Prepared(sample.key, size, imaging.to_tensor_array(rgb), meta, passthrough, views, caption)
+    # uint8 until the batch is on the encoder's device: a quarter of the bytes to copy and move
+    return _Prepared(sample.key, size, np.array(rgb), meta, passthrough, views, caption)
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -382,7 +398,7 @@ def _reader(
         batch = pending.setdefault(p.size, [])
         batch.append(p)
         if len(batch) >= cfg.batch_size:
-            out.put(pending.pop(p.size))
+            out.put(_batch(pending.pop(p.size)))
 
     try:
         with (
@@ -399,7 +415,7 @@ def _reader(
             while window:
                 take(*window.popleft())
         for size in sorted(pending):
-            out.put(pending[size])
+            out.put(_batch(pending[size]))
         out.put(("done", seen))
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
         out.put(("error", exc))
@@ -451,40 +467,42 @@ def _device_decode(batch: list[_Prepared], device, skips: list[dict]) -> list[_P
         left, top, right, bottom = p.box
         x = im[None, :, top:bottom, left:right].float()
         x = torch.nn.functional.interpolate(x, size=(p.size[1], p.size[0]), mode="bicubic", antialias=True)
-        p.pixels = x[0].clamp(0, 255).round() / 127.5 - 1.0
+        p.pixels = x[0].clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0)
     return [p for p in batch if p.key not in failed]
 
 
-def _latent_arrays(vae, batch: list[_Prepared], np_dtype, flip: bool) -> list[dict[str, np.ndarray]]:
-    """Per sample of a batch (one size), its latent arrays by field name."""
+def _latent_arrays(vae, batch: _Batch, np_dtype, flip: bool) -> tuple[list[dict[str, np.ndarray]], list[str | None]]:
+    """Per sample of a batch (one size): its latent arrays by field name, and the first field
+    that holds NaN or Inf (None when all are finite; checked on the whole batch at once)."""
     import torch
 
-    n = len(batch)
-    if all(isinstance(p.pixels, np.ndarray) for p in batch):  # numpy's stack: one copy, no torch threads
-        x = torch.from_numpy(np.stack([p.pixels for p in batch])).to(vae.device)
+    items, n = batch.items, len(batch.items)
+    if batch.pixels is not None:
+        u8 = torch.from_numpy(batch.pixels).to(vae.device)
     else:  # some pixels come from the device decoder
-        x = torch.stack([torch.as_tensor(p.pixels).to(vae.device) for p in batch])
+        u8 = torch.stack([torch.as_tensor(p.pixels).to(vae.device) for p in items])
+    # (N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1], the same arithmetic as imaging.to_tensor_array
+    x = u8.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
     if flip:  # one forward pass for the images and their mirror images (a flip is exact on pixels)
         x = torch.cat([x, x.flip(-1)])
     post = vae.encode(x)
     means = post.mean.float().cpu().numpy().astype(np_dtype)
     stds = post.std.float().cpu().numpy().astype(np_dtype) if post.std is not None else None
-    rows: list[dict[str, np.ndarray]] = []
-    for i in range(n):
-        row = {"latent.npy": means[i]}
+    fields = {"latent.npy": means[:n]}
+    if stds is not None:
+        fields["std.npy"] = stds[:n]
+    if len(means) > n:
+        fields["latent_flip.npy"] = means[n:]
         if stds is not None:
-            row["std.npy"] = stds[i]
-        if len(means) > n:
-            row["latent_flip.npy"] = means[n + i]
-            if stds is not None:
-                row["std_flip.npy"] = stds[n + i]
-        rows.append(row)
-    for task in batch[0].views:
-        post = vae.encode(torch.from_numpy(np.stack([p.views[task] for p in batch])))
-        lat = post.mean.float().cpu().numpy().astype(np_dtype)
-        for i in range(n):
-            rows[i][f"{task}.npy"] = lat[i]
-    return rows
+            fields["std_flip.npy"] = stds[n:]
+    for task in items[0].views:
+        post = vae.encode(torch.from_numpy(np.stack([p.views[task] for p in items])))
+        fields[f"{task}.npy"] = post.mean.float().cpu().numpy().astype(np_dtype)
+    bad: list[str | None] = [None] * n
+    for name, arr in fields.items():
+        for i in np.flatnonzero(~np.isfinite(arr.reshape(n, -1)).all(1)):
+            bad[i] = bad[i] or name
+    return [{name: arr[i] for name, arr in fields.items()} for i in range(n)], bad
 
 
 def _text_arrays(encoders: list, names: list[str], batch: list[_Prepared]) -> list[tuple[dict[str, np.ndarray], dict]]:
@@ -526,13 +544,13 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
                     seen = item[1]
                     break
                 if cfg.decoder != "pil":
-                    item = _device_decode(item, vae.device, skips)
-                    if not item:
+                    item = _Batch(_device_decode(item.items, vae.device, skips), None)
+                    if not item.items:
                         continue
-                latents = _latent_arrays(vae, item, np_dtype, cfg.flip)
-                text = _text_arrays(texts, plan.text_names, item) if texts else [({}, {})] * len(item)
-                for p, arrays, (text_arrays, text_info) in zip(item, latents, text):
-                    bad = next((k for k, a in arrays.items() if not np.isfinite(a).all()), None)
+                latents, non_finite = _latent_arrays(vae, item, np_dtype, cfg.flip)
+                batch = item.items
+                text = _text_arrays(texts, plan.text_names, batch) if texts else [({}, {})] * len(batch)
+                for p, arrays, bad, (text_arrays, text_info) in zip(batch, latents, non_finite, text):
                     bad_text = next((k for k, a in text_arrays.items() if not np.isfinite(a).all()), None)
                     if bad or bad_text:
                         reason = "non_finite_latent" if bad else "non_finite_text"
