@@ -64,10 +64,11 @@ class Refiner(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(u2, cfg.channels, 3, padding=1)]
         for _ in range(cfg.depth - 2):
             layers += [nn.ReLU(inplace=True), nn.Conv2d(cfg.channels, cfg.channels, 3, padding=1)]
-        layers += [nn.ReLU(inplace=True), nn.Conv2d(cfg.channels, u2, 3, padding=1)]
-        nn.init.zeros_(layers[-1].weight)
-        nn.init.zeros_(layers[-1].bias)
-        self.net = nn.Sequential(*layers)
+        last = nn.Conv2d(cfg.channels, u2, 3, padding=1)
+        nn.init.zeros_(last.weight)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, nn.ReLU(inplace=True), last)
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
         """The predicted residual ``x - base`` for images ``base`` (N, 3, H, W) in [-1, 1]."""
