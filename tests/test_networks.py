@@ -106,3 +106,36 @@ def test_the_restore_job_runs_a_network(x2_net, tmp_path, ray_cluster):
     assert Image.open(tmp_path / "o" / "p0.png").size == (64, 64)
     grey = Image.open(tmp_path / "o" / "grey.png")
     assert grey.size == (40, 24) and grey.mode == "L"
+
+
+def test_eval_scores_a_network_next_to_the_classical_rows(x2_net, tmp_path):
+    from pipeline.models import degrade
+    from pipeline.models.quality import psnr
+    from pipeline.stages.eval import EvalConfig, evaluate, format_table
+
+    (tmp_path / "hr").mkdir()
+    for i, im in enumerate(photo_crops(2, 48, seed=14)):
+        im.save(tmp_path / "hr" / f"p{i}.png")
+    cfg = EvalConfig(task="upscale2", checkpoint=x2_net, images=str(tmp_path / "hr"), out=str(tmp_path / "e"))
+    result = evaluate(cfg)
+    scores = result["scores"]
+    assert set(scores) == {"model", "bicubic", "lanczos", "back_projection"}  # no autoencoder to reconstruct with
+    assert result["calibration"] == {} and result["recommended_gain"] is None and result["checkpoint_step"] is None
+    # the model row is the network's own output on the task's degradation of each photo
+    r = NetworkRestorer(x2_net, "upscale2", RestoreSettings())
+    want = []
+    for i in range(2):
+        hr = Image.open(tmp_path / "hr" / f"p{i}.png").convert("RGB")
+        lr = degrade.degrade("upscale2", hr, degrade.seed_for(f"p{i}.png"))
+        out, ref = (
+            torch.from_numpy(np.asarray(x, np.float32).transpose(2, 0, 1) / 127.5 - 1)[None]
+            for x in (r.restore(lr), hr)
+        )
+        want.append(float(psnr(out, ref)))
+    assert scores["model"]["psnr_per_image"] == pytest.approx(want, abs=1e-3)
+    assert scores["back_projection"]["psnr"] > scores["bicubic"]["psnr"]
+    table = format_table(result)
+    assert (tmp_path / "e" / "eval.json").exists() and "a pretrained network or pipeline" in table
+    assert "autoencoder" not in table and "recommended --gain" not in table
+    with pytest.raises(ConfigError, match="so its task is 'upscale2', not 'upscale4'"):
+        evaluate(EvalConfig(task="upscale4", checkpoint=x2_net, images=str(tmp_path / "hr"), out=str(tmp_path / "f")))

@@ -293,3 +293,21 @@ def test_a_prompt_reaches_the_sd_upscaler_and_is_refused_elsewhere(saved, tmp_pa
         err = capsys.readouterr().err
         assert rc == 2 and words in err and "Traceback" not in err, err
         assert not (tmp_path / "o").exists()
+
+
+def test_eval_scores_a_pipeline_next_to_the_classical_rows(saved, tmp_path):
+    from pipeline.stages.eval import EvalConfig, evaluate
+
+    (tmp_path / "hr").mkdir()
+    photo_crops(1, 64, seed=16)[0].save(tmp_path / "hr" / "p.png")
+    result = evaluate(
+        EvalConfig(
+            task="upscale4",
+            checkpoint=saved["ldm"][0],
+            images=str(tmp_path / "hr"),
+            out=str(tmp_path / "e"),
+            settings=RestoreSettings(steps=2),
+        )
+    )
+    assert set(result["scores"]) == {"model", "bicubic", "lanczos", "back_projection"}
+    assert 0 < result["scores"]["model"]["psnr"] < 60 and result["recommended_gain"] is None

@@ -35,7 +35,11 @@ GAINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # detail gains tried by the calibration
 @dataclass
 class EvalConfig:
     task: str = option("upscale4", f"one of {', '.join(degrade.TASKS)}")
-    checkpoint: str = option("", "diffusion checkpoint (or a training output)")
+    checkpoint: str = option(
+        "",
+        "diffusion checkpoint (or a training output), or a pretrained network file (spandrel) or diffusers "
+        "pipeline folder, as `restore` takes (scored without a gain calibration or an autoencoder row)",
+    )
     images: str = option("", "held-out images: a folder/prefix or a glob")
     lowres: str = option(
         "",
@@ -63,10 +67,32 @@ def _t(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(imaging.to_tensor_array(im))[None]
 
 
+def _pretrained(cfg: EvalConfig):
+    """A restorer for a pretrained network file or diffusers pipeline folder (checked against
+    ``--task`` in one line), or None for a latent-pipeline checkpoint."""
+    from pipeline.restoration import networks, pipelines
+
+    so = cfg.storage.options
+    if networks.is_network_file(cfg.checkpoint):
+        networks.describe(cfg.checkpoint, cfg.task, so)
+        return networks.NetworkRestorer(cfg.checkpoint, cfg.task, cfg.settings, so)
+    if pipelines.is_pipeline_folder(cfg.checkpoint, so):
+        pipelines.describe(cfg.checkpoint, cfg.task, so)
+        return pipelines.PipelineRestorer(cfg.checkpoint, cfg.task, cfg.settings, so)
+    return None
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Score the checkpoint and write ``eval.json`` and ``side_by_side.png`` to ``--out``."""
+    from pipeline.restoration import networks, pipelines
+
     so = cfg.storage.options
-    check_compatible(loading.describe(cfg.checkpoint, so), cfg.task)
+    if networks.is_network_file(cfg.checkpoint):
+        networks.describe(cfg.checkpoint, cfg.task, so)
+    elif pipelines.is_pipeline_folder(cfg.checkpoint, so):
+        pipelines.describe(cfg.checkpoint, cfg.task, so)
+    else:
+        check_compatible(loading.describe(cfg.checkpoint, so), cfg.task)
     storage.probe_writable(cfg.out, so)
     result, panels = score(cfg)
     storage.write_json(storage.join(cfg.out, "eval.json"), result, so)
@@ -78,8 +104,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     """The scores, the gain calibration and the first rows of the side-by-side sheet (no writes)."""
     so = cfg.storage.options
-    model = loading.load(cfg.checkpoint, so)
-    restorer = Restorer(model, cfg.task, cfg.settings)
+    pretrained = _pretrained(cfg)
+    model = loading.load(cfg.checkpoint, so) if pretrained is None else None
+    restorer = Restorer(model, cfg.task, cfg.settings) if model is not None else None
     scale = degrade.TASKS[cfg.task].scale
     pairs = storage.list_files(cfg.images, imaging.IMAGE_SUFFIXES, so)[: cfg.max_images]
     urls = [u for u, _ in pairs]
@@ -89,7 +116,7 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     # the classical rows: resizes and the back-projection base (upscaling); the degraded input and the
     # classical restoration base (same-size tasks)
     classical = ("bicubic", "lanczos", "back_projection") if scale > 1 else ("input", "classical_base")
-    names = ("model", *classical, "autoencoder")
+    names = ("model", *classical, *(("autoencoder",) if model is not None else ()))
     rows: dict[str, Scores] = {k: {"psnr": [], "psnr_y": [], "ssim": []} for k in names}
     calib: dict[float, Scores] = {g: {"psnr": [], "psnr_y": [], "ssim": []} for g in GAINS}
     panels: list[list[Image.Image]] = []
@@ -108,7 +135,6 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
                 continue
             hr = hr.crop((0, 0, hr.width - hr.width % scale, hr.height - hr.height % scale))
             lr = degrade.degrade(cfg.task, hr, degrade.seed_for(storage.basename(url)))
-        parts = restorer.parts(lr)
         target = _t(hr)
 
         def add(into: dict, pred: torch.Tensor) -> None:
@@ -116,24 +142,32 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
             into["psnr_y"].append(float(psnr_y(pred, target, border=scale)))
             into["ssim"].append(float(ssim(pred, target)))
 
-        by_gain = {g: restorer.compose(parts, g) for g in {*GAINS, parts.gain}}  # each composed once
-        for g in GAINS:
-            add(calib[g], _t(by_gain[g]))
-        outs = {"model": by_gain[parts.gain]}
-        if scale > 1:  # the classical floor of every upscaling output is exactly what --gain 0 gives
+        if restorer is not None:
+            parts = restorer.parts(lr)
+            by_gain = {g: restorer.compose(parts, g) for g in {*GAINS, parts.gain}}  # each composed once
+            for g in GAINS:
+                add(calib[g], _t(by_gain[g]))
+            outs, base = {"model": by_gain[parts.gain]}, by_gain[0.0]  # --gain 0 is exactly the classical base
+        else:
+            assert pretrained is not None
+            raw = np.round(np.clip(degrade.classical_base(cfg.task, lr), 0, 255)).astype(np.uint8)
+            outs, base = {"model": pretrained.restore(lr)}, Image.fromarray(raw, "RGB")
+            add(calib[0.0], _t(base))
+        if scale > 1:
             outs["bicubic"] = lr.resize(hr.size, Image.Resampling.BICUBIC)
             outs["lanczos"] = lr.resize(hr.size, Image.Resampling.LANCZOS)
-            outs["back_projection"] = by_gain[0.0]
+            outs["back_projection"] = base
         else:
             outs["input"] = lr
-            outs["classical_base"] = by_gain[0.0]
+            outs["classical_base"] = base
         for name, im in outs.items():
             add(rows[name], _t(im))
-        with torch.no_grad():  # padded to the autoencoder's multiple, cropped back
-            padded, (th, tw) = pad_to(target, model.vae.downsample)
-            recon = model.vae.decode(model.vae.encode(padded.to(restorer.device)).mean).float().clamp(-1, 1).cpu()
-            recon = recon[..., :th, :tw]
-        add(rows["autoencoder"], recon)
+        if model is not None:
+            with torch.no_grad():  # padded to the autoencoder's multiple, cropped back
+                padded, (th, tw) = pad_to(target, model.vae.downsample)
+                recon = model.vae.decode(model.vae.encode(padded.to(model.vae.device)).mean).float().clamp(-1, 1)
+                recon = recon.cpu()[..., :th, :tw]
+            add(rows["autoencoder"], recon)
         if len(panels) < 4:
             panels.append(
                 [lr.resize(hr.size, Image.Resampling.NEAREST), *(outs[k] for k in classical[:2]), outs["model"], hr]
@@ -160,26 +194,33 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
         per_image = all(a >= b - 1e-4 for a, b in zip(r["psnr"], ref["psnr"]))
         return per_image and float(np.mean(r["psnr"])) >= base_mean - 1e-4
 
-    calibration = {
-        str(g): {
-            "psnr": round(float(np.mean(c["psnr"])), 3),
-            "ssim": round(float(np.mean(c["ssim"])), 4),
-            "never_below_baseline": never_below(c),
+    calibration = (
+        {}
+        if restorer is None
+        else {
+            str(g): {
+                "psnr": round(float(np.mean(c["psnr"])), 3),
+                "ssim": round(float(np.mean(c["ssim"])), 4),
+                "never_below_baseline": never_below(c),
+            }
+            for g, c in calib.items()
         }
-        for g, c in calib.items()
-    }
-    safe = [g for g in GAINS if never_below(calib[g])]
+    )
+    safe = [g for g in GAINS if never_below(calib[g])] if restorer is not None else []
     result = {
         "task": cfg.task,
         "images": len(rows["model"]["psnr"]),
         "settings": to_dict(cfg.settings),
-        "gain": restorer.gain,
-        "checkpoint_step": model.info.step,
+        "gain": restorer.gain if restorer is not None else None,
+        "checkpoint_step": model.info.step if model is not None else None,
         "scores": table,
         "floor": "lanczos" if scale > 1 else "input",
         "model_never_below_lanczos": never_below(rows["model"]),
         "calibration": calibration,
-        "recommended_gain": max(safe, key=lambda g: np.mean(calib[g]["psnr"])) if safe else 0.0,
+        # a pretrained network or pipeline has no gain to calibrate
+        "recommended_gain": (
+            None if restorer is None else max(safe, key=lambda g: np.mean(calib[g]["psnr"])) if safe else 0.0
+        ),
     }
     return result, panels
 
@@ -195,30 +236,34 @@ def _ready_made_input(cfg: EvalConfig, rel: str) -> Image.Image:
 
 
 def format_table(result: dict) -> str:
+    step = result["checkpoint_step"]
     lines = [
-        f"eval {result['task']} on {result['images']} held-out images (checkpoint step {result['checkpoint_step']}):",
+        f"eval {result['task']} on {result['images']} held-out images"
+        + (f" (checkpoint step {step}):" if step is not None else " (a pretrained network or pipeline):"),
         f"{'method':<17}{'PSNR dB':>9}{'PSNR-Y**':>10}{'SSIM':>8}",
     ]
     for name, s in result["scores"].items():
         label = "autoencoder*" if name == "autoencoder" else name
         lines.append(f"{label:<17}{s['psnr']:>9.2f}{s['psnr_y']:>10.2f}{s['ssim']:>8.4f}")
-    lines.append("* reconstruction of the original through the autoencoder: the ceiling of whole-image decoding")
+    if "autoencoder" in result["scores"]:
+        lines.append("* reconstruction of the original through the autoencoder: the ceiling of whole-image decoding")
     lines.append("** luma PSNR with a border of <scale> pixels cropped (the super-resolution papers' convention)")
     lines.append(
         f"model never below {result['floor']} (PSNR per image) and at least the base on average: "
         f"{result['model_never_below_lanczos']}"
     )
-    lines.append(
-        "detail gain (--gain) calibration: "
-        + ", ".join(
-            f"{g}: {c['psnr']:.2f} dB{'' if c['never_below_baseline'] else ' (below baseline on some image)'}"
-            for g, c in result["calibration"].items()
+    if result["calibration"]:
+        lines.append(
+            "detail gain (--gain) calibration: "
+            + ", ".join(
+                f"{g}: {c['psnr']:.2f} dB{'' if c['never_below_baseline'] else ' (below baseline on some image)'}"
+                for g, c in result["calibration"].items()
+            )
         )
-    )
-    lines.append(
-        f"recommended --gain: {result['recommended_gain']} (the best mean PSNR among the gains never below "
-        f"{result['floor']} on any of these images, nor below the classical base on average; 0 = the base)"
-    )
+        lines.append(
+            f"recommended --gain: {result['recommended_gain']} (the best mean PSNR among the gains never below "
+            f"{result['floor']} on any of these images, nor below the classical base on average; 0 = the base)"
+        )
     return "\n".join(lines)
 
 

@@ -158,7 +158,6 @@ def train_loop(loop_config: dict) -> None:
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
         grad_norm = optimizer_step(ddp, opt, ema, step, cfg)
-        model.train()
 
         window.step(time.perf_counter() - t_step, loss=loss_sum, grad_norm=grad_norm)
         done = step + 1
