@@ -29,6 +29,7 @@ from pipeline.train.loop import (
     StepWindow,
     fit,
     grad_sync,
+    loss_text,
     new_optimizer,
     optimizer_step,
     resume_or_init,
@@ -150,7 +151,7 @@ def train_loop(loop_config: dict) -> None:
             if metrics_log is not None:
                 metrics_log.log(done, metrics)
                 log.info(
-                    f"[train-vae] step {done}/{cfg.steps} loss {metrics.get('loss', float('nan')):.4f} "
+                    f"[train-vae] step {done}/{cfg.steps} {loss_text(metrics)}"
                     f"held-out PSNR {scores['psnr']:.2f} dB (initial {initial:.2f}) SSIM {scores['ssim']:.3f}"
                 )
             info.scale, info.metrics = latent_scale(ema, heldout, dev), metrics

@@ -145,6 +145,11 @@ class StepWindow:
         return out
 
 
+def loss_text(metrics: dict[str, float]) -> str:
+    """``"loss 0.1234 "`` when this step closed a metrics window (a checkpoint step may not)."""
+    return f"loss {metrics['loss']:.4f} " if "loss" in metrics else ""
+
+
 # --------------------------------------------------------------------------- optimizer state
 
 

@@ -35,6 +35,7 @@ from pipeline.train.loop import (
     StepWindow,
     fit,
     grad_sync,
+    loss_text,
     new_optimizer,
     optimizer_step,
     resume_or_init,
@@ -170,7 +171,7 @@ def train_loop(loop_config: dict) -> None:
             if metrics_log is not None:
                 metrics_log.log(done, metrics)
                 log.info(
-                    f"[train-refiner] step {done}/{cfg.steps} loss {metrics.get('loss', float('nan')):.4f} "
+                    f"[train-refiner] step {done}/{cfg.steps} {loss_text(metrics)}"
                     f"held-out PSNR {scores['psnr']:.2f} dB (base {scores['psnr_base']:.2f}, "
                     f"{scores['gain_db']:+.2f} dB)"
                 )
