@@ -510,3 +510,13 @@ def test_a_refiner_for_another_task_or_without_a_task_is_refused(refined_model, 
         )
     with pytest.raises(CheckpointError, match="is a diffusion checkpoint, not a refiner checkpoint"):
         train_model(TrainConfig(latents=lat, output=str(tmp_path / "o"), task="upscale2", refiner=upscale_model))
+
+
+def test_the_floor_counts_differences_under_8_bit_rounding_noise_as_ties():
+    from pipeline.stages.eval import never_worse
+
+    # a near-flat image: 0.7 dB at 52 dB is an MSE difference of 0.07 level^2, under rounding's 1/12
+    assert never_worse([51.87, 30.0], [52.58, 29.0])
+    # at photo PSNRs a few hundredths of a dB are real: 30.00 vs 30.05 dB is 0.75 level^2
+    assert not never_worse([30.0], [30.05])
+    assert not never_worse([51.0], [52.58])  # 0.2 level^2: more than rounding
