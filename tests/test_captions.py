@@ -172,6 +172,7 @@ def test_caption_field_of_an_unreadable_json_is_a_bad_caption(encoders, vae_path
 
 
 def test_encode_captions_buckets_and_flips(tmp_path, bucket, ray_cluster, encoders, vae_path):
+    encode._TEXT_ENCODERS.clear()  # this process's cache: it must stay empty (see the end)
     write_tar(str(tmp_path / "s.tar"), _members())
     storage.put_file(str(tmp_path / "s.tar"), f"{bucket}/img/s.tar")
     for kind in ("clip", "t5"):  # text encoders are read through the storage module like any input
@@ -261,6 +262,24 @@ def test_encode_captions_buckets_and_flips(tmp_path, bucket, ray_cluster, encode
     storage.write_bytes(f"{bucket}/table.json", b"[[64, 64], [96, 48], [48, 96]]")
     with pytest.raises(ConfigError, match="other settings"):
         run_encode(dataclasses.replace(cfg, buckets=f"{bucket}/table.json"))
+    # the driver never held a text encoder (its identities and the empty caption came from a worker)
+    assert encode._TEXT_ENCODERS == {}
+
+
+def test_a_wrong_text_encoder_fails_the_job_in_one_line_before_any_shard(tmp_path, ray_cluster, encoders, vae_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(encoders["clip"], bad)
+    shutil.copy(os.path.join(encoders["t5"], "config.json"), bad / "config.json")
+    write_tar(str(tmp_path / "s.tar"), _members())
+    cfg = EncodeConfig(
+        input=str(tmp_path / "s.tar"), output=str(tmp_path / "o"), vae=vae_path, resolution=64, text_encoder=[str(bad)]
+    )
+    with pytest.raises(CheckpointError, match="weights do not match T5EncoderModel") as err:
+        run_encode(cfg)
+    assert type(err.value) is CheckpointError and "\n" not in str(err.value)  # the cause itself, one line
+    assert not (tmp_path / "o" / "s.tar").exists()
 
 
 def _overflowing_vae(path: str, hot: np.ndarray, cool: np.ndarray) -> None:

@@ -638,16 +638,16 @@ def run_encode(cfg: EncodeConfig) -> dict:
     vae = autoencoder.load(cfg.vae, so)
     identity = vae.identity
     table = _bucket_table(cfg, vae.downsample)
-    texts = _load_text_encoders(cfg)
-    text_names = text_field_names([te.model_type for te in texts])
-    text_docs = [{"name": n, "identity": te.identity} for n, te in zip(text_names, texts)]
+    texts = _describe_text_encoders(cfg) if cfg.text_encoder else []
+    text_names = text_field_names([t.model_type for t in texts])
+    text_docs: list[dict[str, Any]] = [{"name": n, "identity": t.identity} for n, t in zip(text_names, texts)]
     plan_ = EncodePlan(settings_fingerprint(cfg, identity, table, text_docs), table, text_names)
     fingerprint = plan_.fingerprint
     records_root = storage.join(cfg.output, SHARD_RECORDS)
     storage.probe_writable(cfg.output, so)
     storage.clean_partials(cfg.output)
     _take_output(cfg, fingerprint)
-    empty = _write_empty_captions(cfg, texts, text_names)
+    empty = _write_empty_captions(cfg, [t.empty for t in texts], text_names)
 
     done: dict[str, dict] = {}
     if not cfg.overwrite:
@@ -739,7 +739,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
                 **doc,
                 "source": te.source,
                 "field": f"text_{doc['name']}.npy",
-                "pooled_field": f"pooled_{doc['name']}.npy" if te.pooled_width else None,
+                "pooled_field": f"pooled_{doc['name']}.npy" if te.identity["pooled_width"] else None,
                 "empty_caption": empty[doc["name"]],
             }
             for doc, te in zip(text_docs, texts)
@@ -799,8 +799,7 @@ def _bucket_table(cfg: EncodeConfig, downsample: int) -> list[tuple[int, int]] |
 
 
 def _load_text_encoders(cfg: EncodeConfig) -> list:
-    """Load each text encoder on the driver: a wrong folder fails here in one line, and the
-    identities enter the fingerprint before any task starts."""
+    """Load each text encoder (on a worker: see :func:`_text_encoders`)."""
     from pipeline.models.text import TextEncoder
 
     return [
@@ -809,15 +808,52 @@ def _load_text_encoders(cfg: EncodeConfig) -> list:
     ]
 
 
+@dataclass
+class _TextEncoderFacts:
+    """What the driver needs of a text encoder: its type and identity (for the fingerprint) and
+    its empty-caption embedding (stored once for classifier-free guidance)."""
+
+    model_type: str
+    identity: dict
+    source: str  # where it was loaded from (credentials redacted)
+    empty: Any  # text.Embedding of ""
+
+
+def _text_encoder_facts(cfg: EncodeConfig) -> list[_TextEncoderFacts]:
+    """Runs on a worker: load (and keep, for that worker's shards) the text encoders on the
+    encode tasks' device and precision, so the empty caption is embedded as samples are."""
+    return [_TextEncoderFacts(te.model_type, te.identity, te.source, te.encode([""])[0]) for te in _text_encoders(cfg)]
+
+
+def _describe_text_encoders(cfg: EncodeConfig) -> list[_TextEncoderFacts]:
+    """The text encoders' facts, from a Ray task with the encode tasks' resources: the driver
+    never holds a text encoder (a T5-XXL is tens of GB), and a wrong folder still fails in one
+    line before any shard starts."""
+    import ray
+
+    from pipeline.ray_setup import check_fits, ensure_ray
+
+    ensure_ray(cfg.ray.address)
+    check_fits(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
+    remote = ray.remote(max_calls=0, max_retries=0)(_text_encoder_facts).options(
+        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, name="describe_text_encoders"
+    )
+    try:
+        return ray.get(remote.remote(cfg))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (checkpoint.CheckpointError, ConfigError)):  # a wrong folder or option: one line
+            raise exc.cause from None
+        raise
+
+
 EMPTY_CAPTION_DIR = "_empty_caption"
 
 
-def _write_empty_captions(cfg: EncodeConfig, texts: list, names: list[str]) -> dict[str, dict]:
+def _write_empty_captions(cfg: EncodeConfig, empties: list, names: list[str]) -> dict[str, dict]:
     """Store each encoder's empty-caption embedding (what classifier-free guidance trains the
     unconditional case on) under ``_empty_caption/``; returns the file names per encoder."""
     out: dict[str, dict] = {}
-    for te, name in zip(texts, names):
-        emb = te.encode([""])[0]
+    for emb, name in zip(empties, names):
         files: dict[str, Any] = {"hidden": f"{EMPTY_CAPTION_DIR}/text_{name}.npy", "tokens": int(emb.hidden.shape[0])}
         storage.write_bytes(storage.join(cfg.output, files["hidden"]), _npy(emb.hidden), cfg.storage.options)
         if emb.pooled is not None:
