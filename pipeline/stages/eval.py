@@ -25,7 +25,8 @@ from pipeline.config import ConfigError, StorageOptions, group, option, require,
 from pipeline.io import imaging, storage
 from pipeline.models import degrade, loading
 from pipeline.models.quality import psnr, psnr_y, ssim
-from pipeline.restoration.restorer import Restorer, RestoreSettings, check_compatible, pad_to
+from pipeline.restoration import backends
+from pipeline.restoration.restorer import Restorer, RestoreSettings, pad_to
 
 log = logging.getLogger("pipeline.eval")
 
@@ -81,32 +82,10 @@ def _t(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(imaging.to_tensor_array(im))[None]
 
 
-def _pretrained(cfg: EvalConfig):
-    """A restorer for a pretrained network file or diffusers pipeline folder (checked against
-    ``--task`` in one line), or None for a latent-pipeline checkpoint."""
-    from pipeline.restoration import networks, pipelines
-
-    so = cfg.storage.options
-    if networks.is_network_file(cfg.checkpoint):
-        networks.describe(cfg.checkpoint, cfg.task, so)
-        return networks.NetworkRestorer(cfg.checkpoint, cfg.task, cfg.settings, so)
-    if pipelines.is_pipeline_folder(cfg.checkpoint, so):
-        pipelines.describe(cfg.checkpoint, cfg.task, so)
-        return pipelines.PipelineRestorer(cfg.checkpoint, cfg.task, cfg.settings, so)
-    return None
-
-
 def evaluate(cfg: EvalConfig) -> dict:
     """Score the checkpoint and write ``eval.json`` and ``side_by_side.png`` to ``--out``."""
-    from pipeline.restoration import networks, pipelines
-
     so = cfg.storage.options
-    if networks.is_network_file(cfg.checkpoint):
-        networks.describe(cfg.checkpoint, cfg.task, so)
-    elif pipelines.is_pipeline_folder(cfg.checkpoint, so):
-        pipelines.describe(cfg.checkpoint, cfg.task, so)
-    else:
-        check_compatible(loading.describe(cfg.checkpoint, so), cfg.task)
+    backends.check(cfg.checkpoint, cfg.task, so)
     storage.probe_writable(cfg.out, so)
     result, panels = score(cfg)
     storage.write_json(storage.join(cfg.out, "eval.json"), result, so)
@@ -118,7 +97,12 @@ def evaluate(cfg: EvalConfig) -> dict:
 def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     """The scores, the gain calibration and the first rows of the side-by-side sheet (no writes)."""
     so = cfg.storage.options
-    pretrained = _pretrained(cfg)
+    # a pretrained network or pipeline has no parts to compose at other gains, nor an autoencoder
+    pretrained = (
+        None
+        if backends.kind(cfg.checkpoint, so) == "checkpoint"
+        else backends.load(cfg.checkpoint, cfg.task, cfg.settings, so)
+    )
     model = loading.load(cfg.checkpoint, so) if pretrained is None else None
     restorer = Restorer(model, cfg.task, cfg.settings) if model is not None else None
     scale = degrade.TASKS[cfg.task].scale

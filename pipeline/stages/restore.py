@@ -235,21 +235,11 @@ class RestoreActor:
     def __init__(self, cfg: RestoreConfig, task: str):
         import torch
 
-        from pipeline.models import loading
-        from pipeline.restoration import networks, pipelines
-        from pipeline.restoration.networks import NetworkRestorer
-        from pipeline.restoration.pipelines import PipelineRestorer
-        from pipeline.restoration.restorer import Restorer
+        from pipeline.restoration import backends
 
         torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         self.cfg, self.task = cfg, task
-        self.restorer: Restorer | NetworkRestorer | PipelineRestorer
-        if networks.is_network_file(cfg.checkpoint):
-            self.restorer = NetworkRestorer(cfg.checkpoint, task, cfg.settings, cfg.storage.options)
-        elif pipelines.is_pipeline_folder(cfg.checkpoint, cfg.storage.options):
-            self.restorer = PipelineRestorer(cfg.checkpoint, task, cfg.settings, cfg.storage.options, prompt=cfg.prompt)
-        else:
-            self.restorer = Restorer(loading.load(cfg.checkpoint, cfg.storage.options), task, cfg.settings)
+        self.restorer = backends.load(cfg.checkpoint, task, cfg.settings, cfg.storage.options, prompt=cfg.prompt)
         self.actor_id = f"{os.getpid()}-{id(self)}"  # the report lists the actors (one model load each)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -388,21 +378,12 @@ def _existing_outputs(cfg: RestoreConfig) -> frozenset:
 
 
 def run_restore(cfg: RestoreConfig) -> dict:
-    from pipeline.models import loading
-    from pipeline.restoration import networks, pipelines
-    from pipeline.restoration.restorer import check_compatible
+    from pipeline.restoration import backends
 
     t0 = time.time()
     so = cfg.storage.options
     # the checkpoint, network or pipeline is checked first: one line, before any Ray work
-    if cfg.prompt and not pipelines.is_pipeline_folder(cfg.checkpoint, so):
-        raise ConfigError(f"option 'prompt': only a {pipelines.SD_UPSCALE} folder takes a prompt")
-    if networks.is_network_file(cfg.checkpoint):
-        task = networks.describe(cfg.checkpoint, cfg.task, so)
-    elif pipelines.is_pipeline_folder(cfg.checkpoint, so):
-        task = pipelines.describe(cfg.checkpoint, cfg.task, so, prompt=cfg.prompt)
-    else:
-        task = check_compatible(loading.describe(cfg.checkpoint, so), cfg.task)
+    task = backends.check(cfg.checkpoint, cfg.task, so, prompt=cfg.prompt)
     items, refused = list_inputs(cfg)
     shards = _is_shards(cfg)
     if shards:
