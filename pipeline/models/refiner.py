@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.io import checkpoint, storage
 from pipeline.models import degrade
 
 OUTPUT_SCALE = 10.0  # the network's output is the residual times this (an MSE on it learns; see module doc)
@@ -86,8 +87,6 @@ class Refiner(nn.Module):
 def load(url: str, storage_options: dict | None = None, task: str = "") -> Refiner:
     """The EMA weights of the refiner checkpoint at ``url`` (a ``train-refiner`` output or a task
     checkpoint's ``refiner/``); CheckpointError for anything else, or one of another task."""
-    from pipeline.io import checkpoint, storage
-
     where = storage.redact(url)
     local, info = checkpoint.load(url, "refiner", storage_options)
     try:
