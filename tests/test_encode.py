@@ -134,6 +134,20 @@ def test_stored_means_equal_builtin_encoder_output(tmp_path, ray_cluster, tiny_v
         np.testing.assert_allclose(std.astype(np.float32), post.std[i].numpy(), rtol=2e-3, atol=2e-3)
 
 
+def test_encode_tasks_run_with_passive_openmp_unless_the_user_sets_it(tmp_path, ray_cluster, monkeypatch):
+    """Spinning OpenMP threads would take the decode threads' cores (bench/encode.py)."""
+    import ray
+
+    from pipeline.stages import encode
+
+    cfg = EncodeConfig(input=str(tmp_path / "in.tar"), output=str(tmp_path / "lat"), vae="v", num_cpus=1)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    seen = ray.remote(lambda: os.environ.get("OMP_WAIT_POLICY")).options(**encode.task_options(cfg))
+    assert ray.get(seen.remote()) == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert "runtime_env" not in encode.task_options(cfg)  # the user's own setting is left alone
+
+
 def test_stored_means_equal_diffusers_autoencoderkl_output(tmp_path, ray_cluster):
     from diffusers import AutoencoderKL
 
