@@ -117,6 +117,25 @@ def test_redact_removes_passwords_whatever_their_characters(text):
         assert secret not in out
 
 
+def test_url_passwords_with_spaces_or_quotes_are_redacted_once_given_as_options(tmp_path):
+    cfg = from_dict(
+        RestoreConfig,
+        {"input": 's3://me:"my pass"@bucket/in', "output": "s3://me:two words@bucket/out", "checkpoint": "c"},
+    )
+    for line in (f"cannot read {cfg.input}", f"cannot write {cfg.output}/x.png"):
+        out = storage.redact(line)
+        assert "my pass" not in out and "two words" not in out, out
+    assert storage.redact("a pass word") == "a pass word"  # an ordinary message is left as it is
+
+
+def test_overlap_check_knows_object_store_scheme_aliases():
+    with pytest.raises(ConfigError, match="overlaps"):
+        storage.check_separate("s3a://bucket/in/out", {"input": "s3://bucket/in"})
+    with pytest.raises(ConfigError, match="overlaps"):
+        storage.check_separate("gcs://b/data", {"input": "gs://b/data/*.tar"})
+    storage.check_separate("s3a://bucket/out", {"input": "s3://bucket/in"})  # separate: fine
+
+
 def test_secrets_reach_no_recorded_config_and_no_error_line(tmp_path, capsys, vae_dir):
     so = {"key": "AKIAEXAMPLE", "secret": "wJalr/XUtn@FEMI+K7MDENG", "client_kwargs": {"endpoint_url": "http://x"}}
     cfg = from_dict(

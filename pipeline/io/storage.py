@@ -93,10 +93,26 @@ def absolute(url: str) -> str:
     if "," in url and "{" not in url:
         return ",".join(absolute(u.strip()) for u in url.split(",") if u.strip())
     if is_remote(url):
+        _register_url_password(url)
         return url
     if url.startswith("file://"):
         return url
     return os.path.abspath(os.path.expanduser(url))
+
+
+def _register_url_password(url: str) -> None:
+    """A password that :func:`redact`'s patterns cannot delimit (it holds spaces or quotes) is
+    registered as a secret, so that no later message shows it."""
+    import urllib.parse
+
+    with suppress(ValueError):
+        password = urllib.parse.urlsplit(url).password
+        if password and re.search(r"[\s'\"]", password):
+            _SECRETS.add(password)
+
+
+# other spellings of one object store, so that overlap checks compare like with like
+_SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}
 
 
 def _root_of(url: str) -> str:
@@ -111,7 +127,8 @@ def _root_of(url: str) -> str:
 def _canonical(url: str) -> str:
     if is_remote(url):
         proto = fsspec.utils.get_protocol(url)
-        path = fsspec.core.strip_protocol(url) if hasattr(fsspec.core, "strip_protocol") else url.split("://", 1)[1]
+        proto = _SCHEME_ALIASES.get(proto, proto)
+        path = url.split("://", 1)[1]  # as text: no filesystem (nor its package) is needed to compare
         return f"{proto}://{str(path).strip('/')}"
     path = url[len("file://") :] if url.startswith("file://") else url
     return os.path.realpath(os.path.abspath(path or "."))
