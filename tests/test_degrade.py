@@ -74,3 +74,22 @@ def test_luma_psnr_follows_the_literature_convention():
     shifted = grey_step + 2 / 255 * 2  # +2 levels on every channel -> Y moves by 2 * 219/255 levels
     expected = 10 * np.log10(255**2 / (2 * 219 / 255) ** 2)
     assert float(psnr_y(grey_step, shifted)) == pytest.approx(expected, abs=0.05)
+
+
+def test_adain_colour_fix_matches_the_base_over_the_image_not_its_padding(tmp_path):
+    """The restorer pads images to its grid; the colour statistics must come from the image."""
+    from helpers import tiny_diffusion_checkpoint
+    from pipeline.models import loading
+    from pipeline.restoration.restorer import Restorer, RestoreSettings
+
+    model = loading.load(tiny_diffusion_checkpoint(str(tmp_path / "ck"), task="restore"))
+    r = Restorer(model, "restore", RestoreSettings(color_fix="adain", gain=1.0))
+    assert 33 % r.multiple and 45 % r.multiple  # the image gets padded
+    rng = np.random.default_rng(0)
+    arr = (100 + rng.random((33, 45, 3)) * 60).astype(np.uint8)  # mid-grey: nothing clips
+    arr[-1] = 250  # a bright last row: replicate padding would repeat it and skew the statistics
+    im = Image.fromarray(arr)
+    out = np.asarray(r.restore(im), np.float64)
+    base = degrade.classical_base("restore", im).astype(np.float64)
+    np.testing.assert_allclose(out.mean((0, 1)), base.mean((0, 1)), atol=1.0)
+    np.testing.assert_allclose(out.std((0, 1)), base.std((0, 1)), rtol=0.03)

@@ -277,10 +277,11 @@ class Restorer:
         """``base + gain * residual`` (gain 0: exactly the classical result); for upscaling, a few
         back-projection steps then keep the output consistent with the input (range–null-space:
         the model may only add what the downsampling cannot see)."""
-        out = parts.base + gain * parts.residual
-        if self.opts.color_fix == "adain":
-            out = adain(out, parts.base)
-        arr = out[0, :, : parts.h, : parts.w].float().cpu().numpy()
+        crop = (slice(None), slice(None), slice(0, parts.h), slice(0, parts.w))  # the image without its padding
+        out = (parts.base + gain * parts.residual)[crop]
+        if self.opts.color_fix == "adain":  # statistics of the image's own pixels, not of the padding
+            out = adain(out, parts.base[crop])
+        arr = out[0].float().cpu().numpy()
         if parts.lr is not None and gain:
             scale = degrade.TASKS[self.task].scale
             pixels = degrade.back_project(
