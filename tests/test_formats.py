@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import add_member
+from helpers import add_member, write_tar
 from pipeline.io import checkpoint, manifest, storage
 from pipeline.io.checkpoint import CheckpointError, CheckpointInfo
 from pipeline.io.manifest import ManifestError
@@ -322,6 +322,14 @@ def test_batch_stream_yields_full_batches_and_every_key_each_epoch(tmp_path):
     seen = [k for b in batches for k in b["keys"]]
     assert sorted(seen[:10]) == keys  # the first epoch holds every key exactly once
     assert sorted(seen[10:20]) == keys  # and so does the second
+
+
+@pytest.mark.timeout(60)
+def test_batch_stream_without_a_readable_sample_fails_instead_of_spinning(tmp_path):
+    write_tar(str(tmp_path / "junk.tar"), [("../evil.txt", b"x"), ("a/../../b.npy", b"y")])  # unsafe keys only
+    stream = iter(BatchStream([str(tmp_path / "junk.tar")], _collate, batch_size=2))
+    with pytest.raises(ValueError, match="no readable sample in 1 shard"):
+        _take(stream, 1)
 
 
 def test_batch_stream_shuffles_with_a_larger_buffer(tmp_path):

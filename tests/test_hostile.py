@@ -85,6 +85,22 @@ def test_an_output_equal_to_inside_or_around_an_input_is_refused_and_the_input_u
     from_dict(EncodeConfig, {"input": f"{d}/shard-*.tar", "output": str(d / "latents"), "vae": vae_dir})
 
 
+@pytest.mark.timeout(120)
+def test_image_training_without_a_readable_image_fails_in_one_line_before_any_worker(tmp_path, capsys):
+    """Before: train-refiner waited forever for a crop, and an empty held-out set failed inside a
+    Ray Train worker with a traceback."""
+    junk, ok = str(tmp_path / "junk.tar"), str(tmp_path / "ok.tar")
+    write_tar(junk, [("a.txt", b"no image here"), ("b.jpg", b"not a jpeg")])
+    write_tar(ok, [(f"k{i}.png", encode_image(im)) for i, im in enumerate(photo_crops(2, 32))])
+    for verb in ("train-refiner", "train-vae"):
+        task = ("--task", "upscale2") if verb == "train-refiner" else ()
+        for images, heldout, what in ((junk, ok, "training shard"), (ok, junk, "held-out shard")):
+            argv = (verb, *task, "--images", images, "--heldout", heldout, "--output", str(tmp_path / "o"))
+            rc, err = _cli(capsys, *argv)
+            assert rc == 2 and f"no readable image in the 1 {what}" in _one_line(err), (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
 # --------------------------------------------------------------------------- 2. relative paths
 
 

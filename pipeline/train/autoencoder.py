@@ -23,7 +23,7 @@ from pipeline.io import imaging, storage
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.models import autoencoder
 from pipeline.models.quality import psnr, ssim
-from pipeline.train.crops import ImageLoopConfig, heldout_crops, random_crop, split_shards
+from pipeline.train.crops import ImageLoopConfig, check_readable, heldout_crops, random_crop, split_shards
 from pipeline.train.loop import (
     MetricsLog,
     StepWindow,
@@ -164,6 +164,7 @@ def train_loop(loop_config: dict) -> None:
 
 def run_train_vae(cfg: VAETrainConfig):
     train, held = split_shards(cfg, "train-vae")
+    check_readable(train, held, cfg, "train-vae")
     if cfg.init_from:
         from pipeline.io import checkpoint
 

@@ -79,5 +79,21 @@ def heldout_crops(shards: list[str], cfg: ImageLoopConfig) -> list[Image.Image]:
                 if len(out) == cfg.eval_images:
                     return out
     if not out:
-        raise ConfigError("no readable held-out images")
+        raise ConfigError(f"no readable image in the {len(shards)} held-out shard(s) (--heldout, or the last input shard)")
     return out
+
+
+def check_readable(train: list[str], held: list[str], cfg: ImageLoopConfig, verb: str) -> None:
+    """On the driver, before any worker starts: refuse, in one line, a held-out set or a training
+    set without a single readable image (a worker would otherwise wait for one forever)."""
+    heldout_crops(held, cfg)
+    for url in train:
+        with storage.open_read(url, cfg.storage.options) as f:
+            for s in iter_samples(f):
+                if s.error is None:
+                    try:
+                        imaging.sample_rgb(s.fields)
+                    except imaging.BadImage:
+                        continue
+                    return
+    raise ConfigError(f"{verb}: no readable image in the {len(train)} training shard(s) of option 'images'")

@@ -29,7 +29,7 @@ from pipeline.io import checkpoint, imaging, storage
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.models import degrade, refiner
 from pipeline.models.quality import psnr
-from pipeline.train.crops import ImageLoopConfig, heldout_crops, random_crop, split_shards
+from pipeline.train.crops import ImageLoopConfig, check_readable, heldout_crops, random_crop, split_shards
 from pipeline.train.loop import (
     MetricsLog,
     StepWindow,
@@ -185,6 +185,7 @@ def train_loop(loop_config: dict) -> None:
 
 def run_train_refiner(cfg: RefinerTrainConfig):
     train, held = split_shards(cfg, "train-refiner")
+    check_readable(train, held, cfg, "train-refiner")
     if cfg.init_from:
         _, info = checkpoint.load(cfg.init_from, "refiner", cfg.storage.options)
         if info.task != cfg.task or refiner.RefinerConfig.from_dict(info.model) != cfg.model_config():

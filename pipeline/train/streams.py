@@ -111,13 +111,21 @@ class BatchStream:
         self._started = False
 
     def _samples(self) -> Iterator[dict[str, bytes]]:
+        # a pass can miss the readable shards by chance (each rank reads a random share of them);
+        # this many passes in a row with nothing readable means there is nothing: fail, never spin
+        empty, limit = 0, 20 * len(self.shards)
         while not self._stop.is_set():
+            n = 0
             for url in rank_shards(self.shards, self.rank, self.world, self.epoch, self.seed):
                 with storage.open_read(url, self.so) as f:
                     for s in iter_samples(f):
                         if s.error is None:
+                            n += 1
                             yield s.fields
             self.epoch += 1
+            empty = 0 if n else empty + 1
+            if empty >= limit:
+                raise ValueError(f"no readable sample in {len(self.shards)} shard(s) over {limit} passes")
 
     def _shuffled(self, rng: random.Random) -> Iterator[dict[str, bytes]]:
         buf: list[dict[str, bytes]] = []
