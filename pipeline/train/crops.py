@@ -79,7 +79,8 @@ def heldout_crops(shards: list[str], cfg: ImageLoopConfig) -> list[Image.Image]:
                 if len(out) == cfg.eval_images:
                     return out
     if not out:
-        raise ConfigError(f"no readable image in the {len(shards)} held-out shard(s) (--heldout, or the last input shard)")
+        where = f"{len(shards)} held-out shard(s) (--heldout, or the last input shard)"
+        raise ConfigError(f"no readable image in the {where}")
     return out
 
 
