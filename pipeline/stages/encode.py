@@ -855,9 +855,10 @@ def _describe_text_encoders(cfg: EncodeConfig) -> list[_TextEncoderFacts]:
 
     ensure_ray(cfg.ray.address)
     check_fits(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
-    remote = ray.remote(max_calls=0, max_retries=0)(_text_encoder_facts).options(
-        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, name="describe_text_encoders"
-    )
+    # the encode tasks' own options, environment included: the same worker pool, so the worker
+    # that loaded the encoders here keeps them for its shards
+    options = {**task_options(cfg), "name": "describe_text_encoders"}
+    remote = ray.remote(max_calls=0, max_retries=0)(_text_encoder_facts).options(**options)
     try:
         return ray.get(remote.remote(cfg))
     except ray.exceptions.RayTaskError as exc:
