@@ -98,13 +98,12 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     """The scores, the gain calibration and the first rows of the side-by-side sheet (no writes)."""
     so = cfg.storage.options
     # a pretrained network or pipeline has no parts to compose at other gains, nor an autoencoder
-    pretrained = (
-        None
-        if backends.kind(cfg.checkpoint, so) == "checkpoint"
-        else backends.load(cfg.checkpoint, cfg.task, cfg.settings, so)
-    )
-    model = loading.load(cfg.checkpoint, so) if pretrained is None else None
-    restorer = Restorer(model, cfg.task, cfg.settings) if model is not None else None
+    model, restorer, pretrained = None, None, None
+    if backends.kind(cfg.checkpoint, so) == "checkpoint":
+        model = loading.load(cfg.checkpoint, so)
+        restorer = Restorer(model, cfg.task, cfg.settings)
+    else:
+        pretrained = backends.load(cfg.checkpoint, cfg.task, cfg.settings, so)
     scale = degrade.TASKS[cfg.task].scale
     pairs = storage.list_files(cfg.images, imaging.IMAGE_SUFFIXES, so)[: cfg.max_images]
     urls = [u for u, _ in pairs]
