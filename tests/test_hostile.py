@@ -397,6 +397,16 @@ def test_every_mistake_ends_in_one_line_naming_it(tmp_path, capsys, vae_dir, dif
     (broken / "ema.safetensors").write_bytes(b"\x00" * 64)
     rc, err = _cli(capsys, "sample", "--checkpoint", str(broken), "--out", str(tmp_path / "s2.png"))
     assert rc == 2 and "damaged" in _one_line(err)
+    # a damaged part (the bundled autoencoder's description) is refused by the driver's check,
+    # before any actor would fail to load it
+    part = tmp_path / "part"
+    tiny_diffusion_checkpoint(str(part))
+    (part / "vae" / "config.json").write_text('{"format": 1')
+    write_photo_folder(str(tmp_path / "in"), n=1)
+    rc, err = _cli(capsys, "restore", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "r"),
+                   "--checkpoint", str(part))  # fmt: skip
+    assert rc == 2 and "vae: config.json is not valid JSON" in _one_line(err), err
+    assert not (tmp_path / "r").exists()
 
 
 # --------------------------------------------------------------------------- 11-12. exit codes

@@ -5,7 +5,8 @@ autoencoder it was trained with under ``vae/``, a task model's pixel refiner und
 when it was trained with one, and ``config.json`` (a
 :class:`~pipeline.io.checkpoint.CheckpointInfo`: denoiser architecture, latent scale/shift,
 task, step), so sampling and restoration need only its URL. :func:`describe` checks a
-checkpoint cheaply (``config.json`` only) so a driver can refuse a wrong one before any Ray work.
+checkpoint cheaply (its and its parts' ``config.json`` only) so a driver can refuse a wrong one
+before any Ray work.
 """
 
 from __future__ import annotations
@@ -49,7 +50,19 @@ def describe(url: str, storage_options: dict | None = None) -> CheckpointInfo:
     if info.kind != "diffusion":
         article = "an" if info.kind[0] in "aeiou" else "a"
         raise CheckpointError(f"{where} is {article} {info.kind} checkpoint, not a diffusion checkpoint")
+    # the bundled parts' descriptions too: what :func:`load` (in an actor) reads first must not fail there
+    vae_dir = os.path.join(local, checkpoint.VAE_DIR)
+    if checkpoint.read_raw_config(vae_dir).get("_class_name") != "AutoencoderKL":
+        _check_part(vae_dir, f"{where}/{checkpoint.VAE_DIR}", "autoencoder")
+    refiner_dir = os.path.join(local, checkpoint.REFINER_DIR)
+    if os.path.isdir(refiner_dir):
+        _check_part(refiner_dir, f"{where}/{checkpoint.REFINER_DIR}", "refiner")
     return info
+
+
+def _check_part(local_dir: str, where: str, kind: str) -> None:
+    if checkpoint.read_info(local_dir, where).kind != kind:
+        raise CheckpointError(f"{where} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint")
 
 
 def load(url: str, storage_options: dict | None = None, device: str | None = None) -> DiffusionModel:
