@@ -13,6 +13,7 @@ import argparse
 import errno
 import importlib
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the project's own errors, as a traceback's last line names them: ``pipeline.errors.ConfigError: ...``
+_DOMAIN_ERRORS: dict[str, type[Exception]] = {
+    f"{c.__module__}.{c.__qualname__}": c for c in (ConfigError, CheckpointError, ManifestError)
+}
+_RAISED_IN_RAY = re.compile(rf"^({'|'.join(map(re.escape, _DOMAIN_ERRORS))}): (.+)$", re.M)
+
+
+def _raised_in_ray(exc: Exception) -> Exception:
+    """A user error raised inside a Ray task, actor or Train worker, as itself (so it ends in
+    one line and exit 2): a task's comes as ``.cause``; an actor's creation error and a Train
+    worker's survive only as the text of their traceback, whose last such line is the error."""
+    if not type(exc).__module__.startswith("ray."):
+        return exc
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, (ConfigError, CheckpointError, ManifestError)):
+        return cause
+    found = _RAISED_IN_RAY.findall(str(exc))
+    return _DOMAIN_ERRORS[found[-1][0]](found[-1][1]) if found else exc
+
+
 def _one_line(exc: BaseException) -> str:
     from pipeline.io.storage import redact
 
@@ -177,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.verbose:
             log.exception("traceback")
+        exc = _raised_in_ray(exc)
         user = isinstance(exc, USER_ERRORS)
         hint = "" if user or args.verbose else " (run with --verbose for the traceback)"
         print(f"latent-pipeline {verb.name}: error: {_one_line(exc)}{hint}", file=sys.stderr)

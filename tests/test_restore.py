@@ -520,3 +520,18 @@ def test_the_floor_counts_differences_under_8_bit_rounding_noise_as_ties():
     # at photo PSNRs a few hundredths of a dB are real: 30.00 vs 30.05 dB is 0.75 level^2
     assert not never_worse([30.0], [30.05])
     assert not never_worse([51.0], [52.58])  # 0.2 level^2: more than rounding
+
+
+def test_a_damaged_part_found_by_the_actors_ends_in_one_line(tmp_path, ray_cluster, capsys):
+    """Damaged weights pass the driver's check (it reads descriptions only); the actors' load
+    error comes back from Ray as the text of an ActorDiedError and must still be one line."""
+    from helpers import tiny_diffusion_checkpoint
+    from pipeline import cli
+
+    ckpt = tiny_diffusion_checkpoint(str(tmp_path / "ck"), task="upscale2")
+    (tmp_path / "ck" / "vae" / "ema.safetensors").write_bytes(b"\x00" * 64)
+    write_photo_folder(str(tmp_path / "in"), n=2, size=32)
+    rc = cli.main(["restore", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--checkpoint", ckpt])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert rc == 2 and len(lines) == 1 and "vae: ema.safetensors is damaged" in lines[0], lines
+    assert "Traceback" not in lines[0] and "\x1b[" not in lines[0]
