@@ -15,7 +15,7 @@ from helpers import add_member, write_tar
 from pipeline.io import checkpoint, manifest, storage
 from pipeline.io.checkpoint import CheckpointError, CheckpointInfo
 from pipeline.io.manifest import ManifestError
-from pipeline.io.tarshards import TarShardWriter
+from pipeline.io.tarshards import TarShardWriter, iter_samples
 from pipeline.train.streams import Batch, BatchStream, latent_stream, rank_shards
 
 
@@ -309,6 +309,41 @@ def _take(stream: BatchStream, n: int) -> list:
         return [next(stream) for _ in range(n)]
     finally:
         stream.close()
+
+
+def _tarfile_shard(samples: list[tuple[str, dict[str, bytes]]], head: bytes) -> bytes:
+    """The same samples written by ``tarfile`` with the writer's fixed fields."""
+    f = io.BytesIO(head)
+    f.seek(len(head))
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("head", [b"", b"xyz"])
+def test_shard_writer_writes_tarfiles_own_bytes(head):
+    """The writer's template headers (short ASCII names) and PAX headers (long or non-ASCII
+    names) are byte for byte what ``tarfile`` writes, and ``iter_samples`` reads them back."""
+    rng = np.random.default_rng(0)
+    keys = ["a", "k00001", "x" * 93, "x" * 94, "y" * 200, "dir/sub/ключ", "é", "a b+c=d@e", "z" * 505]
+    samples = [
+        (f"{key[: 505 - len(str(i))]}{i}", {"latent.npy": rng.bytes(n), "json": b"{}"})
+        for i, (key, n) in enumerate((k, n) for k in keys for n in (0, 1, 511, 512, 513, 10_000))
+    ]
+    f = io.BytesIO(head)
+    f.seek(len(head))
+    with TarShardWriter(f) as w:
+        for key, fields in samples:
+            w.write(key, fields)
+    assert f.getvalue() == _tarfile_shard(samples, head)
+    assert len(f.getvalue()) % tarfile.RECORDSIZE == 0  # records count from the file's start, as in tarfile
+    back = list(iter_samples(io.BytesIO(f.getvalue()[len(head) :])))
+    assert [(s.key, s.fields, s.error) for s in back] == [(k, fl, None) for k, fl in samples]
 
 
 def test_batch_stream_yields_full_batches_and_every_key_each_epoch(tmp_path):

