@@ -88,14 +88,21 @@ def naive_loop(vae, shard_paths: list[str], out_dir: str, resolution: int, batch
 
 
 class PoolEncoder(torch.nn.Module):
-    """A zero-cost "autoencoder": 8x8 average pooling (measures everything but the encoder)."""
+    """A zero-cost "autoencoder": 8x8 average pooling (measures everything but the encoder).
+
+    The average is taken as two sums over the batch's own channels-last memory: 0.05 ms per
+    256-px image on one core, where ``avg_pool2d``'s channels-last kernel takes 0.27 ms, a
+    cost that belongs to no data path (it equals ``avg_pool2d`` to 1e-7)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def encode(self, x: torch.Tensor) -> autoencoder.Posterior:
-        return autoencoder.Posterior(torch.nn.functional.avg_pool2d(x, 8), None)
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n, h // 8, 8, w, c).sum(2)
+        pooled = rows.reshape(n, h // 8, w // 8, 8, c).sum(3).div_(64)
+        return autoencoder.Posterior(pooled.permute(0, 3, 1, 2), None)
 
 
 def _timed_shard(cfg: EncodeConfig, src: str) -> float:
@@ -118,7 +125,8 @@ def data_path(root: str, images: int, rounds: int, threads_list: tuple[int, ...]
     The task runs as ``run_encode`` runs it: a Ray task with the job's options (resources and
     worker environment, :func:`pipeline.stages.encode.task_options`); ``_omp_default`` rows run
     it without that environment. Each setting's rate is the best of ``rounds`` runs, taken in
-    turns so that a slow spell of the machine does not fall on one setting only."""
+    turns so that a slow spell of the machine does not fall on one setting only; the 2-vs-1
+    ratios are given best against best and per round (sorted: the middle one is the median)."""
     import ray
 
     from pipeline.stages import encode
@@ -139,17 +147,17 @@ def data_path(root: str, images: int, rounds: int, threads_list: tuple[int, ...]
             options.pop("runtime_env", None)
         name = f"job_img_s_{threads}_threads{'_draft' if draft else ''}{'' if env else '_omp_default'}"
         runs[name] = (ray.remote(_timed_shard).options(**options), cfg)
-    best = dict.fromkeys(runs, 0.0)
+    rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, (task, cfg) in runs.items():
-            best[name] = max(best[name], ray.get(task.remote(cfg, src)))
+            rates[name].append(ray.get(task.remote(cfg, src)))
     out: dict = {"images": images, "source_px": 512, "target_px": 256, "rounds": rounds}
-    out.update({name: round(rate, 2) for name, rate in best.items()})
-    out["threads_2_vs_1"] = round(out["job_img_s_2_threads"] / out["job_img_s_1_threads"], 3)
-    out["threads_2_vs_1_omp_default"] = round(
-        out["job_img_s_2_threads_omp_default"] / out["job_img_s_1_threads_omp_default"], 3
-    )
-    out["threads_2_vs_1_draft"] = round(out["job_img_s_2_threads_draft"] / out["job_img_s_1_threads_draft"], 3)
+    out.update({name: round(max(r), 2) for name, r in rates.items()})
+    for suffix in ("", "_omp_default", "_draft"):
+        one, two = rates[f"job_img_s_1_threads{suffix}"], rates[f"job_img_s_2_threads{suffix}"]
+        out[f"threads_2_vs_1{suffix}"] = round(max(two) / max(one), 3)  # best against best
+        # a round measures both within seconds: its ratio sees the same machine state
+        out[f"threads_2_vs_1{suffix}_per_round"] = sorted(round(b / a, 3) for a, b in zip(one, two))
 
     big = [encode_image(im.resize((1024, 1024)), "JPEG", quality=90) for im in photos[:24]]
     rates = {}
@@ -201,7 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="job,datapath,text")
     ap.add_argument("--datapath-images", type=int, default=384, help="images in the data-path shard")
-    ap.add_argument("--datapath-rounds", type=int, default=3)
+    ap.add_argument("--datapath-rounds", type=int, default=5)
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--per-shard", type=int, default=48)
     ap.add_argument("--resolution", type=int, default=256)
@@ -227,30 +235,27 @@ def main() -> None:
 
 def job(root: str, args) -> dict:
     """(1)-(3): the Ray job against the bare forward and a naive loop."""
-    if True:
-        shard_paths = make_shards(root, args.shards, args.per_shard, args.resolution)
-        vae_dir = os.path.join(root, "vae")
-        autoencoder.save_kl(autoencoder.new_kl(args.preset)[0], vae_dir)
-        vae = autoencoder.load(vae_dir)
-        images = [
-            imaging.to_rgb(imaging.decode(s.fields["jpg"])) for p in shard_paths for s in iter_samples(open(p, "rb"))
-        ]
+    shard_paths = make_shards(root, args.shards, args.per_shard, args.resolution)
+    vae_dir = os.path.join(root, "vae")
+    autoencoder.save_kl(autoencoder.new_kl(args.preset)[0], vae_dir)
+    vae = autoencoder.load(vae_dir)
+    images = [imaging.to_rgb(imaging.decode(s.fields["jpg"])) for p in shard_paths for s in iter_samples(open(p, "rb"))]
 
-        ceiling = bare_forward(vae, images, args.batch_size)
-        os.makedirs(os.path.join(root, "naive"))
-        naive = naive_loop(vae, shard_paths, os.path.join(root, "naive"), args.resolution, args.batch_size)
-        ensure_ray()  # cluster start-up is not part of a job's time
-        t = time.perf_counter()
-        man = run_encode(
-            EncodeConfig(
-                input=os.path.join(root, "in-*.tar"),
-                output=os.path.join(root, "ray"),
-                vae=vae_dir,
-                resolution=args.resolution,
-                batch_size=args.batch_size,
-            ),
-        )
-        ray_rate = man["totals"]["written"] / (time.perf_counter() - t)
+    ceiling = bare_forward(vae, images, args.batch_size)
+    os.makedirs(os.path.join(root, "naive"))
+    naive = naive_loop(vae, shard_paths, os.path.join(root, "naive"), args.resolution, args.batch_size)
+    ensure_ray()  # cluster start-up is not part of a job's time
+    t = time.perf_counter()
+    man = run_encode(
+        EncodeConfig(
+            input=os.path.join(root, "in-*.tar"),
+            output=os.path.join(root, "ray"),
+            vae=vae_dir,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+        ),
+    )
+    ray_rate = man["totals"]["written"] / (time.perf_counter() - t)
 
     return {
         "images": len(images),
