@@ -37,9 +37,11 @@ def encoders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bucketed(tmp_path_factory, encoders):
+def bucketed(tmp_path_factory, encoders, ray_cluster):
     """Captioned latents in buckets 64x32, 32x64 and 48x48 whose shards hold the buckets
-    unevenly: landscapes in one shard, portraits and squares in the others."""
+    unevenly: landscapes in one shard, portraits and squares in the others. (Encoding uses the
+    session's Ray: started here without the S3 endpoint's environment, its workers could not
+    reach the bucket when this file runs alone.)"""
     root = tmp_path_factory.mktemp("t2i")
     vae = str(root / "vae")
     autoencoder.save_kl(autoencoder.new_kl("tiny", seed=3)[0], vae)
