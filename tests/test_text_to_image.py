@@ -4,19 +4,22 @@ workers over the S3 test endpoint, a text-conditioned transformer, prompt sampli
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import encode_image, photo_crops, write_tar
 from pipeline.config import ConfigError
-from pipeline.io import storage
+from pipeline.io import manifest, storage
 from pipeline.io.checkpoint import CheckpointError
 from pipeline.models import autoencoder, text
 from pipeline.stages.encode import EncodeConfig, run_encode
 from pipeline.stages.sample import SampleConfig, run_sample
 from pipeline.stages.train import TrainConfig, run_train
+from pipeline.train.diffusion import empty_caption
 from pipeline.train.streams import latent_stream
 
 WORDS = ["coffee", "moon", "cat", "coins", "rocket", "brick"]
@@ -162,6 +165,26 @@ def test_unet_takes_text_and_buckets_too(bucketed, ray_cluster, tmp_path):
     assert ck["model"]["arch"] == "unet" and ck["model"]["text_dim"] == 32
     img = run_sample(SampleConfig(checkpoint=out, out=str(tmp_path / "u.png"), n=1, steps=2, prompt="a photo of moon"))
     assert img.size == (48, 48)
+
+    # the empty caption is kept in the checkpoint as training used it: sampling without a prompt
+    # needs no text encoder (the recorded one is made unreachable), a prompt still does
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(f"{out}/run/checkpoint_00000004", ckpt)
+    kept = load_file(str(ckpt / "null_text.safetensors"))
+    man = manifest.load(bucketed)
+    want = empty_caption(bucketed, man, text.TextSpec.from_manifest(man), None)
+    assert set(kept) == {"text", "text_mask", "pooled"} and all(torch.equal(kept[k], want[k]) for k in kept)
+    info = json.loads((ckpt / "config.json").read_text())
+    info["text_encoders"][0]["source"] = str(tmp_path / "gone")
+    (ckpt / "config.json").write_text(json.dumps(info))
+    a = run_sample(SampleConfig(checkpoint=str(ckpt), out=str(tmp_path / "a.png"), n=2, steps=2, cfg_scale=2.0))
+    older = tmp_path / "older"  # a checkpoint from before the empty caption was kept: the encoders embed it
+    shutil.copytree(f"{out}/run/checkpoint_00000004", older)
+    (older / "null_text.safetensors").unlink()
+    b = run_sample(SampleConfig(checkpoint=str(older), out=str(tmp_path / "b.png"), n=2, steps=2, cfg_scale=2.0))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(CheckpointError, match=r"recorded in the checkpoint .* is not there"):
+        run_sample(SampleConfig(checkpoint=str(ckpt), out=str(tmp_path / "c.png"), n=1, steps=1, prompt="moon"))
 
 
 def test_guidance_pads_prompts_and_the_empty_caption_to_one_length():

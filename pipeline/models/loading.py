@@ -2,7 +2,8 @@
 
 A diffusion checkpoint directory holds ``ema.safetensors`` / ``model.safetensors``, the
 autoencoder it was trained with under ``vae/``, a task model's pixel refiner under ``refiner/``
-when it was trained with one, and ``config.json`` (a
+when it was trained with one, a text-to-image model's empty-caption inputs in
+``null_text.safetensors``, and ``config.json`` (a
 :class:`~pipeline.io.checkpoint.CheckpointInfo`: denoiser architecture, latent scale/shift,
 task, step), so sampling and restoration need only its URL. :func:`describe` checks a
 checkpoint cheaply (its and its parts' ``config.json`` only) so a driver can refuse a wrong one
@@ -19,7 +20,7 @@ import torch
 
 from pipeline.io import checkpoint, storage
 from pipeline.io.checkpoint import CheckpointError, CheckpointInfo
-from pipeline.models import autoencoder, denoiser
+from pipeline.models import autoencoder, denoiser, text
 from pipeline.models.refiner import Refiner
 from pipeline.models.refiner import load as load_refiner
 
@@ -30,6 +31,8 @@ class DiffusionModel:
     vae: autoencoder.Autoencoder
     info: CheckpointInfo
     refiner: Refiner | None = None  # task checkpoints trained with --refiner (under refiner/)
+    # text-to-image checkpoints: the denoiser's inputs for the empty caption (batch 1), as trained
+    null_text: dict[str, torch.Tensor | None] | None = None
 
     @property
     def latent_shape(self) -> list[int]:
@@ -81,4 +84,10 @@ def load(url: str, storage_options: dict | None = None, device: str | None = Non
     ref = None
     if os.path.isdir(os.path.join(local, checkpoint.REFINER_DIR)):
         ref = load_refiner(os.path.join(local, checkpoint.REFINER_DIR), task=info.task).to(dev)
-    return DiffusionModel(net.eval().to(dev), vae, info, ref)
+    null_text = None
+    if info.text_encoders and os.path.isfile(os.path.join(local, f"{text.NULL_TEXT}.safetensors")):
+        stored = checkpoint.load_tensors(local, text.NULL_TEXT)
+        null_text = {k: stored.get(k) for k in ("text", "text_mask", "pooled")}
+        if null_text["text"] is None or null_text["text_mask"] is None:
+            raise CheckpointError(f"{where}: {text.NULL_TEXT}.safetensors has no text or text_mask")
+    return DiffusionModel(net.eval().to(dev), vae, info, ref, null_text)

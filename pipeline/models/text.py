@@ -321,6 +321,14 @@ def pad_tokens(seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return out, mask
 
 
+NULL_TEXT = "null_text"  # <checkpoint>/null_text.safetensors: the denoiser's inputs for the empty caption
+
+
+def repeat(kw: dict[str, torch.Tensor | None], n: int) -> dict[str, torch.Tensor | None]:
+    """Text inputs of batch 1 (such as the empty caption's) as a batch of ``n`` (no copy)."""
+    return {k: v.expand(n, *v.shape[1:]) if v is not None else None for k, v in kw.items()}
+
+
 def load_recorded(spec: TextSpec, paths: list[str], storage_options: dict | None = None) -> list[TextEncoder]:
     """The text encoders a model was trained with, from their recorded sources or from ``paths``
     (in the same order); refuses one whose identity differs from the recorded one."""

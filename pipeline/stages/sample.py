@@ -26,13 +26,15 @@ class SampleConfig:
     sampler: str = option("euler", "euler or heun")
     cfg_scale: float = option(1.0, "classifier-free guidance scale (1: off)")
     class_: list[int] = option([], "class ids to condition on (cycled over the samples)")
-    prompt: str = option("", "text-to-image checkpoints: the caption to draw (empty: the unconditional model)")
+    prompt: str = option(
+        "", "text-to-image checkpoints: the caption to draw (empty: the unconditional model, no text encoder loaded)"
+    )
     width: int = option(0, "image width in pixels (0: the checkpoint's default bucket); a multiple of its grid")
     height: int = option(0, "image height in pixels (0: the checkpoint's default bucket)")
     text_encoder: list[str] = option(
         [],
         "text encoder folder(s) to embed the prompt with, in training order (default: the paths recorded in "
-        "the checkpoint); refused unless identical to the ones the model was trained with",
+        "the checkpoint); refused unless identical to the ones the model was trained with; without --prompt, only a checkpoint without null_text.safetensors (older) needs them",
     )
     seed: int = option(0, "random seed")
     storage: StorageOptions = group(StorageOptions, private=True)
@@ -88,16 +90,20 @@ def run_sample(cfg: SampleConfig) -> Image.Image:
     storage.probe_writable(cfg.out.rsplit("/", 1)[0] if "/" in cfg.out else ".", so)
     model = loading.load(cfg.checkpoint, so)
     text_kw: dict = {}
-    if info.text_encoders:  # the prompt (or the empty caption) through the recorded encoders
-        spec = text.TextSpec(info.text_encoders)
-        encoders = text.load_recorded(spec, cfg.text_encoder, so)
-        cut: list[str] = []
-        text_kw = {
-            "text": text.condition(encoders, spec, [cfg.prompt] * cfg.n, cut),
-            "null_text": text.condition(encoders, spec, [""] * cfg.n),
-        }
-        for name in cut:
-            log.warning(f"[sample] the prompt is longer than text encoder {name}'s limit: truncated")
+    if info.text_encoders:
+        # the empty caption as the model trained on it (kept in the checkpoint); the encoders are
+        # loaded only for a prompt, or for a checkpoint written before the empty caption was kept
+        null = text.repeat(model.null_text, cfg.n) if model.null_text else None
+        if cfg.prompt or null is None:
+            spec = text.TextSpec(info.text_encoders)
+            encoders = text.load_recorded(spec, cfg.text_encoder, so)
+            cut: list[str] = []
+            null = null or text.condition(encoders, spec, [""] * cfg.n)
+            text_kw = {"text": text.condition(encoders, spec, [cfg.prompt] * cfg.n, cut), "null_text": null}
+            for name in cut:
+                log.warning(f"[sample] the prompt is longer than text encoder {name}'s limit: truncated")
+        else:
+            text_kw = {"text": null, "null_text": null}
     images = generate(
         model,
         cfg.n,

@@ -20,7 +20,7 @@ import torch
 from pipeline.config import ConfigError, check_range, option, public_dict, require
 from pipeline.io import checkpoint, imaging, manifest, storage
 from pipeline.io.checkpoint import CheckpointInfo
-from pipeline.models import autoencoder, denoiser, flow
+from pipeline.models import autoencoder, denoiser, flow, text
 from pipeline.models.degrade import check_task, residual_target
 from pipeline.models.refiner import load as load_refiner
 from pipeline.train.loop import (
@@ -162,6 +162,8 @@ def train_loop(loop_config: dict) -> None:
         )
     )
     null_text = empty_caption(cfg.latents, man, spec, so) if spec else None
+    # kept in the checkpoint: `sample` draws unconditionally (and guides) without the text encoders
+    null_tensors = {text.NULL_TEXT: {k: v for k, v in null_text.items() if v is not None}} if null_text else None
     net = torch.compile(ddp) if cfg.compile else ddp
     metrics_log = MetricsLog(cfg.output, start, so) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
@@ -224,14 +226,14 @@ def train_loop(loop_config: dict) -> None:
                 16,
                 steps=cfg.sample_steps,
                 classes=list(range(cfg.num_classes)) or None,
-                text=repeat(null_text, 16) if null_text else None,  # unconditional: the empty caption
+                text=text.repeat(null_text, 16) if null_text else None,  # unconditional: the empty caption
                 seed=cfg.seed,
             )
             buf = io.BytesIO()
             grid(images).save(buf, format="PNG")
             storage.write_bytes(storage.join(cfg.output, "samples", f"step_{done:08d}.png"), buf.getvalue(), so)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(done, {"step": done, **metrics}, info, ddp, ema, opt, extra_dirs=extra_dirs)
+            save_checkpoint(done, {"step": done, **metrics}, info, ddp, ema, opt, extra_dirs, null_tensors)
             if metrics_log is not None:
                 metrics_log.sync()
 
@@ -254,29 +256,22 @@ def default_shape(man: dict) -> list[int]:
 
 def text_spec(cfg: TrainConfig, man: dict):
     """How the model reads the captions (None: not text-conditioned)."""
-    from pipeline.models.text import TextSpec
-
     if not cfg.text or not man.get("text_encoders"):
         return None
-    return TextSpec.from_manifest(man)
+    return text.TextSpec.from_manifest(man)
 
 
 def empty_caption(root: str, man: dict, spec, storage_options: dict | None) -> dict[str, torch.Tensor | None]:
     """The denoiser's text inputs for one empty caption, from the dataset's stored embedding."""
-    from pipeline.models.text import pad_tokens
     from pipeline.train.streams import read_empty_captions
 
     tokens, pooled = spec.join(*read_empty_captions(root, man, storage_options))
-    t, m = pad_tokens([tokens])
+    t, m = text.pad_tokens([tokens])
     return {
         "text": torch.from_numpy(t),
         "text_mask": torch.from_numpy(m),
         "pooled": torch.from_numpy(pooled[None]) if pooled is not None else None,
     }
-
-
-def repeat(kw: dict[str, torch.Tensor | None], n: int) -> dict[str, torch.Tensor | None]:
-    return {k: v.expand(n, *v.shape[1:]) if v is not None else None for k, v in kw.items()}
 
 
 def measure_residual_scale(cfg: TrainConfig, batches: int = 4) -> float:

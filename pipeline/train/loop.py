@@ -233,8 +233,12 @@ def save_checkpoint(
     ema: torch.nn.Module,
     opt: torch.optim.Optimizer,
     extra_dirs: dict[str, str] | None = None,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Report ``metrics`` and, on rank 0, a checkpoint directory. Every rank must call this."""
+    """Report ``metrics`` and, on rank 0, a checkpoint directory. Every rank must call this.
+
+    ``extra_dirs``: folders copied in (name -> local path); ``extra_tensors``: more
+    ``<name>.safetensors`` files beside the model, EMA and optimizer weights."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
@@ -246,9 +250,8 @@ def save_checkpoint(
     with tempfile.TemporaryDirectory() as d:
         for name, src in (extra_dirs or {}).items():
             shutil.copytree(src, os.path.join(d, name), ignore=shutil.ignore_patterns(".*"))
-        checkpoint.save(
-            d, info, {"model": unwrap(model).state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors}
-        )
+        tensors = {"model": unwrap(model).state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors}
+        checkpoint.save(d, info, {**tensors, **(extra_tensors or {})})
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:08d}"
         )
