@@ -7,7 +7,8 @@
 ``datapath``: the data-path ceiling, i.e. what decides a GPU's throughput:
   (4) one encode task (``encode_shard``, 2 CPUs) with a zero-cost encoder (an average-pool
       "autoencoder") on 512-px JPEG sources into 256-px crops, with 1 and 2 decode threads
-      (target: 2 threads >= 1.7x one), without and with JPEG draft decoding;
+      (target: 2 threads >= 1.7x one), without and with JPEG draft decoding, as a Ray task and
+      in a process with no Ray running;
   (5) decode + resize to 256 px of 1024-px JPEGs with and without draft mode (target >= 2x).
 ``text``: caption embeddings: per-sample cost of a CLIP-L-shaped and a T5-small-shaped text
   encoder (random weights, same compute) and storage per sample, padded vs padding stripped.
@@ -22,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ from pipeline.io import imaging, storage
 from pipeline.io.tarshards import TarShardWriter, iter_samples
 from pipeline.models import autoencoder
 from pipeline.ray_setup import ensure_ray
+from pipeline.stages import encode as encode_stage
 from pipeline.stages.encode import EncodeConfig, run_encode
 
 
@@ -107,15 +110,13 @@ class PoolEncoder(torch.nn.Module):
 
 def _timed_shard(cfg: EncodeConfig, src: str) -> float:
     """In an encode task's worker: images/s of ``encode_shard`` with the pool encoder."""
-    from pipeline.stages import encode
-
-    encode._ENCODERS[(cfg.vae, "cpu", torch.float32)] = autoencoder.Autoencoder(
+    encode_stage._ENCODERS[(cfg.vae, "cpu", torch.float32)] = autoencoder.Autoencoder(
         PoolEncoder(), "pool", {}, latent_channels=3, downsample=8, scale=1.0, shift=0.0, weights_sha256="0"
     )
-    storage.write_json(os.path.join(cfg.output, encode.SETTINGS_NAME), {"fingerprint": "bench"})
+    storage.write_json(os.path.join(cfg.output, encode_stage.SETTINGS_NAME), {"fingerprint": "bench"})
     t = time.perf_counter()
     out_tar, record = os.path.join(cfg.output, "o.tar"), os.path.join(cfg.output, "r.json")
-    rec = encode.encode_shard(cfg, src, out_tar, record, encode.EncodePlan("bench", None, []))
+    rec = encode_stage.encode_shard(cfg, src, out_tar, record, encode_stage.EncodePlan("bench", None, []))
     return rec["written"] / (time.perf_counter() - t)
 
 
@@ -124,16 +125,16 @@ def data_path(root: str, images: int, rounds: int, threads_list: tuple[int, ...]
 
     The task runs as ``run_encode`` runs it: a Ray task with the job's options (resources and
     worker environment, :func:`pipeline.stages.encode.task_options`); ``_omp_default`` rows run
-    it without that environment. Each setting's rate is the best of ``rounds`` runs, taken in
-    turns so that a slow spell of the machine does not fall on one setting only; the 2-vs-1
-    ratios are given best against best and per round (sorted: the middle one is the median)."""
+    it without that environment; ``no_ray`` rows run the same task body in a fresh process with
+    no Ray running. Each setting's rate is the best of ``rounds`` runs, taken in turns so that a
+    slow spell of the machine does not fall on one setting only; the 2-vs-1 ratios are given
+    best against best and per round (sorted: the middle one is the median)."""
     import ray
-
-    from pipeline.stages import encode
 
     photos = photo_crops(images, 512, seed=11)
     src = os.path.join(root, "dp.tar")
     write_tar(src, [(f"k{j:05d}.jpg", encode_image(im, "JPEG", quality=90)) for j, im in enumerate(photos)])
+    no_ray = _rates_without_ray(src, rounds, threads_list)  # before this process starts Ray
     ensure_ray()
     runs = {}
     settings = [(t, d, e) for d in (False, True) for t in threads_list for e in ((True,) if d else (True, False))]
@@ -142,7 +143,7 @@ def data_path(root: str, images: int, rounds: int, threads_list: tuple[int, ...]
             input=src, output=os.path.join(root, f"dp{threads}{draft}{env}"), vae="pool", resolution=256,
             num_cpus=2, decode_threads=threads, batch_size=16, jpeg_draft=draft,
         )  # fmt: skip
-        options = encode.task_options(cfg)
+        options = encode_stage.task_options(cfg)
         if not env:
             options.pop("runtime_env", None)
         name = f"job_img_s_{threads}_threads{'_draft' if draft else ''}{'' if env else '_omp_default'}"
@@ -159,6 +160,11 @@ def data_path(root: str, images: int, rounds: int, threads_list: tuple[int, ...]
         # a round measures both within seconds: its ratio sees the same machine state
         out[f"threads_2_vs_1{suffix}_per_round"] = sorted(round(b / a, 3) for a, b in zip(one, two))
 
+    best = {t: max(r) for t, r in no_ray.items()}
+    out["no_ray_img_s"] = {f"{t}_threads": round(rate, 2) for t, rate in best.items()}
+    out["threads_2_vs_1_no_ray"] = round(best["2"] / best["1"], 3)
+    out["threads_2_vs_1_no_ray_per_round"] = sorted(round(b / a, 3) for a, b in zip(no_ray["1"], no_ray["2"]))
+
     big = [encode_image(im.resize((1024, 1024)), "JPEG", quality=90) for im in photos[:24]]
     rates = {}
     for draft in (False, True):
@@ -172,6 +178,29 @@ def data_path(root: str, images: int, rounds: int, threads_list: tuple[int, ...]
     out["draft_vs_full"] = round(rates[True] / rates[False], 2)
     out["targets"] = {"threads_2_vs_1": 1.7, "draft_vs_full": 2.0}
     return out
+
+
+def _rates_without_ray(src: str, rounds: int, threads_list: tuple[int, ...]) -> dict[str, list[float]]:
+    """The same task body in a fresh process with no Ray running (and the tasks' environment):
+    what the data path gives on these cores without Ray's own processes and threads beside it."""
+    env = {**os.environ, **encode_stage.TASK_ENV_VARS}
+    cmd = [sys.executable, __file__, "--no-ray-shard", src, "--datapath-rounds", str(rounds)]
+    cmd += ["--threads", ",".join(map(str, threads_list))]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _no_ray_main(src: str, rounds: int, threads_list: list[int]) -> None:
+    rates: dict[str, list[float]] = {str(t): [] for t in threads_list}
+    with tempfile.TemporaryDirectory() as root:
+        for r in range(rounds):
+            for t in threads_list:
+                cfg = EncodeConfig(
+                    input=src, output=os.path.join(root, f"{r}-{t}"), vae="pool", resolution=256, num_cpus=2,
+                    decode_threads=t, batch_size=16, jpeg_draft=False,
+                )  # fmt: skip
+                rates[str(t)].append(_timed_shard(cfg, src))
+    print(json.dumps(rates))
 
 
 def text_cost(root: str, samples: int = 128) -> dict:
@@ -216,7 +245,12 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--json", default="bench/results/encode.json")
+    ap.add_argument("--no-ray-shard", default="", help=argparse.SUPPRESS)  # internal: _rates_without_ray
+    ap.add_argument("--threads", default="1,2", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.no_ray_shard:
+        _no_ray_main(args.no_ray_shard, args.datapath_rounds, [int(t) for t in args.threads.split(",")])
+        return
     parts = set(args.parts.split(","))
     result: dict = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as root:
