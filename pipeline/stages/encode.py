@@ -63,9 +63,9 @@ CROPS = ("center",)
 DECODERS = ("pil", "torchvision")
 # Environment of the encode tasks' worker processes. OpenMP threads that spin-wait after each
 # parallel region (libgomp's default) take the cores the decode threads need: with a free
-# encoder, 2 decode threads gave 1.35-1.4x one thread with spinning and 1.55-1.7x without, and a
-# real encoder's forward measured the same either way (bench/encode.py). A variable set in the
-# driver's environment is left to the user.
+# encoder, 2 decode threads gave 1.28-1.37x one thread with spinning and 1.64-1.65x without, and
+# a real encoder's forward measured the same either way (bench/encode.py). A variable set in
+# the driver's environment is left to the user.
 TASK_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Memory order of the encoder's input batch. Convolutions give results that differ in the last
 # bits between orders, so it is part of the settings fingerprint.
