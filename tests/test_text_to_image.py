@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers import encode_image, photo_crops, write_tar
 from pipeline.config import ConfigError
@@ -185,6 +185,13 @@ def test_unet_takes_text_and_buckets_too(bucketed, ray_cluster, tmp_path):
     assert np.array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(CheckpointError, match=r"recorded in the checkpoint .* is not there"):
         run_sample(SampleConfig(checkpoint=str(ckpt), out=str(tmp_path / "c.png"), n=1, steps=1, prompt="moon"))
+    # an empty caption of another width: refused in one line, not a shape error inside the model
+    save_file(
+        {"text": torch.zeros(1, 3, 7), "text_mask": torch.ones(1, 3, dtype=torch.bool)},
+        str(ckpt / "null_text.safetensors"),
+    )
+    with pytest.raises(CheckpointError, match="does not hold the empty caption for a 32-wide text input"):
+        run_sample(SampleConfig(checkpoint=str(ckpt), out=str(tmp_path / "d.png"), n=1, steps=1))
 
 
 def test_guidance_pads_prompts_and_the_empty_caption_to_one_length():

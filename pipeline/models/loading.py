@@ -86,8 +86,26 @@ def load(url: str, storage_options: dict | None = None, device: str | None = Non
         ref = load_refiner(os.path.join(local, checkpoint.REFINER_DIR), task=info.task).to(dev)
     null_text = None
     if info.text_encoders and os.path.isfile(os.path.join(local, f"{text.NULL_TEXT}.safetensors")):
-        stored = checkpoint.load_tensors(local, text.NULL_TEXT)
-        null_text = {k: stored.get(k) for k in ("text", "text_mask", "pooled")}
-        if null_text["text"] is None or null_text["text_mask"] is None:
-            raise CheckpointError(f"{where}: {text.NULL_TEXT}.safetensors has no text or text_mask")
+        null_text = _null_text(checkpoint.load_tensors(local, text.NULL_TEXT), info, where)
     return DiffusionModel(net.eval().to(dev), vae, info, ref, null_text)
+
+
+def _null_text(stored: dict[str, torch.Tensor], info: CheckpointInfo, where: str) -> dict[str, torch.Tensor | None]:
+    """The empty caption's inputs, checked against the denoiser's text widths."""
+    t, m, p = stored.get("text"), stored.get("text_mask"), stored.get("pooled")
+    width, pooled_width = int(info.model.get("text_dim", 0)), int(info.model.get("pooled_dim", 0))
+    ok = (
+        t is not None
+        and m is not None
+        and t.dim() == 3
+        and t.shape[0] == 1
+        and t.shape[2] == width
+        and m.dtype == torch.bool
+        and tuple(m.shape) == tuple(t.shape[:2])
+        and (tuple(p.shape) == (1, pooled_width) if p is not None else not pooled_width)
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{where}: {text.NULL_TEXT}.safetensors does not hold the empty caption for a {width}-wide text input"
+        )
+    return {"text": t, "text_mask": m, "pooled": p}

@@ -34,7 +34,8 @@ class SampleConfig:
     text_encoder: list[str] = option(
         [],
         "text encoder folder(s) to embed the prompt with, in training order (default: the paths recorded in "
-        "the checkpoint); refused unless identical to the ones the model was trained with; without --prompt, only a checkpoint without null_text.safetensors (older) needs them",
+        "the checkpoint); refused unless identical to the ones the model was trained with; without --prompt, "
+        "only a checkpoint without null_text.safetensors (older) needs them",
     )
     seed: int = option(0, "random seed")
     storage: StorageOptions = group(StorageOptions, private=True)
