@@ -383,8 +383,15 @@ def test_killed_worker_is_retried_and_output_identical(slow_job, tiny_vae, ray_c
     watcher.start()
     proc = _start_cli(slow_job, out, tiny_vae, ray_cluster)
     _wait_for_records(out, 1, proc)
-    victims = [p for p in psutil.process_iter(["cmdline"]) if "ray::encode_shard" in " ".join(p.info["cmdline"] or [])]
-    assert victims, "no encode worker process found"
+    deadline = time.time() + 60
+    while True:  # a worker busy with a later shard (between tasks its title is ray::IDLE)
+        titles = [(p, " ".join(p.info["cmdline"] or [])) for p in psutil.process_iter(["cmdline"])]
+        victims = [p for p, title in titles if "ray::encode_shard" in title]
+        if victims:
+            break
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"no encode worker process found while the job ran:\n{proc.communicate()[0]}")
+        time.sleep(0.01)
     victims[0].send_signal(signal.SIGKILL)
     output, _ = proc.communicate(timeout=300)
     watcher.stop = True
