@@ -175,7 +175,8 @@ class TarShardWriter:
         if not is_safe_key(key):
             raise ValueError(f"unsafe key {key!r}")
         for ext, data in fields.items():
-            member = b"".join((_member_header(f"{key}.{ext}", len(data)), data, tarfile.NUL * (-len(data) % 512)))
+            pad = tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
+            member = b"".join((_member_header(f"{key}.{ext}", len(data)), data, pad))
             self._f.write(member)  # one call: a file object's wrapper costs more than the copy
             self._offset += len(member)
         self.samples += 1

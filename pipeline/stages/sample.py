@@ -99,7 +99,8 @@ def run_sample(cfg: SampleConfig) -> Image.Image:
             spec = text.TextSpec(info.text_encoders)
             encoders = text.load_recorded(spec, cfg.text_encoder, so)
             cut: list[str] = []
-            null = null or text.condition(encoders, spec, [""] * cfg.n)
+            if null is None:
+                null = text.condition(encoders, spec, [""] * cfg.n)
             text_kw = {"text": text.condition(encoders, spec, [cfg.prompt] * cfg.n, cut), "null_text": null}
             for name in cut:
                 log.warning(f"[sample] the prompt is longer than text encoder {name}'s limit: truncated")

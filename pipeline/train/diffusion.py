@@ -233,7 +233,9 @@ def train_loop(loop_config: dict) -> None:
             grid(images).save(buf, format="PNG")
             storage.write_bytes(storage.join(cfg.output, "samples", f"step_{done:08d}.png"), buf.getvalue(), so)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(done, {"step": done, **metrics}, info, ddp, ema, opt, extra_dirs, null_tensors)
+            save_checkpoint(
+                done, {"step": done, **metrics}, info, ddp, ema, opt, extra_dirs=extra_dirs, extra_tensors=null_tensors
+            )
             if metrics_log is not None:
                 metrics_log.sync()
 
