@@ -108,6 +108,14 @@ class PoolEncoder(torch.nn.Module):
         return autoencoder.Posterior(pooled.permute(0, 3, 1, 2), None)
 
 
+def _pool_config(src: str, output: str, threads: int, draft: bool) -> EncodeConfig:
+    """The data-path settings: one 2-CPU task, the pool encoder, 256-px crops."""
+    return EncodeConfig(
+        input=src, output=output, vae="pool", resolution=256, num_cpus=2, decode_threads=threads, batch_size=16,
+        jpeg_draft=draft,
+    )  # fmt: skip
+
+
 def _timed_shard(cfg: EncodeConfig, src: str) -> float:
     """In an encode task's worker: images/s of ``encode_shard`` with the pool encoder."""
     encode_stage._ENCODERS[(cfg.vae, "cpu", torch.float32)] = autoencoder.Autoencoder(
@@ -139,10 +147,7 @@ def data_path(root: str, images: int, rounds: int, threads_list: tuple[int, ...]
     runs = {}
     settings = [(t, d, e) for d in (False, True) for t in threads_list for e in ((True,) if d else (True, False))]
     for threads, draft, env in settings:
-        cfg = EncodeConfig(
-            input=src, output=os.path.join(root, f"dp{threads}{draft}{env}"), vae="pool", resolution=256,
-            num_cpus=2, decode_threads=threads, batch_size=16, jpeg_draft=draft,
-        )  # fmt: skip
+        cfg = _pool_config(src, os.path.join(root, f"dp{threads}{draft}{env}"), threads, draft)
         options = encode_stage.task_options(cfg)
         if not env:
             options.pop("runtime_env", None)
@@ -195,11 +200,7 @@ def _no_ray_main(src: str, rounds: int, threads_list: list[int]) -> None:
     with tempfile.TemporaryDirectory() as root:
         for r in range(rounds):
             for t in threads_list:
-                cfg = EncodeConfig(
-                    input=src, output=os.path.join(root, f"{r}-{t}"), vae="pool", resolution=256, num_cpus=2,
-                    decode_threads=t, batch_size=16, jpeg_draft=False,
-                )  # fmt: skip
-                rates[str(t)].append(_timed_shard(cfg, src))
+                rates[str(t)].append(_timed_shard(_pool_config(src, os.path.join(root, f"{r}-{t}"), t, False), src))
     print(json.dumps(rates))
 
 
