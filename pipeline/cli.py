@@ -142,9 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the project's own errors, as a traceback's last line names them: ``pipeline.errors.ConfigError: ...``
-_DOMAIN_ERRORS: dict[str, type[Exception]] = {
-    f"{c.__module__}.{c.__qualname__}": c for c in (ConfigError, CheckpointError, ManifestError)
-}
+_DOMAIN_TYPES = (ConfigError, CheckpointError, ManifestError)
+_DOMAIN_ERRORS: dict[str, type[Exception]] = {f"{c.__module__}.{c.__qualname__}": c for c in _DOMAIN_TYPES}
 _RAISED_IN_RAY = re.compile(rf"^({'|'.join(map(re.escape, _DOMAIN_ERRORS))}): (.+)$", re.M)
 
 
@@ -155,7 +154,7 @@ def _raised_in_ray(exc: Exception) -> Exception:
     if not type(exc).__module__.startswith("ray."):
         return exc
     cause = getattr(exc, "cause", None)
-    if isinstance(cause, (ConfigError, CheckpointError, ManifestError)):
+    if isinstance(cause, _DOMAIN_TYPES):
         return cause
     found = _RAISED_IN_RAY.findall(str(exc))
     return _DOMAIN_ERRORS[found[-1][0]](found[-1][1]) if found else exc

@@ -3,6 +3,8 @@ the split into training and held-out shards, random training crops and held-out 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,38 +65,36 @@ def random_crop(fields: dict[str, bytes], size: int, rng: np.random.Generator) -
     return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
 
 
-def heldout_crops(shards: list[str], cfg: ImageLoopConfig) -> list[Image.Image]:
-    """Centre crops of the first ``eval_images`` readable held-out images."""
-    out: list[Image.Image] = []
+def readable_images(shards: list[str], cfg: ImageLoopConfig) -> Iterator[Image.Image]:
+    """The shards' readable images in order (unreadable samples and images are passed over)."""
     for url in shards:
         with storage.open_read(url, cfg.storage.options) as f:
             for s in iter_samples(f):
                 if s.error:
                     continue
                 try:
-                    im = imaging.sample_rgb(s.fields)
+                    yield imaging.sample_rgb(s.fields)
                 except imaging.BadImage:
                     continue
-                out.append(imaging.resize_center_crop(im, cfg.resolution)[0])
-                if len(out) == cfg.eval_images:
-                    return out
+
+
+_NO_HELDOUT = "no readable image in the {} held-out shard(s) (--heldout, or the last input shard)"
+
+
+def heldout_crops(shards: list[str], cfg: ImageLoopConfig) -> list[Image.Image]:
+    """Centre crops of the first ``eval_images`` readable held-out images."""
+    images = itertools.islice(readable_images(shards, cfg), cfg.eval_images)
+    out = [imaging.resize_center_crop(im, cfg.resolution)[0] for im in images]
     if not out:
-        where = f"{len(shards)} held-out shard(s) (--heldout, or the last input shard)"
-        raise ConfigError(f"no readable image in the {where}")
+        raise ConfigError(_NO_HELDOUT.format(len(shards)))
     return out
 
 
 def check_readable(train: list[str], held: list[str], cfg: ImageLoopConfig, verb: str) -> None:
     """On the driver, before any worker starts: refuse, in one line, a held-out set or a training
-    set without a single readable image (a worker would otherwise wait for one forever)."""
-    heldout_crops(held, cfg)
-    for url in train:
-        with storage.open_read(url, cfg.storage.options) as f:
-            for s in iter_samples(f):
-                if s.error is None:
-                    try:
-                        imaging.sample_rgb(s.fields)
-                    except imaging.BadImage:
-                        continue
-                    return
-    raise ConfigError(f"{verb}: no readable image in the {len(train)} training shard(s) of option 'images'")
+    set without a single readable image (a worker would otherwise wait for one forever). Only
+    the first readable image of each is decoded here."""
+    if next(readable_images(held, cfg), None) is None:
+        raise ConfigError(_NO_HELDOUT.format(len(held)))
+    if next(readable_images(train, cfg), None) is None:
+        raise ConfigError(f"{verb}: no readable image in the {len(train)} training shard(s) of option 'images'")
