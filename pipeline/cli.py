@@ -19,21 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import config as cfgmod
-from pipeline.config import ConfigError, JobFailed
-from pipeline.io.checkpoint import CheckpointError
-from pipeline.io.manifest import ManifestError
+from pipeline.errors import USER_ERRORS, ConfigError, JobFailed, UserError
 
 log = logging.getLogger("pipeline")
-# a wrong option, path, checkpoint or dataset (exit 2); anything else that fails is exit 1
-USER_ERRORS = (
-    ConfigError,
-    CheckpointError,
-    ManifestError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+# a wrong path the user gave (exit 2, as a ConfigError); any other exception is exit 1
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 @dataclass
@@ -142,40 +132,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the project's own errors, as a traceback's last line names them: ``pipeline.errors.ConfigError: ...``
-_DOMAIN_TYPES = (ConfigError, CheckpointError, ManifestError)
-_DOMAIN_ERRORS: dict[str, type[Exception]] = {f"{c.__module__}.{c.__qualname__}": c for c in _DOMAIN_TYPES}
-_RAISED_IN_RAY = re.compile(rf"^({'|'.join(map(re.escape, _DOMAIN_ERRORS))}): (.+)$", re.M)
+_BY_NAME: dict[str, type[UserError]] = {f"{c.__module__}.{c.__qualname__}": c for c in USER_ERRORS}
+_RAISED_IN_RAY = re.compile(rf"^({'|'.join(map(re.escape, _BY_NAME))}): (.+)$", re.M)
 
 
-def _raised_in_ray(exc: Exception) -> Exception:
-    """A user error raised inside a Ray task, actor or Train worker, as itself (so it ends in
-    one line and exit 2): a task's comes as ``.cause``; an actor's creation error and a Train
-    worker's survive only as the text of their traceback, whose last such line is the error."""
-    if not type(exc).__module__.startswith("ray."):
-        return exc
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, _DOMAIN_TYPES):
-        return cause
-    found = _RAISED_IN_RAY.findall(str(exc))
-    return _DOMAIN_ERRORS[found[-1][0]](found[-1][1]) if found else exc
+def as_user_error(exc: BaseException) -> BaseException:
+    """The :class:`UserError` behind ``exc`` where there is one, else ``exc``: a user error
+    raised inside a Ray task, actor or Train worker (a task's comes as ``.cause``; an actor's
+    creation error and a Train worker's survive only as the text of their traceback, whose last
+    such line is the error), a full disk, or a path the user gave that is missing or unreadable."""
+    if type(exc).__module__.startswith("ray."):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UserError):
+            return cause
+        found = _RAISED_IN_RAY.findall(str(exc))
+        if found:
+            return _BY_NAME[found[-1][0]](found[-1][1])
+        if isinstance(cause, OSError):
+            exc = cause
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return JobFailed(f"no space left on the device{where}: free space and re-run")
+    if isinstance(exc, _PATH_ERRORS) and exc.filename:
+        kind = type(exc).__name__.replace("Error", "").replace("NotADirectory", "not a directory")
+        return ConfigError(f"{kind}: {exc.filename}")
+    if isinstance(exc, _PATH_ERRORS):
+        return ConfigError(str(exc))
+    return exc
 
 
 def _one_line(exc: BaseException) -> str:
     from pipeline.io.storage import redact
 
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        text = f"no space left on the device{f' ({exc.filename})' if exc.filename else ''}: free space and re-run"
-    elif isinstance(exc, (ConfigError, JobFailed, CheckpointError, ManifestError)):
-        text = str(exc)
-    elif isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
-        text = (
-            f"{type(exc).__name__.replace('Error', '').replace('NotADirectory', 'not a directory')}: "
-            f"{exc.filename or exc}"
-            if exc.filename
-            else str(exc)
-        )
-    else:
-        text = f"{type(exc).__name__}: {exc}"
+    text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     lines = [ln for ln in redact(text).splitlines() if ln.strip()]
     return (lines[0] if lines else type(exc).__name__)[:500]
 
@@ -197,11 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.verbose:
             log.exception("traceback")
-        exc = _raised_in_ray(exc)
-        user = isinstance(exc, USER_ERRORS)
+        exc = as_user_error(exc)
+        user = isinstance(exc, UserError)
         hint = "" if user or args.verbose else " (run with --verbose for the traceback)"
         print(f"latent-pipeline {verb.name}: error: {_one_line(exc)}{hint}", file=sys.stderr)
-        return 2 if user else 1
+        return exc.exit_code if isinstance(exc, UserError) else 1
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import math
 
+from pipeline.errors import ConfigError
+
 Size = tuple[int, int]
 
 
-class BucketError(ValueError):
+class BucketError(ConfigError):
     """A bucket table that cannot be used (user error)."""
 
 

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import CheckpointError
 from pipeline.io import storage
 
 FORMAT = "latent-pipeline-checkpoint/2"
@@ -36,10 +37,6 @@ RUN_NAME = "run"  # a training output keeps its checkpoints in <output>/run/chec
 KINDS = ("autoencoder", "diffusion", "refiner")
 VAE_DIR = "vae"  # where a diffusion checkpoint keeps its autoencoder
 REFINER_DIR = "refiner"  # where a task checkpoint keeps its pixel refiner (train --refiner)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, of another kind or version, or damaged."""
 
 
 @dataclass

@@ -10,16 +10,13 @@ import json
 from collections import Counter
 from typing import Any
 
+from pipeline.errors import ManifestError
 from pipeline.io import buckets as bucket_tables
 from pipeline.io import storage
 
 FORMAT = "latent-shards/1"
 MANIFEST_NAME = "_manifest.json"
 ERRORS_NAME = "_errors.jsonl"
-
-
-class ManifestError(ValueError):
-    """A latent dataset without a usable manifest."""
 
 
 def build(
