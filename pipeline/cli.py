@@ -186,11 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.verbose:
             log.exception("traceback")
-        exc = as_user_error(exc)
-        user = isinstance(exc, UserError)
+        error = as_user_error(exc)
+        user = isinstance(error, UserError)
         hint = "" if user or args.verbose else " (run with --verbose for the traceback)"
-        print(f"latent-pipeline {verb.name}: error: {_one_line(exc)}{hint}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, UserError) else 1
+        print(f"latent-pipeline {verb.name}: error: {_one_line(error)}{hint}", file=sys.stderr)
+        return error.exit_code if isinstance(error, UserError) else 1
 
 
 if __name__ == "__main__":
