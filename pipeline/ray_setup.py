@@ -27,8 +27,10 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if local and num_cpus:
         kwargs["num_cpus"] = num_cpus
+    # "local" starts this run's own Ray: never Ray's auto-detection, which joins whatever local
+    # Ray runs (or once ran: a crashed head leaves its record behind) on the machine
     ray.init(
-        address=address or None,
+        address=address or os.environ.get("RAY_ADDRESS") or "local",
         ignore_reinit_error=True,
         logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
         **kwargs,
