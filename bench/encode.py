@@ -39,6 +39,7 @@ from pipeline.io.tarshards import TarShardWriter, iter_samples
 from pipeline.models import autoencoder
 from pipeline.ray_setup import ensure_ray
 from pipeline.stages import encode as encode_stage
+from pipeline.stages import encode_worker
 from pipeline.stages.encode import EncodeConfig, run_encode
 
 
@@ -118,13 +119,13 @@ def _pool_config(src: str, output: str, threads: int, draft: bool) -> EncodeConf
 
 def _timed_shard(cfg: EncodeConfig, src: str) -> float:
     """In an encode task's worker: images/s of ``encode_shard`` with the pool encoder."""
-    encode_stage._ENCODERS[(cfg.vae, "cpu", torch.float32)] = autoencoder.Autoencoder(
+    encode_worker._ENCODERS[(cfg.vae, "cpu", torch.float32)] = autoencoder.Autoencoder(
         PoolEncoder(), "pool", {}, latent_channels=3, downsample=8, scale=1.0, shift=0.0, weights_sha256="0"
     )
-    storage.write_json(os.path.join(cfg.output, encode_stage.SETTINGS_NAME), {"fingerprint": "bench"})
+    storage.write_json(os.path.join(cfg.output, encode_worker.SETTINGS_NAME), {"fingerprint": "bench"})
     t = time.perf_counter()
     out_tar, record = os.path.join(cfg.output, "o.tar"), os.path.join(cfg.output, "r.json")
-    rec = encode_stage.encode_shard(cfg, src, out_tar, record, encode_stage.EncodePlan("bench", None, []))
+    rec = encode_worker.encode_shard(cfg, src, out_tar, record, encode_worker.EncodePlan("bench", None, []))
     return rec["written"] / (time.perf_counter() - t)
 
 

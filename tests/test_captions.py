@@ -20,8 +20,9 @@ from pipeline.io import buckets, imaging, manifest, storage
 from pipeline.io.checkpoint import CheckpointError
 from pipeline.io.tarshards import Sample, iter_samples
 from pipeline.models import autoencoder, text
-from pipeline.stages import encode
-from pipeline.stages.encode import EncodeConfig, encode_shard, prepare_sample, run_encode
+from pipeline.stages import encode, encode_worker
+from pipeline.stages.encode import EncodeConfig, run_encode
+from pipeline.stages.encode_worker import encode_shard, prepare_sample
 from pipeline.stages.inspect import InspectConfig, inspect
 
 CAPTIONS = {
@@ -172,7 +173,7 @@ def test_caption_field_of_an_unreadable_json_is_a_bad_caption(encoders, vae_path
 
 
 def test_encode_captions_buckets_and_flips(tmp_path, bucket, ray_cluster, encoders, vae_path):
-    encode._TEXT_ENCODERS.clear()  # this process's cache: it must stay empty (see the end)
+    encode_worker._TEXT_ENCODERS.clear()  # this process's cache: it must stay empty (see the end)
     write_tar(str(tmp_path / "s.tar"), _members())
     storage.put_file(str(tmp_path / "s.tar"), f"{bucket}/img/s.tar")
     for kind in ("clip", "t5"):  # text encoders are read through the storage module like any input
@@ -263,7 +264,7 @@ def test_encode_captions_buckets_and_flips(tmp_path, bucket, ray_cluster, encode
     with pytest.raises(ConfigError, match="other settings"):
         run_encode(dataclasses.replace(cfg, buckets=f"{bucket}/table.json"))
     # the driver never held a text encoder (its identities and the empty caption came from a worker)
-    assert encode._TEXT_ENCODERS == {}
+    assert encode_worker._TEXT_ENCODERS == {}
 
 
 def test_a_wrong_text_encoder_fails_the_job_in_one_line_before_any_shard(tmp_path, ray_cluster, encoders, vae_path):
@@ -345,7 +346,7 @@ def test_outputs_do_not_depend_on_decode_threads(tmp_path, vae_path):
             decode_threads=threads, buckets="auto", bucket_multiple=16,
         )  # fmt: skip
         table = buckets.generate(64 * 64, 16, 4.0)
-        plan = encode.EncodePlan("fp", table, [])
+        plan = encode_worker.EncodePlan("fp", table, [])
         storage.write_json(storage.join(str(out), encode.SETTINGS_NAME), {"fingerprint": "fp"})
         rec = encode_shard(cfg, str(tmp_path / "a.tar"), str(out / "a.tar"), str(out / "_shards" / "a.tar.json"), plan)
         assert rec["written"] == 9 and sum(rec["buckets"].values()) == 9
@@ -366,11 +367,11 @@ def test_device_decoder_matches_pillow_and_skips_a_broken_jpeg(tmp_path, vae_pat
         want = prepare_sample(Sample(f"k{i}", {"jpg": data}), base).pixels
         p = prepare_sample(Sample(f"k{i}", {"jpg": data}), dev)
         assert p.pixels is None and p.box == (40, 0, 200, 160)
-        (got,) = encode._device_decode([p], "cpu", [])
+        (got,) = encode_worker._device_decode([p], "cpu", [])
         assert got.pixels.dtype == torch.uint8 and got.pixels.shape == want.shape == (64, 64, 3)
         err = got.pixels.numpy().astype(np.float32) - want
         assert 10 * math.log10(255**2 / float(np.mean(err**2))) > 30  # bicubic-antialias vs Lanczos
-    plan = encode.EncodePlan("fp", None, [])
+    plan = encode_worker.EncodePlan("fp", None, [])
     storage.write_json(str(tmp_path / "o" / encode.SETTINGS_NAME), {"fingerprint": "fp"})
     rec = encode_shard(
         dev, str(tmp_path / "a.tar"), str(tmp_path / "o" / "a.tar"), str(tmp_path / "o" / "r.json"), plan

@@ -183,7 +183,7 @@ def test_a_bad_bucket_url_with_credentials_is_reported_without_them(capsys, s3_e
 
 
 def test_a_commit_is_refused_once_another_run_owns_the_output(tmp_path, vae_dir):
-    from pipeline.stages import encode
+    from pipeline.stages import encode, encode_worker
 
     write_tar(str(tmp_path / "a.tar"), [(f"k{i}.png", encode_image(im)) for i, im in enumerate(photo_crops(2, 32))])
     cfg = from_dict(
@@ -192,12 +192,12 @@ def test_a_commit_is_refused_once_another_run_owns_the_output(tmp_path, vae_dir)
     )
     storage.write_json(str(tmp_path / "o" / encode.SETTINGS_NAME), {"fingerprint": "another-run"})
     with pytest.raises(ConfigError, match="taken over"):
-        encode.encode_shard(
+        encode_worker.encode_shard(
             cfg,
             str(tmp_path / "a.tar"),
             str(tmp_path / "o" / "a.tar"),
             str(tmp_path / "o" / "_shards" / "a.tar.json"),
-            encode.EncodePlan("this-run", None, []),
+            encode_worker.EncodePlan("this-run", None, []),
         )
     assert not (tmp_path / "o" / "a.tar").exists() and not (tmp_path / "o" / "_shards").exists()
 

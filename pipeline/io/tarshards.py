@@ -20,11 +20,14 @@ re-run produces byte-identical shards.
 
 from __future__ import annotations
 
+import io
 import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
+
+import numpy as np
 
 DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_SAMPLE_BYTES = 512 * 1024 * 1024  # all members of one sample: what a reader holds at once
@@ -190,3 +193,15 @@ class TarShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """An array as a ``.npy`` member (never pickled)."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """A ``.npy`` member as an array; object arrays (pickles) are refused by numpy."""
+    return np.load(io.BytesIO(data), allow_pickle=False)

@@ -13,29 +13,22 @@ manifest last: its presence means the dataset is complete). A re-run skips done 
 killed job resumes; ``overwrite`` redoes everything. Outputs are deterministic, so a resumed
 run's shards are byte-identical to an uninterrupted run's.
 
-Inside a task, a reader thread streams the tar and decodes images while the main thread runs
-the encoder on full batches, so download/decode overlap with compute.
+This module is the driver side: the options, the shard plan, the settings that own an output,
+running the tasks and writing the manifest. The task that encodes one shard, and everything it
+runs in its worker process, is :mod:`pipeline.stages.encode_worker`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
-import math
 import os
-import queue
-import tempfile
-import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from pipeline.config import (
     ConfigError,
@@ -51,21 +44,27 @@ from pipeline.config import (
 )
 from pipeline.console import Progress, format_seconds
 from pipeline.io import buckets, checkpoint, imaging, manifest, storage
-from pipeline.io.tarshards import Sample, TarShardWriter, iter_samples
+from pipeline.io.tarshards import npy_bytes
 from pipeline.models.degrade import check_task
+from pipeline.stages.encode_worker import (
+    SETTINGS_NAME,
+    EncodePlan,
+    TextEncoderFacts,
+    check_owner,
+    encode_shard,
+    text_encoder_facts,
+)
 
 log = logging.getLogger("pipeline.encode")
 
 SHARD_RECORDS = "_shards"
-SETTINGS_NAME = "_settings.json"  # the settings fingerprint that owns this output
 PRECISIONS = ("fp32", "fp16", "bf16")
 CROPS = ("center",)
 DECODERS = ("pil", "torchvision")
 # Environment of the encode tasks' worker processes. OpenMP threads that spin-wait after each
-# parallel region (libgomp's default) take the cores the decode threads need: with a free
-# encoder, 2 decode threads gave 1.28-1.37x one thread with spinning and 1.64-1.65x without, and
-# a real encoder's forward measured the same either way (bench/encode.py). A variable set in
-# the driver's environment is left to the user.
+# parallel region (libgomp's default) take the cores the decode threads need, while a real
+# encoder's forward is as fast without spinning (bench/encode.py measures both; the figures are
+# in docs/benchmarks.md). A variable set in the driver's environment is left to the user.
 TASK_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Memory order of the encoder's input batch. Convolutions give results that differ in the last
 # bits between orders, so it is part of the settings fingerprint.
@@ -175,42 +174,6 @@ class EncodeConfig:
             raise ConfigError("option 'buckets' cannot be combined with 'tasks' (task views are square crops)")
 
 
-# --------------------------------------------------------------------------- worker side
-
-_ENCODERS: dict[tuple, Any] = {}
-_TEXT_ENCODERS: dict[tuple, Any] = {}
-
-
-def _device_dtype(precision: str):
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    if device == "cpu":
-        dtype = torch.float32 if precision == "fp16" else dtype
-    return device, dtype
-
-
-def _encoder(cfg: EncodeConfig):
-    """The autoencoder for this worker process, loaded once and reused by every shard."""
-    from pipeline.models import autoencoder
-
-    device, dtype = _device_dtype(cfg.precision)
-    key = (cfg.vae, device, dtype)
-    if key not in _ENCODERS:
-        _ENCODERS[key] = autoencoder.load(cfg.vae, cfg.storage.options).to(device, dtype)
-    return _ENCODERS[key]
-
-
-def _text_encoders(cfg: EncodeConfig) -> list:
-    """The text encoders for this worker process, in ``--text-encoder`` order, loaded once."""
-    device, dtype = _device_dtype(cfg.precision)
-    key = (tuple(cfg.text_encoder), device, dtype, cfg.text_max_tokens, cfg.text_hidden_layer)
-    if key not in _TEXT_ENCODERS:
-        _TEXT_ENCODERS[key] = [te.to(device, dtype) for te in _load_text_encoders(cfg)]
-    return _TEXT_ENCODERS[key]
-
-
 def text_field_names(model_types: list[str]) -> list[str]:
     """A short unique name per text encoder (``clip``, ``t5``, ``clip2``, ...): its fields are
     ``text_<name>.npy`` (hidden states) and ``pooled_<name>.npy``."""
@@ -225,16 +188,6 @@ def text_field_names(model_types: list[str]) -> list[str]:
             name = f"{base}{n}"
         names.append(name)
     return names
-
-
-@dataclass
-class EncodePlan:
-    """What the driver decided and every task must share: the settings fingerprint, the bucket
-    table (None: square crops at ``resolution``) and the text encoders' field names."""
-
-    fingerprint: str
-    buckets: list[tuple[int, int]] | None
-    text_names: list[str]
 
 
 def settings_fingerprint(
@@ -263,357 +216,6 @@ def settings_fingerprint(
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass
-class _Prepared:
-    key: str
-    size: tuple[int, int]  # (width, height) of the crop that is encoded
-    pixels: Any  # (H, W, 3) uint8, numpy; a device tensor from the device decoder; None before it
-    meta: dict
-    passthrough: dict[str, bytes]
-    views: dict[str, np.ndarray]
-    caption: str | None  # None: no text encoders
-    jpeg: bytes | None = None
-    box: tuple[int, int, int, int] = (0, 0, 0, 0)
-
-
-@dataclass
-class _Batch:
-    """Prepared samples of one size, with their pixels stacked by the reader thread (so the
-    thread that runs the encoder does not copy them); ``pixels`` is None when some are left
-    to the device decoder."""
-
-    items: list[_Prepared]
-    pixels: np.ndarray | None
-
-
-def _batch(items: list[_Prepared]) -> _Batch:
-    ready = all(isinstance(p.pixels, np.ndarray) for p in items)
-    return _Batch(items, np.stack([p.pixels for p in items]) if ready else None)
-
-
-def _caption(sample: Sample, meta: dict, cfg: EncodeConfig) -> str:
-    """The sample's caption by the documented rule; raises BadImage to skip it."""
-    if cfg.caption_field:
-        if meta.get("source_json_invalid"):
-            raise imaging.BadImage("bad_caption", "the sample's .json is not valid JSON (--caption-field)")
-        value = meta.get(cfg.caption_field)
-        if value is not None and not isinstance(value, str):
-            raise imaging.BadImage("bad_caption", f"json field {cfg.caption_field!r} is {type(value).__name__}")
-        text = value or ""
-    else:
-        try:
-            text = sample.fields.get("txt", b"").decode("utf-8")
-        except UnicodeDecodeError:
-            raise imaging.BadImage("bad_caption", "caption is not UTF-8") from None
-    text = text.strip()
-    if not text and cfg.empty_caption == "skip":
-        raise imaging.BadImage("no_caption", "missing or empty caption (--empty-caption skip)")
-    return text
-
-
-def prepare_sample(sample: Sample, cfg: EncodeConfig, table: list[tuple[int, int]] | None = None) -> _Prepared:
-    """Decode and preprocess one sample; raises BadImage with the skip reason."""
-    from pipeline.models.degrade import task_view_pixels
-
-    img_ext = imaging.image_field(sample.fields)
-    if img_ext is None:
-        raise imaging.BadImage("no_image", f"fields: {sorted(sample.fields)}")
-    chosen: list[tuple[int, int]] = []
-
-    def plan(w: int, h: int) -> tuple[int, int] | None:
-        """Pick the target size from the header; the decode size the crop needs (draft)."""
-        if min(w, h) < cfg.min_size:
-            raise imaging.BadImage("too_small", f"{w}x{h} < min_size {cfg.min_size}")
-        if table:
-            if buckets.aspect(w, h) > cfg.max_aspect:
-                raise imaging.BadImage(
-                    "aspect_out_of_range", f"{w}x{h} is {buckets.aspect(w, h):.2f}:1 > --max-aspect {cfg.max_aspect:g}"
-                )
-            size = buckets.nearest(table, w, h)
-        else:
-            size = (cfg.resolution, cfg.resolution)
-        chosen.append(size)
-        if not cfg.jpeg_draft or cfg.decoder != "pil":
-            return None
-        left, top, right, bottom = imaging.center_crop_box(w, h, size)
-        s = max(size[0] / (right - left), size[1] / (bottom - top))
-        return math.ceil(w * s), math.ceil(h * s)
-
-    data = sample.fields[img_ext]
-    if cfg.decoder == "torchvision" and imaging.is_jpeg(data):
-        w, h = imaging.header_size(data, cfg.max_pixels)
-        plan(w, h)
-        rgb, box = None, imaging.center_crop_box(w, h, chosen[0])
-    else:
-        im, (w, h) = imaging.decode_for(data, cfg.max_pixels, plan)
-        rgb, box = imaging.resize_cover(imaging.to_rgb(im), chosen[0], (w, h))
-    size = chosen[0]
-    passthrough: dict[str, bytes] = {}
-    if "txt" in sample.fields:
-        passthrough["txt"] = sample.fields["txt"]
-    if "cls" in sample.fields:
-        try:
-            int(sample.fields["cls"].decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            raise imaging.BadImage("bad_class", repr(sample.fields["cls"][:20])) from None
-        passthrough["cls"] = sample.fields["cls"]
-    meta: dict[str, Any] = {}
-    if "json" in sample.fields:
-        try:
-            loaded = json.loads(sample.fields["json"])
-            meta = loaded if isinstance(loaded, dict) else {"source_json": loaded}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            meta = {"source_json_invalid": True}
-    caption = _caption(sample, meta, cfg) if cfg.text_encoder else None
-    meta.update(key=sample.key, original_size=[w, h], crop_box=list(box), resolution=cfg.resolution, image_ext=img_ext)
-    if table:
-        meta["bucket"] = list(size)
-    if rgb is None:
-        return _Prepared(sample.key, size, None, meta, passthrough, {}, caption, data, box)
-    views = {t: task_view_pixels(t, rgb, sample.key) for t in cfg.tasks}
-    # uint8 until the batch is on the encoder's device: a quarter of the bytes to copy and move
-    return _Prepared(sample.key, size, np.array(rgb), meta, passthrough, views, caption)
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def decode_threads(cfg: EncodeConfig) -> int:
-    return cfg.decode_threads or max(1, int(cfg.num_cpus))
-
-
-def _reader(
-    shard_url: str, cfg: EncodeConfig, table: list[tuple[int, int]] | None, out: queue.Queue, skips: list[dict]
-) -> None:
-    """Producer thread: stream the tar, decode on a pool of threads (Pillow releases the GIL
-    while decoding and resizing), and hand over batches of prepared samples of one size.
-
-    Samples are taken in tar order whatever the number of threads, so outputs do not depend on it.
-    """
-    pending: dict[tuple[int, int], list[_Prepared]] = {}
-    seen = 0
-    threads = decode_threads(cfg)
-
-    def take(sample: Sample, job) -> None:
-        if job is None:
-            skips.append({"key": sample.key or None, "reason": sample.error, "detail": sample.detail})
-            return
-        try:
-            p = job.result()
-        except imaging.BadImage as exc:
-            skips.append({"key": sample.key, "reason": exc.reason, "detail": str(exc)})
-            return
-        batch = pending.setdefault(p.size, [])
-        batch.append(p)
-        if len(batch) >= cfg.batch_size:
-            out.put(_batch(pending.pop(p.size)))
-
-    try:
-        with (
-            storage.open_read(shard_url, cfg.storage.options) as f,
-            ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool,
-        ):
-            window: deque = deque()
-            for sample in iter_samples(f):
-                seen += 1
-                job = None if sample.error else pool.submit(prepare_sample, sample, cfg, table)
-                window.append((sample, job))
-                while len(window) > 2 * threads:
-                    take(*window.popleft())
-            while window:
-                take(*window.popleft())
-        for size in sorted(pending):
-            out.put(_batch(pending[size]))
-        out.put(("done", seen))
-    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
-        out.put(("error", exc))
-
-
-def check_owner(cfg: EncodeConfig, fingerprint: str) -> None:
-    """Refuse to commit into an output that a run with other settings has taken over since."""
-    owner = storage.read_json(storage.join(cfg.output, SETTINGS_NAME), cfg.storage.options)
-    if owner.get("fingerprint") != fingerprint:
-        raise ConfigError(
-            f"{storage.redact(cfg.output)} was taken over by an encode run with other settings; "
-            "this run stops without committing (use separate outputs for separate settings)"
-        )
-
-
-def _device_decode(batch: list[_Prepared], device, skips: list[dict]) -> list[_Prepared]:
-    """Decode the batch's JPEGs left to the device (nvjpeg on CUDA) in one call, crop and
-    resize there (antialiased bicubic); a JPEG that fails is skipped as ``corrupt_image``."""
-    import warnings
-
-    import torch
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg as _decode_jpeg
-
-    def decode_jpeg(data, **kw):
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs for torchcodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return _decode_jpeg(data, **kw)
-
-    todo = [p for p in batch if p.pixels is None]
-    if not todo:
-        return batch
-    datas = [torch.frombuffer(bytearray(p.jpeg or b""), dtype=torch.uint8) for p in todo]
-    try:
-        images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except RuntimeError:  # one bad file fails the batched call: find it one by one
-        images = []
-        for d in datas:
-            try:
-                images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
-            except RuntimeError as exc:
-                images.append(exc)
-    failed = set()
-    for p, im in zip(todo, images):
-        if isinstance(im, Exception):
-            skips.append({"key": p.key, "reason": "corrupt_image", "detail": f"decode_jpeg: {str(im)[:120]}"})
-            failed.add(p.key)
-            continue
-        left, top, right, bottom = p.box
-        x = im[None, :, top:bottom, left:right].float()
-        x = torch.nn.functional.interpolate(x, size=(p.size[1], p.size[0]), mode="bicubic", antialias=True)
-        p.pixels = x[0].clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0)
-    return [p for p in batch if p.key not in failed]
-
-
-def _latent_arrays(vae, batch: _Batch, np_dtype, flip: bool) -> tuple[list[dict[str, np.ndarray]], list[str | None]]:
-    """Per sample of a batch (one size): its latent arrays by field name, and the first field
-    that holds NaN or Inf (None when all are finite; checked on the whole batch at once)."""
-    import torch
-
-    items, n = batch.items, len(batch.items)
-    if batch.pixels is not None:
-        u8 = torch.from_numpy(batch.pixels).to(vae.device)
-    else:  # some pixels come from the device decoder
-        u8 = torch.stack([torch.as_tensor(p.pixels).to(vae.device) for p in items])
-    # (N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1], the same arithmetic as imaging.to_tensor_array,
-    # kept in the pixels' own channels-last memory order (INPUT_LAYOUT): no transposing copy, and
-    # the encoder's convolutions ran 1.5x faster on it than on NCHW memory (bench/encode.py)
-    x = u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if flip:  # one forward pass for the images and their mirror images (a flip is exact on pixels)
-        x = torch.cat([x, x.flip(-1)])
-    post = vae.encode(x)
-    means = post.mean.float().cpu().numpy().astype(np_dtype)
-    stds = post.std.float().cpu().numpy().astype(np_dtype) if post.std is not None else None
-    fields = {"latent.npy": means[:n]}
-    if stds is not None:
-        fields["std.npy"] = stds[:n]
-    if len(means) > n:
-        fields["latent_flip.npy"] = means[n:]
-        if stds is not None:
-            fields["std_flip.npy"] = stds[n:]
-    for task in items[0].views:
-        post = vae.encode(torch.from_numpy(np.stack([p.views[task] for p in items])))
-        fields[f"{task}.npy"] = post.mean.float().cpu().numpy().astype(np_dtype)
-    bad: list[str | None] = [None] * n
-    for name, arr in fields.items():
-        for i in np.flatnonzero(~np.isfinite(arr.reshape(n, -1)).all(1)):
-            bad[i] = bad[i] or name
-    return [{name: arr[i] for name, arr in fields.items()} for i in range(n)], bad
-
-
-def _text_arrays(encoders: list, names: list[str], batch: list[_Prepared]) -> list[tuple[dict[str, np.ndarray], dict]]:
-    """Per sample, its caption embeddings by field name and the token counts for its .json."""
-    rows: list[tuple[dict[str, np.ndarray], dict]] = [({}, {}) for _ in batch]
-    for te, name in zip(encoders, names):
-        for (arrays, info), emb in zip(rows, te.encode([p.caption or "" for p in batch])):
-            arrays[f"text_{name}.npy"] = emb.hidden
-            if emb.pooled is not None:
-                arrays[f"pooled_{name}.npy"] = emb.pooled
-            info[name] = {"tokens": int(emb.hidden.shape[0]), "truncated": emb.truncated}
-    return rows
-
-
-def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: str, plan: EncodePlan) -> dict:
-    """Encode one shard end to end and commit it; returns the shard record."""
-    import torch
-
-    t0 = time.time()
-    torch.set_num_threads(max(1, int(cfg.num_cpus)))
-    vae = _encoder(cfg)
-    texts = _text_encoders(cfg)
-    np_dtype = np.float16 if cfg.latent_dtype == "float16" else np.float32
-    skips: list[dict] = []
-    sizes: Counter[str] = Counter()
-    empty_captions = 0
-    truncated: Counter[str] = Counter()
-    q: queue.Queue = queue.Queue(maxsize=4)
-    reader = threading.Thread(target=_reader, args=(shard_url, cfg, plan.buckets, q, skips), daemon=True)
-    reader.start()
-    written = 0
-    with tempfile.NamedTemporaryFile(suffix=".tar") as tmp:
-        with TarShardWriter(tmp) as writer, torch.inference_mode():
-            while True:
-                item = q.get()
-                if isinstance(item, tuple):
-                    if item[0] == "error":
-                        raise item[1]
-                    seen = item[1]
-                    break
-                if cfg.decoder != "pil":
-                    item = _Batch(_device_decode(item.items, vae.device, skips), None)
-                    if not item.items:
-                        continue
-                latents, non_finite = _latent_arrays(vae, item, np_dtype, cfg.flip)
-                batch = item.items
-                text = _text_arrays(texts, plan.text_names, batch) if texts else [({}, {})] * len(batch)
-                for p, arrays, bad, (text_arrays, text_info) in zip(batch, latents, non_finite, text):
-                    bad_text = next((k for k, a in text_arrays.items() if not np.isfinite(a).all()), None)
-                    if bad or bad_text:
-                        reason = "non_finite_latent" if bad else "non_finite_text"
-                        skips.append({"key": p.key, "reason": reason, "detail": f"{bad or bad_text} has NaN or Inf"})
-                        continue
-                    fields = {k: _npy(a) for k, a in {**arrays, **text_arrays}.items()}
-                    fields.update(p.passthrough)
-                    meta = dict(p.meta)
-                    if texts:
-                        meta["text"] = text_info
-                        empty_captions += not p.caption
-                        truncated.update({name: int(info["truncated"]) for name, info in text_info.items()})
-                    fields["json"] = json.dumps(meta, sort_keys=True).encode()
-                    writer.write(p.key, fields)
-                    sizes[buckets.name(p.size)] += 1
-                    written += 1
-        tmp.flush()
-        size = tmp.tell()
-        digest = storage.sha256_file(tmp.name)
-        check_owner(cfg, plan.fingerprint)  # settings checked at commit: a concurrent run cannot mix in
-        storage.put_file(tmp.name, out_url, cfg.storage.options)
-    reader.join()
-    reasons = Counter(s["reason"] for s in skips)
-    if seen != written + len(skips):  # the invariant every stage keeps
-        raise RuntimeError(f"{shard_url}: seen {seen} != written {written} + skipped {len(skips)}")
-    import ray
-
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    record = {
-        "shard": storage.basename(out_url),
-        "source": storage.redact(shard_url),
-        "node": node,
-        "samples": written,
-        "bytes": size,
-        "sha256": digest,
-        "seen": seen,
-        "written": written,
-        "skipped": dict(reasons),
-        "errors": skips,
-        "fingerprint": plan.fingerprint,
-        "seconds": round(time.time() - t0, 3),
-    }
-    if plan.buckets:
-        record["buckets"] = dict(sorted(sizes.items()))
-    if texts:
-        record["captions"] = {"empty": empty_captions, "truncated": {n: truncated[n] for n in plan.text_names}}
-    storage.write_json(record_url, record, cfg.storage.options)
-    return record
-
-
 # --------------------------------------------------------------------------- driver side
 
 
@@ -634,7 +236,7 @@ def output_name(shard_url: str) -> str:
     return name + ".tar"
 
 
-def plan(cfg: EncodeConfig) -> list[tuple[str, str]]:
+def shard_pairs(cfg: EncodeConfig) -> list[tuple[str, str]]:
     """(input URL, output shard name) for every input shard; names must be unique."""
     inputs = storage.expand(cfg.input, cfg.storage.options)
     pairs = [(u, output_name(u)) for u in inputs]
@@ -647,96 +249,129 @@ def plan(cfg: EncodeConfig) -> list[tuple[str, str]]:
 
 def run_encode(cfg: EncodeConfig) -> dict:
     """Run the whole encode job on Ray and return the manifest."""
-    import ray
-
     from pipeline.models import autoencoder
-    from pipeline.ray_setup import check_fits, cluster_slots, ensure_ray
 
     t0 = time.time()
     so = cfg.storage.options
     # pin a training output to its newest checkpoint now, so every shard uses the same weights
     cfg = dataclasses.replace(cfg, vae=checkpoint.latest_checkpoint(cfg.vae, so))
-    pairs = plan(cfg)
+    pairs = shard_pairs(cfg)
     vae = autoencoder.load(cfg.vae, so)
-    identity = vae.identity
     table = _bucket_table(cfg, vae.downsample)
     texts = _describe_text_encoders(cfg) if cfg.text_encoder else []
     text_names = text_field_names([t.model_type for t in texts])
     text_docs: list[dict[str, Any]] = [{"name": n, "identity": t.identity} for n, t in zip(text_names, texts)]
-    plan_ = EncodePlan(settings_fingerprint(cfg, identity, table, text_docs), table, text_names)
-    fingerprint = plan_.fingerprint
-    records_root = storage.join(cfg.output, SHARD_RECORDS)
+    encode_plan = EncodePlan(settings_fingerprint(cfg, vae.identity, table, text_docs), table, text_names)
     storage.probe_writable(cfg.output, so)
     storage.clean_partials(cfg.output)
-    _take_output(cfg, fingerprint)
+    _take_output(cfg, encode_plan.fingerprint)
     empty = _write_empty_captions(cfg, [t.empty for t in texts], text_names)
 
-    done: dict[str, dict] = {}
-    if not cfg.overwrite:
-        existing = set(storage.listdir(cfg.output, so))
-        for name in storage.listdir(records_root, so):
-            shard = name[: -len(".json")]
-            if not name.endswith(".json") or shard not in {n for _, n in pairs}:
-                continue
-            rec = storage.read_json(storage.join(records_root, name), so)
-            if rec.get("fingerprint") != fingerprint:
-                raise ConfigError(
-                    f"{storage.redact(cfg.output)} holds shards encoded with other settings "
-                    "(autoencoder, text encoders, resolution, buckets, tasks, ...); use a new output or --overwrite"
-                )
-            if shard in existing:
-                done[shard] = rec
+    done = {} if cfg.overwrite else _shards_done(cfg, pairs, encode_plan.fingerprint)
     todo = [(u, n) for u, n in pairs if n not in done]
     if todo:
         storage.remove(storage.join(cfg.output, manifest.MANIFEST_NAME), so)
     log.info(
         f"[encode] {len(pairs)} shards: {len(done)} already done, {len(todo)} to encode -> {storage.redact(cfg.output)}"
     )
-
-    failures: list[str] = []
     if todo:
-        ensure_ray(cfg.ray.address)
-        check_fits(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
-        # GPU tasks default to max_calls=1 (a fresh process per task), which would reload the
-        # encoder for every shard; max_calls=0 keeps the worker and its cached encoder.
-        remote = ray.remote(max_calls=0, max_retries=3)(encode_shard).options(**task_options(cfg))
-        limit = cfg.max_in_flight or cluster_slots(cfg.num_cpus, cfg.num_gpus) + 1
-        progress = Progress("encode", total=len(pairs), unit="shards", logger=log)
-        progress.done = len(done)
-        samples = 0
-        pending: dict[Any, str] = {}
-        queue_ = list(todo)
-        while queue_ or pending:
-            while queue_ and len(pending) < limit:
-                url, name = queue_.pop(0)
-                ref = remote.remote(
-                    cfg, url, storage.join(cfg.output, name), storage.join(records_root, name + ".json"), plan_
-                )
-                pending[ref] = name
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                name = pending.pop(ref)
-                try:
-                    rec = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - reported, job continues
-                    failures.append(name)
-                    log.warning(storage.redact(f"[encode] shard {name} failed: {type(exc).__name__}: {str(exc)[:300]}"))
-                    continue
-                done[name] = rec
-                samples += rec["written"]
-                elapsed = time.time() - progress.start
-                progress.advance(extra=f"samples {samples} ({samples / max(elapsed, 1e-9):.1f}/s)")
+        done.update(_encode_shards(cfg, todo, len(pairs), len(done), encode_plan))
+
+    records = [done[n] for _, n in pairs]
+    _check_committed(cfg, records, encode_plan.fingerprint)
+    text_entries = [
+        {
+            **doc,
+            "source": te.source,
+            "field": f"text_{doc['name']}.npy",
+            "pooled_field": f"pooled_{doc['name']}.npy" if te.identity["pooled_width"] else None,
+            "empty_caption": empty[doc["name"]],
+        }
+        for doc, te in zip(text_docs, texts)
+    ]
+    man = _build_manifest(cfg, vae, table, records, text_entries)
+    _write_manifest(cfg, man, records, time.time() - t0)
+    return man
+
+
+def _shards_done(cfg: EncodeConfig, pairs: list[tuple[str, str]], fingerprint: str) -> dict[str, dict]:
+    """The records of the shards a previous run committed with these settings (by output name);
+    a record of other settings is refused."""
+    so = cfg.storage.options
+    records_root = storage.join(cfg.output, SHARD_RECORDS)
+    wanted = {n for _, n in pairs}
+    existing = set(storage.listdir(cfg.output, so))
+    done: dict[str, dict] = {}
+    for name in storage.listdir(records_root, so):
+        shard = name[: -len(".json")]
+        if not name.endswith(".json") or shard not in wanted:
+            continue
+        rec = storage.read_json(storage.join(records_root, name), so)
+        if rec.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"{storage.redact(cfg.output)} holds shards encoded with other settings "
+                "(autoencoder, text encoders, resolution, buckets, tasks, ...); use a new output or --overwrite"
+            )
+        if shard in existing:
+            done[shard] = rec
+    return done
+
+
+def _encode_shards(
+    cfg: EncodeConfig, todo: list[tuple[str, str]], total: int, already: int, encode_plan: EncodePlan
+) -> dict[str, dict]:
+    """Run one encode task per shard of ``todo``, at most ``--max-in-flight`` at once, with
+    progress; returns the records by shard name, or raises JobFailed naming the failed shards."""
+    import ray
+
+    from pipeline.ray_setup import check_fits, cluster_slots, ensure_ray
+
+    ensure_ray(cfg.ray.address)
+    check_fits(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
+    # GPU tasks default to max_calls=1 (a fresh process per task), which would reload the
+    # encoder for every shard; max_calls=0 keeps the worker and its cached encoder.
+    remote = ray.remote(max_calls=0, max_retries=3)(encode_shard).options(**task_options(cfg))
+    limit = cfg.max_in_flight or cluster_slots(cfg.num_cpus, cfg.num_gpus) + 1
+    progress = Progress("encode", total=total, unit="shards", logger=log)
+    progress.done = already
+    records_root = storage.join(cfg.output, SHARD_RECORDS)
+    done: dict[str, dict] = {}
+    failures: list[str] = []
+    samples = 0
+    running: dict[Any, str] = {}
+    waiting = list(todo)
+    while waiting or running:
+        while waiting and len(running) < limit:
+            url, name = waiting.pop(0)
+            out_url, record_url = storage.join(cfg.output, name), storage.join(records_root, name + ".json")
+            running[remote.remote(cfg, url, out_url, record_url, encode_plan)] = name
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for ref in ready:
+            name = running.pop(ref)
+            try:
+                rec = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - reported, job continues
+                failures.append(name)
+                log.warning(storage.redact(f"[encode] shard {name} failed: {type(exc).__name__}: {str(exc)[:300]}"))
+                continue
+            done[name] = rec
+            samples += rec["written"]
+            elapsed = time.time() - progress.start
+            progress.advance(extra=f"samples {samples} ({samples / max(elapsed, 1e-9):.1f}/s)")
     if failures:
         raise JobFailed(
             f"{len(failures)} shard(s) failed ({', '.join(failures[:5])}); re-run the same command to retry them"
         )
+    return done
 
-    records = [done[n] for _, n in pairs]
-    _check_committed(cfg, records, fingerprint)
+
+def _build_manifest(
+    cfg: EncodeConfig, vae: Any, table: list[tuple[int, int]] | None, records: list[dict], text_entries: list[dict]
+) -> dict:
     down, ch = vae.downsample, vae.latent_channels
-    man = manifest.build(
+    return manifest.build(
         records,
-        encoder=identity,
+        encoder=vae.identity,
         scale=vae.scale,
         shift=vae.shift,
         latent_shape=None if table else [ch, cfg.resolution // down, cfg.resolution // down],
@@ -754,18 +389,15 @@ def run_encode(cfg: EncodeConfig) -> dict:
         buckets=[{"size": list(b), "latent_shape": [ch, b[1] // down, b[0] // down]} for b in table] if table else None,
         max_aspect=cfg.max_aspect if table else None,
         flip=cfg.flip,
-        text_encoders=[
-            {
-                **doc,
-                "source": te.source,
-                "field": f"text_{doc['name']}.npy",
-                "pooled_field": f"pooled_{doc['name']}.npy" if te.identity["pooled_width"] else None,
-                "empty_caption": empty[doc["name"]],
-            }
-            for doc, te in zip(text_docs, texts)
-        ],
+        text_encoders=text_entries,
         captions={"field": cfg.caption_field or "txt", "empty": cfg.empty_caption},
     )
+
+
+def _write_manifest(cfg: EncodeConfig, man: dict, records: list[dict], seconds: float) -> None:
+    """Write ``_errors.jsonl`` and the manifest (none when nothing was written), print the
+    summary, and fail the job when more than ``--max-error-rate`` of the samples were skipped."""
+    so = cfg.storage.options
     tot = man["totals"]
     if not tot["written"]:  # keep _errors.jsonl for the diagnosis, but no manifest of nothing
         manifest.write_errors(cfg.output, records, so)
@@ -774,7 +406,6 @@ def run_encode(cfg: EncodeConfig) -> dict:
             f"see {storage.redact(storage.join(cfg.output, manifest.ERRORS_NAME))}"
         )
     manifest.write(cfg.output, man, records, so)
-    seconds = time.time() - t0
     tot = man["totals"]
     log.info(
         f"[encode] done in {format_seconds(seconds)}: seen {tot['seen']} = written {tot['written']} "
@@ -788,7 +419,6 @@ def run_encode(cfg: EncodeConfig) -> dict:
             f"encode: {skipped} of {tot['seen']} samples were skipped (more than --max-error-rate "
             f"{cfg.max_error_rate:g}); the dataset is written, see {manifest.ERRORS_NAME}"
         )
-    return man
 
 
 def _bucket_table(cfg: EncodeConfig, downsample: int) -> list[tuple[int, int]] | None:
@@ -818,34 +448,7 @@ def _bucket_table(cfg: EncodeConfig, downsample: int) -> list[tuple[int, int]] |
         ) from None
 
 
-def _load_text_encoders(cfg: EncodeConfig) -> list:
-    """Load each text encoder (on a worker: see :func:`_text_encoders`)."""
-    from pipeline.models.text import TextEncoder
-
-    return [
-        TextEncoder(u, cfg.storage.options, max_tokens=cfg.text_max_tokens, hidden_layer=cfg.text_hidden_layer)
-        for u in cfg.text_encoder
-    ]
-
-
-@dataclass
-class _TextEncoderFacts:
-    """What the driver needs of a text encoder: its type and identity (for the fingerprint) and
-    its empty-caption embedding (stored once for classifier-free guidance)."""
-
-    model_type: str
-    identity: dict
-    source: str  # where it was loaded from (credentials redacted)
-    empty: Any  # text.Embedding of ""
-
-
-def _text_encoder_facts(cfg: EncodeConfig) -> list[_TextEncoderFacts]:
-    """Runs on a worker: load (and keep, for that worker's shards) the text encoders on the
-    encode tasks' device and precision, so the empty caption is embedded as samples are."""
-    return [_TextEncoderFacts(te.model_type, te.identity, te.source, te.encode([""])[0]) for te in _text_encoders(cfg)]
-
-
-def _describe_text_encoders(cfg: EncodeConfig) -> list[_TextEncoderFacts]:
+def _describe_text_encoders(cfg: EncodeConfig) -> list[TextEncoderFacts]:
     """The text encoders' facts, from a Ray task with the encode tasks' resources: the driver
     never holds a text encoder (a T5-XXL is tens of GB), and a wrong folder still fails in one
     line before any shard starts."""
@@ -858,7 +461,7 @@ def _describe_text_encoders(cfg: EncodeConfig) -> list[_TextEncoderFacts]:
     # the encode tasks' own options, environment included: the same worker pool, so the worker
     # that loaded the encoders here keeps them for its shards
     options = {**task_options(cfg), "name": "describe_text_encoders"}
-    remote = ray.remote(max_calls=0, max_retries=0)(_text_encoder_facts).options(**options)
+    remote = ray.remote(max_calls=0, max_retries=0)(text_encoder_facts).options(**options)
     try:
         return ray.get(remote.remote(cfg))
     except ray.exceptions.RayTaskError as exc:
@@ -876,10 +479,10 @@ def _write_empty_captions(cfg: EncodeConfig, empties: list, names: list[str]) ->
     out: dict[str, dict] = {}
     for emb, name in zip(empties, names):
         files: dict[str, Any] = {"hidden": f"{EMPTY_CAPTION_DIR}/text_{name}.npy", "tokens": int(emb.hidden.shape[0])}
-        storage.write_bytes(storage.join(cfg.output, files["hidden"]), _npy(emb.hidden), cfg.storage.options)
+        storage.write_bytes(storage.join(cfg.output, files["hidden"]), npy_bytes(emb.hidden), cfg.storage.options)
         if emb.pooled is not None:
             files["pooled"] = f"{EMPTY_CAPTION_DIR}/pooled_{name}.npy"
-            storage.write_bytes(storage.join(cfg.output, files["pooled"]), _npy(emb.pooled), cfg.storage.options)
+            storage.write_bytes(storage.join(cfg.output, files["pooled"]), npy_bytes(emb.pooled), cfg.storage.options)
         out[name] = files
     return out
 

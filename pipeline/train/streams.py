@@ -25,7 +25,6 @@ used.
 
 from __future__ import annotations
 
-import io
 import json
 import queue
 import random
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.io import manifest, storage
-from pipeline.io.tarshards import iter_samples
+from pipeline.io.tarshards import iter_samples, load_npy
 from pipeline.models.autoencoder import scale_latents
 
 
@@ -70,10 +69,6 @@ class Batch:
             value = getattr(self, name)
             out[name] = value.to(device) if value is not None else None
         return out
-
-
-def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class BatchStream:
@@ -184,9 +179,9 @@ def read_empty_captions(root: str, man: dict, storage_options: dict | None) -> t
     hidden, pooled = [], []
     for te in man["text_encoders"]:
         files = te["empty_caption"]
-        hidden.append(_load_npy(storage.read_bytes(storage.join(root, files["hidden"]), storage_options)))
+        hidden.append(load_npy(storage.read_bytes(storage.join(root, files["hidden"]), storage_options)))
         pooled.append(
-            _load_npy(storage.read_bytes(storage.join(root, files["pooled"]), storage_options))
+            load_npy(storage.read_bytes(storage.join(root, files["pooled"]), storage_options))
             if files.get("pooled")
             else None
         )
@@ -231,7 +226,7 @@ def latent_stream(
         # numpy only: a torch op on this thread would start a second OpenMP team whose
         # spinning threads slow the training step down (measured: ~40% on 2 cores)
         flips = rng.random(len(items)) < flip_prob if flip_prob else np.zeros(len(items), bool)
-        arrays = [_load_npy(s["latent_flip.npy" if f else "latent.npy"]) for s, f in zip(items, flips)]
+        arrays = [load_npy(s["latent_flip.npy" if f else "latent.npy"]) for s, f in zip(items, flips)]
         bad = next((a.shape for a in arrays if a.shape not in shapes or a.shape != arrays[0].shape), None)
         if bad is not None:  # the manifest promises these shapes; a shard written by another run lies
             said = " or ".join(str(list(s)) for s in sorted(shapes))
@@ -241,11 +236,11 @@ def latent_stream(
             )
         mean = np.stack(arrays).astype(np.float32)
         if sample_posterior and "std.npy" in items[0]:
-            std = np.stack([_load_npy(s["std_flip.npy" if f else "std.npy"]) for s, f in zip(items, flips)])
+            std = np.stack([load_npy(s["std_flip.npy" if f else "std.npy"]) for s, f in zip(items, flips)])
             mean = mean + std.astype(np.float32) * rng.standard_normal(mean.shape, dtype=np.float32)
         cond = None
         if task:
-            raw = np.stack([_load_npy(s[f"{task}.npy"]) for s in items]).astype(np.float32)
+            raw = np.stack([load_npy(s[f"{task}.npy"]) for s in items]).astype(np.float32)
             cond = torch.from_numpy(scale_latents(raw, scale, shift))
         y = None
         if use_classes:
@@ -257,8 +252,8 @@ def latent_stream(
                 spec.join(*empty)
                 if drop
                 else spec.join(
-                    [_load_npy(s[f"text_{e['name']}.npy"]) for e in spec.encoders],
-                    [_load_npy(s[f"pooled_{e['name']}.npy"]) if e["pooled_width"] else None for e in spec.encoders],
+                    [load_npy(s[f"text_{e['name']}.npy"]) for e in spec.encoders],
+                    [load_npy(s[f"pooled_{e['name']}.npy"]) if e["pooled_width"] else None for e in spec.encoders],
                 )
                 for s, drop in zip(items, drops)
             ]
