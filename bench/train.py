@@ -200,7 +200,7 @@ def cache(args) -> dict:
             ShardsConfig(src=os.path.join(root, "photos"), out=os.path.join(root, "shards"), samples_per_shard=64),
         )
         ensure_ray()
-        net = denoiser.Denoiser(denoiser.config_for("tiny", latent_channels=4))
+        net = denoiser.build(denoiser.config_for("tiny", latent_channels=4))
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
         def step(x0: torch.Tensor) -> int:

@@ -120,7 +120,7 @@ def tiny_diffusion_checkpoint(path: str, num_classes: int = 0, task: str = "") -
     vae = autoencoder.load(vae_dir)
     cfg = denoiser.config_for("tiny", num_classes=num_classes, cond_channels=4 if task else 0)
     torch.manual_seed(0)
-    net = denoiser.Denoiser(cfg)
+    net = denoiser.build(cfg)
     info = checkpoint.CheckpointInfo(
         kind="diffusion", model=denoiser.to_dict(cfg), task=task, latent_shape=[4, 8, 8], vae_identity=vae.identity
     )

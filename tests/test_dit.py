@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import ConfigError
-from pipeline.models import denoiser, dit, flow
-from pipeline.models.denoiser import Denoiser, DenoiserConfig
+from pipeline.models import denoiser, dit, flow, unet
 from pipeline.models.dit import DiT, DiTConfig
+from pipeline.models.unet import UNet, UNetConfig
 
 TEXT_DIM, POOLED_DIM = 16, 8
 
@@ -74,7 +74,7 @@ def test_dit_rejects_a_grid_that_is_not_a_patch_multiple():
 
 
 def test_unet_rejects_a_grid_that_is_not_a_multiple():
-    net = Denoiser(denoiser.config_for("tiny"))
+    net = UNet(denoiser.config_for("tiny"))
     with pytest.raises(ValueError, match="must be multiples of 2"):
         net(torch.randn(1, 4, 9, 8), torch.rand(1))
 
@@ -180,15 +180,15 @@ def test_text_free_configs_ignore_text(arch):
 
 def test_unet_cross_attention_sits_at_the_lowest_levels_and_starts_as_identity():
     cfg = denoiser.config_for("small", text_dim=TEXT_DIM)  # widths (64, 128), 2 blocks per level
-    net = Denoiser(cfg)
+    net = UNet(cfg)
     assert net.mid_cross is not None
     assert len(net.down_cross) == 2 and len(net.up_cross) == 3  # the 128-wide level only
     assert all(m.norm.num_channels == 128 for m in [*net.down_cross.values(), *net.up_cross.values()])
-    assert len(Denoiser(denoiser.config_for("small", text_dim=TEXT_DIM, text_levels=2)).down_cross) == 4
+    assert len(UNet(denoiser.config_for("small", text_dim=TEXT_DIM, text_levels=2)).down_cross) == 4
     # zero-initialised outputs: perturbing all but the cross-attention, the text changes nothing yet
     torch.manual_seed(0)
     with torch.no_grad():
-        for m in [net.conv_out] + [b.conv2 for b in net.modules() if isinstance(b, denoiser.Block)]:
+        for m in [net.conv_out] + [b.conv2 for b in net.modules() if isinstance(b, unet.Block)]:
             m.weight.normal_(0.0, 0.05)
         x, t = torch.randn(1, 4, 8, 8), torch.rand(1)
         text = torch.randn(1, 4, TEXT_DIM)
@@ -203,12 +203,12 @@ def test_unet_cross_attention_sits_at_the_lowest_levels_and_starts_as_identity()
 
 
 def test_registry_names_configs_and_grid_multiples():
-    assert set(denoiser.SIZES) == {"tiny", "small", "base", "large"}
+    assert set(denoiser.ARCHITECTURES["unet"].sizes) == {"tiny", "small", "base", "large"}
     for name in ["dit-tiny", "dit-s", "dit-b", "dit-l", "dit-xl"]:
         cfg = denoiser.config_for(name, latent_channels=16)
         assert isinstance(cfg, DiTConfig) and cfg.patch == 2 and cfg.latent_channels == 16
-        assert denoiser.is_transformer(cfg) and denoiser.grid_multiple(cfg) == 2
-    assert {n: (c["hidden"], c["depth"], c["heads"]) for n, c in denoiser.DIT_SIZES.items()} == {
+        assert denoiser.architecture_of(cfg).name == "dit" and denoiser.grid_multiple(cfg) == 2
+    assert {n: (c["hidden"], c["depth"], c["heads"]) for n, c in denoiser.ARCHITECTURES["dit"].sizes.items()} == {
         "dit-tiny": (64, 2, 2),
         "dit-s": (384, 12, 6),
         "dit-b": (768, 12, 12),
@@ -216,9 +216,9 @@ def test_registry_names_configs_and_grid_multiples():
         "dit-xl": (1152, 28, 16),
     }
     unet = denoiser.config_for("base")
-    assert isinstance(unet, DenoiserConfig) and not denoiser.is_transformer(unet)
+    assert isinstance(unet, UNetConfig) and denoiser.architecture_of(unet).name == "unet"
     assert denoiser.grid_multiple(unet) == 4 and denoiser.grid_multiple(denoiser.config_for("tiny")) == 2
-    assert Denoiser(denoiser.config_for("tiny")).downsample_multiple == 2
+    assert UNet(denoiser.config_for("tiny")).downsample_multiple == 2
     assert DiT(denoiser.config_for("dit-tiny", patch=4)).downsample_multiple == 4
     with pytest.raises(ConfigError, match=r"unknown denoiser size 'nope'; choose from \[.*'tiny'.*'dit-xl'\]"):
         denoiser.config_for("nope")
@@ -268,7 +268,7 @@ def test_old_unet_dict_without_arch_or_text_fields_loads():
         "groups": 8,
     }
     net = denoiser.from_dict(old)
-    assert isinstance(net, Denoiser)
+    assert isinstance(net, UNet)
     assert net.cfg.text_dim == 0 and net.cfg.pooled_dim == 0 and net.cfg.widths == (32, 64)
     assert net.cfg == denoiser.config_for("tiny", num_classes=2)
     assert "arch" not in old  # not mutated

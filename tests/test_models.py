@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.models import denoiser, flow
-from pipeline.models.denoiser import Denoiser, DenoiserConfig
+from pipeline.models import denoiser, flow, unet
+from pipeline.models.unet import UNet, UNetConfig
 
 
-def _perturbed(cfg: DenoiserConfig, seed: int = 0) -> Denoiser:
+def _perturbed(cfg: UNetConfig, seed: int = 0) -> UNet:
     """A denoiser whose zero-initialised layers (every block's ``conv2`` and ``conv_out``) are
     given small random weights, so its output depends on every input."""
     torch.manual_seed(seed)
-    net = Denoiser(cfg).eval()
-    zeroed = [net.conv_out] + [m.conv2 for m in net.modules() if isinstance(m, denoiser.Block)]
+    net = UNet(cfg).eval()
+    zeroed = [net.conv_out] + [m.conv2 for m in net.modules() if isinstance(m, unet.Block)]
     with torch.no_grad():
         for layer in zeroed:
             assert not layer.weight.any()  # zero-initialised as documented
@@ -30,7 +30,7 @@ def _perturbed(cfg: DenoiserConfig, seed: int = 0) -> Denoiser:
 @pytest.mark.parametrize("size", ["tiny", "small"])  # "base"/"large" (39M/170M parameters) take seconds
 def test_output_shape_matches_latent_for_every_size(size):
     torch.manual_seed(0)
-    net = Denoiser(denoiser.config_for(size)).eval()
+    net = UNet(denoiser.config_for(size)).eval()
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         out = net(x, torch.tensor([0.1, 0.9]))
@@ -83,7 +83,7 @@ def test_unknown_size_and_bad_widths_are_config_errors():
     with pytest.raises(ConfigError, match="unknown denoiser size 'nope'"):
         denoiser.config_for("nope")
     with pytest.raises(ConfigError, match="multiples of groups=16"):
-        DenoiserConfig(widths=(64, 100), groups=16)
+        UNetConfig(widths=(64, 100), groups=16)
 
 
 def test_config_dict_round_trips():
@@ -95,7 +95,7 @@ def test_config_dict_round_trips():
     assert back == cfg
     assert isinstance(back.widths, tuple)
     net = denoiser.from_dict(d)
-    assert isinstance(net, Denoiser) and net.cfg == cfg
+    assert isinstance(net, UNet) and net.cfg == cfg
 
 
 # --------------------------------------------------------------------------- flow

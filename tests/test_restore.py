@@ -231,7 +231,7 @@ def test_zero_shot_inpaint_keeps_known_pixels(tmp_path):
     vae = autoencoder.Autoencoder(
         vae_m, "kl", {}, latent_channels=4, downsample=4, scale=1.0, shift=0.0, weights_sha256="x"
     )
-    net = denoiser.Denoiser(denoiser.config_for("tiny")).eval()
+    net = denoiser.build(denoiser.config_for("tiny")).eval()
     info = CheckpointInfo(kind="diffusion", model=denoiser.to_dict(net.cfg), latent_shape=[4, 16, 16])
     model = DiffusionModel(net, vae, info)
     im = photo_crops(1, 64, seed=3)[0]

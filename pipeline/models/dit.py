@@ -43,7 +43,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError
-from pipeline.models.layers import CrossAttention, PooledEmbedding, TextContext, timestep_embedding, zero_init
+from pipeline.models.layers import (
+    CrossAttention,
+    PooledEmbedding,
+    TextContext,
+    class_embedding,
+    concat_cond,
+    timestep_embedding,
+    zero_init,
+)
 
 FREQ_DIM = 256  # width of the sinusoidal time embedding fed to the time MLP (as in DiT)
 
@@ -70,6 +78,16 @@ class DiTConfig:
             raise ConfigError(f"DiT hidden={self.hidden} must be a multiple of 4 (2-D sin-cos position embedding)")
         if self.text_dim < 0 or self.pooled_dim < 0:
             raise ConfigError("DiT text_dim and pooled_dim must be >= 0")
+
+
+# DiT's published table (Peebles & Xie 2023, table 1), all with patch 2; "dit-tiny" for tests and the demo
+SIZES: dict[str, dict] = {
+    "dit-tiny": {"hidden": 64, "depth": 2, "heads": 2, "patch": 2},
+    "dit-s": {"hidden": 384, "depth": 12, "heads": 6, "patch": 2},
+    "dit-b": {"hidden": 768, "depth": 12, "heads": 12, "patch": 2},
+    "dit-l": {"hidden": 1024, "depth": 24, "heads": 16, "patch": 2},
+    "dit-xl": {"hidden": 1152, "depth": 28, "heads": 16, "patch": 2},
+}
 
 
 def sincos_2d(gh: int, gw: int, dim: int) -> torch.Tensor:
@@ -200,19 +218,14 @@ class DiT(nn.Module):
         b, _, h, w = x.shape
         if h % p or w % p:
             raise ValueError(f"latent height and width ({h}, {w}) must be multiples of the DiT patch size {p}")
-        if cfg.cond_channels:
-            if cond is None:
-                raise ValueError("this denoiser needs conditioning channels")
-            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        x = concat_cond(x, cond, cfg.cond_channels)
         gh, gw = h // p, w // p
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, gh * gw, hidden)
         tokens = tokens + self.pos_embed(gh, gw, tokens)
 
         c = self.time_mlp(timestep_embedding(t, FREQ_DIM).to(tokens.dtype))
         if self.class_emb is not None:
-            null = torch.full((b,), cfg.num_classes, device=x.device, dtype=torch.long)
-            y = null if y is None else torch.where(y < 0, null, y.long())  # y < 0: dropped label
-            c = c + self.class_emb(y)
+            c = c + class_embedding(self.class_emb, y, cfg.num_classes, b)
         if self.pooled_emb is not None:
             c = c + self.pooled_emb(pooled, b, c)
         ctx, mask = self.text_ctx(b, text, text_mask, tokens.dtype) if self.text_ctx is not None else (None, None)

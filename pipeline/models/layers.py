@@ -109,3 +109,21 @@ class PooledEmbedding(nn.Module):
         elif pooled.shape != (batch, self.pooled_dim):
             raise ValueError(f"pooled must be (batch={batch}, pooled_dim={self.pooled_dim}), got {tuple(pooled.shape)}")
         return self.mlp(pooled.to(like.dtype))
+
+
+def concat_cond(x: torch.Tensor, cond: torch.Tensor | None, cond_channels: int) -> torch.Tensor:
+    """``x`` with a denoiser's conditioning channels (restoration views) concatenated, when it
+    has any (then ``cond`` is required)."""
+    if not cond_channels:
+        return x
+    if cond is None:
+        raise ValueError("this denoiser needs conditioning channels")
+    return torch.cat([x, cond.to(x.dtype)], dim=1)
+
+
+def class_embedding(table: nn.Embedding, y: torch.Tensor | None, num_classes: int, batch: int) -> torch.Tensor:
+    """The class embedding of ids ``y``; a negative id (a dropped label) or ``y=None`` is the
+    null class ``num_classes`` that classifier-free guidance trains."""
+    null = torch.full((batch,), num_classes, device=table.weight.device, dtype=torch.long)
+    ids = null if y is None else torch.where(y < 0, null, y.long())
+    return table(ids)
