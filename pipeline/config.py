@@ -28,9 +28,55 @@ import yaml
 
 from pipeline.errors import ConfigError, JobFailed
 
-__all__ = ["ConfigError", "JobFailed", "RayOptions", "StorageOptions", "from_args", "from_dict", "group", "option"]
+__all__ = [
+    "ConfigError",
+    "JobFailed",
+    "Limits",
+    "RayOptions",
+    "StorageOptions",
+    "check_limits",
+    "from_args",
+    "from_dict",
+    "group",
+    "option",
+    "redefault",
+]
 
 C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """An option's allowed values, declared with it (:func:`option`), checked by
+    :func:`check_limits` and shown by ``--help``: a numeric range and/or a set of choices."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[Any, ...] | None = None
+    noun: str = "value"  # what a choice is, for messages ("unknown task 'x'")
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        lo = "(-inf" if self.lo is None else ("(" if self.lo_open else "[") + f"{self.lo:g}"
+        hi = "inf)" if self.hi is None else f"{self.hi:g}" + (")" if self.hi_open else "]")
+        return f"in {lo}, {hi}"
+
+    def check(self, name: str, value: Any, default: Any = None) -> None:
+        """Raise ConfigError naming the option and what it allows. The option's own default
+        (``""`` or 0 for "not set", None where the type allows it) always passes: ``require`` is
+        what makes an option mandatory."""
+        if value is None or value == default:
+            return
+        if self.choices is not None:
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v not in self.choices:
+                    allowed = ", ".join(map(str, self.choices))
+                    raise ConfigError(f"option {flag_of(name)!r}: unknown {self.noun} {v!r}; choose from {allowed}")
+            return
+        check_range(name, value, self.lo, self.hi, lo_open=self.lo_open, hi_open=self.hi_open)
 
 
 def option(
@@ -39,17 +85,46 @@ def option(
     *,
     flag: str = "",
     short: str = "",
+    range: tuple[float | None, float | None] | None = None,  # noqa: A002 - reads as the declaration it is
+    lo_open: bool = False,
+    hi_open: bool = False,
+    choices: typing.Iterable[Any] | None = None,
+    noun: str = "value",
     **kw: Any,
 ) -> Any:
     """A dataclass field with help text (shown by ``--help``); ``flag`` overrides the flag name
-    (``storage_options`` for ``--storage-options``), ``short`` adds a one-letter flag (``-n``)."""
+    (``storage_options`` for ``--storage-options``), ``short`` adds a one-letter flag (``-n``).
+
+    ``range=(lo, hi)`` (either end None for unbounded; ``lo_open``/``hi_open`` exclude an end)
+    and ``choices`` declare the allowed values: ``--help`` shows them and :func:`check_limits`
+    (called by every config's ``__post_init__``) refuses others, naming this one option."""
     meta: dict[str, Any] = {"help": help, "flag": flag} if flag else {"help": help}
     if short:
         meta["short"] = (short,)
+    if range is not None or choices is not None:
+        lo, hi = range if range is not None else (None, None)
+        meta["limits"] = Limits(lo, hi, lo_open, hi_open, tuple(choices) if choices is not None else None, noun)
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def redefault(cls: type, name: str, default: Any) -> Any:
+    """The option ``name`` of the config class ``cls`` (help, flag, limits) with another default:
+    a config that composes ``cls`` changes a default without re-declaring the option."""
+    base = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=default, metadata=base.metadata)
+
+
+def check_limits(cfg: Any) -> None:
+    """Check every option of ``cfg`` (groups excluded: each checks its own) against the limits
+    declared with it; the first one out of its limits raises ConfigError naming it."""
+    for f in dataclasses.fields(cfg):
+        limits = f.metadata.get("limits")
+        if limits is not None:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            limits.check(f.name, getattr(cfg, f.name), default)
 
 
 def group(cls: type, *, private: bool = False) -> Any:
@@ -319,9 +394,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         help_text = f.metadata.get("help", "")
+        notes = []
         if default not in (None, "", [], (), {}) and "storage" not in key:
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-            help_text += f" (default: {shown})"
+            notes.append(f"default: {shown}")
+        if f.metadata.get("limits") is not None:
+            notes.append(f.metadata["limits"].describe())
+        if notes:
+            help_text += f" ({'; '.join(notes)})"
         if key in positional:
             parser.add_argument(key, nargs="?", default=None, help=help_text)
             continue

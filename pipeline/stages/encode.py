@@ -35,8 +35,7 @@ from pipeline.config import (
     JobFailed,
     RayOptions,
     StorageOptions,
-    check_choice,
-    check_range,
+    check_limits,
     group,
     option,
     public_dict,
@@ -45,7 +44,7 @@ from pipeline.config import (
 from pipeline.console import Progress, format_seconds
 from pipeline.io import buckets, checkpoint, imaging, manifest, storage
 from pipeline.io.tarshards import npy_bytes
-from pipeline.models.degrade import check_task
+from pipeline.models.degrade import TASKS
 from pipeline.stages.encode_worker import (
     SETTINGS_NAME,
     EncodePlan,
@@ -76,19 +75,27 @@ class EncodeConfig:
     input: str = option("", "input image shards: URL, brace range {000000..000127} or glob; comma-separated list")
     output: str = option("", "output folder/prefix for latent shards and _manifest.json")
     vae: str = option("", "autoencoder directory (built-in checkpoint or diffusers AutoencoderKL)")
-    resolution: int = option(256, "square training resolution: shorter side resized, then centre-cropped")
-    min_size: int = option(32, "skip images whose shorter side is below this many pixels")
-    max_pixels: int = option(imaging.DEFAULT_MAX_PIXELS, "skip images with more pixels (decompression bombs)")
-    crop: str = option("center", "crop policy: center")
-    batch_size: int = option(32, "images per encoder forward pass")
-    precision: str = option("fp32", "encoder precision: fp32, fp16 or bf16 (fp16/bf16 on GPU)")
-    latent_dtype: str = option("float16", "stored latent dtype: float16 or float32")
-    num_cpus: float = option(1.0, "CPUs per encode task")
-    num_gpus: float = option(0.0, "GPUs per encode task (fractional allowed, e.g. 0.25)")
-    max_in_flight: int = option(0, "shards encoding at once (0: as many as the cluster fits, plus one)")
+    resolution: int = option(
+        256, "square training resolution: shorter side resized, then centre-cropped", range=(8, 8192)
+    )
+    min_size: int = option(32, "skip images whose shorter side is below this many pixels", range=(1, None))
+    max_pixels: int = option(
+        imaging.DEFAULT_MAX_PIXELS, "skip images with more pixels (decompression bombs)", range=(1, None)
+    )
+    crop: str = option("center", "crop policy", choices=CROPS)
+    batch_size: int = option(32, "images per encoder forward pass", range=(1, 65536))
+    precision: str = option("fp32", "encoder precision (fp16/bf16 on GPU)", choices=PRECISIONS)
+    latent_dtype: str = option("float16", "stored latent dtype", choices=("float16", "float32"))
+    num_cpus: float = option(1.0, "CPUs per encode task", range=(0, 1024), lo_open=True)
+    num_gpus: float = option(0.0, "GPUs per encode task (fractional allowed, e.g. 0.25)", range=(0, 64))
+    max_in_flight: int = option(
+        0, "shards encoding at once (0: as many as the cluster fits, plus one)", range=(0, None)
+    )
     overwrite: bool = option(False, "redo every shard even when its output exists")
-    max_error_rate: float = option(0.5, "exit non-zero (dataset kept) when more than this share of samples is skipped")
-    tasks: list[str] = option([], "restoration task views to add, e.g. upscale2,upscale4,restore")
+    max_error_rate: float = option(
+        0.5, "exit non-zero (dataset kept) when more than this share of samples is skipped", range=(0, 1)
+    )
+    tasks: list[str] = option([], "restoration task views to add (comma-separated)", choices=TASKS, noun="task")
     text_encoder: list[str] = option(
         [],
         "Hugging Face text encoder folder (model + tokenizer, safetensors weights) to embed each caption with; "
@@ -96,31 +103,44 @@ class EncodeConfig:
     )
     caption_field: str = option("", "read the caption from this field of the sample's .json instead of its .txt")
     empty_caption: str = option(
-        "embed", "a sample with a missing or empty caption: 'embed' (the empty-caption embedding) or 'skip'"
+        "embed",
+        "a sample with a missing or empty caption: 'embed' (the empty-caption embedding) or 'skip'",
+        choices=("embed", "skip"),
     )
     text_max_tokens: int = option(
-        0, "tokens per caption (0: each encoder's own limit); longer captions are truncated and counted"
+        0,
+        "tokens per caption (0: each encoder's own limit); longer captions are truncated and counted",
+        range=(0, 1_000_000),
     )
-    text_hidden_layer: int = option(-1, "hidden states stored: -1 the last layer, -2 the penultimate (SDXL-style)")
+    text_hidden_layer: int = option(
+        -1, "hidden states stored: -1 the last layer, -2 the penultimate (SDXL-style)", range=(-1000, -1)
+    )
     buckets: str = option(
         "",
         "aspect-ratio buckets: empty for square --resolution crops, 'auto' for a table generated from "
         "--bucket-area/--bucket-multiple/--max-aspect, or a JSON file of [width, height] pairs",
     )
-    bucket_area: int = option(0, "with buckets: target area in pixels (0: --resolution squared)")
-    bucket_multiple: int = option(
-        64, "with buckets: sides are multiples of this (autoencoder downsampling x denoiser patch/level multiple)"
+    bucket_area: int = option(
+        0, "with buckets: target area in pixels (0: --resolution squared)", range=(0, 8192 * 8192)
     )
-    max_aspect: float = option(4.0, "with buckets: skip images whose long side exceeds this many short sides")
+    bucket_multiple: int = option(
+        64,
+        "with buckets: sides are multiples of this (autoencoder downsampling x denoiser patch/level multiple)",
+        range=(1, 8192),
+    )
+    max_aspect: float = option(
+        4.0, "with buckets: skip images whose long side exceeds this many short sides", range=(1, 100)
+    )
     flip: bool = option(False, "also store the latent of the horizontally flipped image (latent_flip.npy)")
     decode_threads: int = option(
-        0, "image decode threads per task (0: one per --num-cpus); the outputs do not depend on it"
+        0, "image decode threads per task (0: one per --num-cpus); the outputs do not depend on it", range=(0, 256)
     )
     decoder: str = option(
         "pil",
         "JPEG decoder: 'pil' (Pillow on the decode threads, Lanczos resize) or 'torchvision' (batched "
         "decode_jpeg on the encoder's device: nvjpeg on CUDA, antialiased bicubic resize there; other "
         "formats still use Pillow; part of the settings fingerprint)",
+        choices=DECODERS,
     )
     jpeg_draft: bool = option(
         True,
@@ -142,32 +162,12 @@ class EncodeConfig:
         storage.check_separate(self.output, others)
         for url in self.text_encoder:
             storage.check_separate(self.output, {"text-encoder": url})
-        if not 8 <= self.resolution <= 8192:
-            raise ConfigError("option 'resolution' must be in 8..8192")
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("latent_dtype", self.latent_dtype, ("float16", "float32"))
-        check_choice("crop", self.crop, CROPS)
-        if not 1 <= self.batch_size <= 65536 or self.min_size < 1 or self.max_pixels < 1:
-            raise ConfigError("options 'batch-size', 'min-size' and 'max-pixels' must be >= 1")
-        if self.max_in_flight < 0:
-            raise ConfigError("option 'max-in-flight' must be >= 0 (0: as many as the cluster fits)")
-        check_range("num_cpus", self.num_cpus, 0.0, 1024.0, lo_open=True)
-        check_range("num_gpus", self.num_gpus, 0.0, 64.0)
-        check_range("max_error_rate", self.max_error_rate, 0.0, 1.0)
-        for task in self.tasks:
-            check_task(task, option="tasks")
-        check_choice("empty_caption", self.empty_caption, ("embed", "skip"))
+        check_limits(self)
         if len(set(self.text_encoder)) != len(self.text_encoder):
             raise ConfigError("option 'text-encoder' lists the same encoder twice")
         if (self.caption_field or self.empty_caption != "embed") and not self.text_encoder:
-            raise ConfigError("options 'caption-field' and 'empty-caption' need --text-encoder")
-        check_range("text_max_tokens", self.text_max_tokens, 0, 1_000_000)
-        check_range("text_hidden_layer", self.text_hidden_layer, -1000, -1)
-        check_range("bucket_area", self.bucket_area, 0, 8192 * 8192)
-        check_range("bucket_multiple", self.bucket_multiple, 1, 8192)
-        check_range("max_aspect", self.max_aspect, 1.0, 100.0)
-        check_range("decode_threads", self.decode_threads, 0, 256)
-        check_choice("decoder", self.decoder, DECODERS)
+            name = "caption-field" if self.caption_field else "empty-caption"
+            raise ConfigError(f"option {name!r} needs --text-encoder")
         if self.decoder != "pil" and self.tasks:
             raise ConfigError("option 'decoder torchvision' cannot be combined with 'tasks' (views need Pillow)")
         if self.buckets and self.tasks:

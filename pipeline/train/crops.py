@@ -22,9 +22,9 @@ class ImageLoopConfig(LoopConfig):
 
     images: str = option("", "image shards: URL, brace range or glob; comma-separated list")
     heldout: str = option("", "held-out image shards for PSNR (default: the last input shard, if >1)")
-    resolution: int = option(64, "training crop size")
-    eval_images: int = option(32, "held-out images scored at each checkpoint")
-    shuffle_buffer: int = option(256, "samples in each rank's shuffle buffer")
+    resolution: int = option(64, "training crop size", range=(8, 4096))
+    eval_images: int = option(32, "held-out images scored at each checkpoint", range=(1, None))
+    shuffle_buffer: int = option(256, "samples in each rank's shuffle buffer", range=(1, None))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -33,10 +33,6 @@ class ImageLoopConfig(LoopConfig):
         storage.check_separate(
             self.output, {"images": self.images, "heldout": self.heldout, "init_from": self.init_from}
         )
-        if not 8 <= self.resolution <= 4096 or self.eval_images < 1 or self.shuffle_buffer < 1:
-            raise ConfigError(
-                "options 'resolution' (8..4096), 'eval-images' and 'shuffle-buffer' (>= 1) are out of range"
-            )
 
 
 def split_shards(cfg: ImageLoopConfig, verb: str) -> tuple[list[str], list[str]]:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import ConfigError, check_range, option, public_dict, require
+from pipeline.config import ConfigError, option, public_dict, require
 from pipeline.io import checkpoint, imaging, manifest, storage
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.models import autoencoder, denoiser, flow, text
-from pipeline.models.degrade import check_task, residual_target
+from pipeline.models.degrade import TASKS, residual_target
 from pipeline.models.refiner import load as load_refiner
 from pipeline.train.loop import (
     LoopConfig,
@@ -49,19 +49,26 @@ class TrainConfig(LoopConfig):
         "denoiser: U-Net tiny, small, base, large, or transformer dit-tiny, dit-s, dit-b, dit-l, dit-xl "
         "(DiT's published sizes, patch 2)",
     )
-    task: str = option("", "restoration task to train (upscale2, upscale4, restore); '' = unconditional")
-    num_classes: int = option(0, "class-conditional with this many classes (.cls); 0 = unconditional")
-    label_dropout: float = option(0.1, "probability of dropping the class label (classifier-free guidance)")
+    task: str = option("", "restoration task to train ('' = unconditional)", choices=TASKS, noun="task")
+    num_classes: int = option(0, "class-conditional with this many classes (.cls); 0 = unconditional", range=(0, None))
+    label_dropout: float = option(
+        0.1, "probability of dropping the class label (classifier-free guidance)", range=(0, 1), hi_open=True
+    )
     text: bool = option(True, "condition on the dataset's caption embeddings when it has them (encode --text-encoder)")
     caption_dropout: float = option(
-        0.1, "probability of training a sample on the empty-caption embedding (classifier-free guidance)"
+        0.1,
+        "probability of training a sample on the empty-caption embedding (classifier-free guidance)",
+        range=(0, 1),
+        hi_open=True,
     )
-    flip_prob: float = option(0.0, "probability of using a sample's cached flipped latent (encode --flip)")
+    flip_prob: float = option(
+        0.0, "probability of using a sample's cached flipped latent (encode --flip)", range=(0, 1)
+    )
     compile: bool = option(False, "torch.compile the denoiser (pays off on GPU for long runs; first steps are slow)")
     sample_posterior: bool = option(False, "train on mean + std * noise instead of the posterior mean")
-    shuffle_buffer: int = option(1000, "samples in each rank's shuffle buffer")
+    shuffle_buffer: int = option(1000, "samples in each rank's shuffle buffer", range=(1, None))
     vae: str = option("", "autoencoder of the latents (default: the one recorded in the manifest)")
-    sample_steps: int = option(20, "sampler steps for the sample grids")
+    sample_steps: int = option(20, "sampler steps for the sample grids", range=(1, None))
     calibration_images: str = option(
         "",
         "task models: held-out photos (folder or glob) on which the detail gain is calibrated after "
@@ -94,14 +101,6 @@ class TrainConfig(LoopConfig):
             },
         )
         denoiser.config_for(self.model)  # validates the size name
-        check_task(self.task, allow_empty=True)
-        check_range("label_dropout", self.label_dropout, 0.0, 1.0, hi_open=True)
-        check_range("caption_dropout", self.caption_dropout, 0.0, 1.0, hi_open=True)
-        check_range("flip_prob", self.flip_prob, 0.0, 1.0)
-        if self.num_classes < 0 or self.shuffle_buffer < 1 or self.sample_steps < 1:
-            raise ConfigError(
-                "options 'num-classes' (>= 0), 'shuffle-buffer' and 'sample-steps' (>= 1) are out of range"
-            )
 
 
 def _vae_url(cfg: TrainConfig, man: dict) -> str:

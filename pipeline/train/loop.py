@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, RayOptions, StorageOptions, check_range, flag_of, group, option, require
+from pipeline.config import RayOptions, StorageOptions, check_limits, group, option, require
 from pipeline.io import checkpoint, storage
 from pipeline.io.checkpoint import RUN_NAME, CheckpointInfo
 
@@ -37,24 +37,28 @@ class LoopConfig:
     """Options both training loops share (composed into ``TrainConfig`` and ``VAETrainConfig``)."""
 
     output: str = option("", "output folder/URL: checkpoints, metrics.jsonl, tensorboard/, samples/")
-    workers: int = option(1, "Ray Train workers (one DDP rank each)")
-    cpus_per_worker: float = option(1.0, "CPUs per worker")
-    gpus_per_worker: float = option(0.0, "GPUs per worker (0: CPU training with gloo)")
-    steps: int = option(1000, "optimizer steps in total (a resumed run continues to this count)")
-    batch_size: int = option(32, "samples per rank per micro-step")
-    grad_accum: int = option(1, "micro-steps per optimizer step")
-    lr: float = option(3e-4, "peak AdamW learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(100, "linear learning-rate warmup steps")
-    grad_clip: float = option(1.0, "gradient norm clip (0: off)")
-    ema_decay: float = option(0.999, "EMA decay of the weights")
+    workers: int = option(1, "Ray Train workers (one DDP rank each)", range=(1, None))
+    cpus_per_worker: float = option(1.0, "CPUs per worker", range=(0, None), lo_open=True)
+    gpus_per_worker: float = option(0.0, "GPUs per worker (0: CPU training with gloo)", range=(0, None))
+    steps: int = option(1000, "optimizer steps in total (a resumed run continues to this count)", range=(1, None))
+    batch_size: int = option(32, "samples per rank per micro-step", range=(1, None))
+    grad_accum: int = option(1, "micro-steps per optimizer step", range=(1, None))
+    lr: float = option(3e-4, "peak AdamW learning rate", range=(0, 10), lo_open=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", range=(0, 10))
+    warmup_steps: int = option(100, "linear learning-rate warmup steps", range=(0, None))
+    grad_clip: float = option(1.0, "gradient norm clip (0: off)", range=(0, None))
+    ema_decay: float = option(0.999, "EMA decay of the weights", range=(0, 1), hi_open=True)
     bf16: bool = option(True, "bf16 autocast on GPU (ignored on CPU)")
     seed: int = option(0, "random seed")
-    checkpoint_every: int = option(200, "steps between checkpoints")
-    keep_checkpoints: int = option(3, "checkpoints kept (older ones pruned)")
-    max_failures: int = option(1, "worker failures to recover from (restart from the latest checkpoint)")
-    log_every: int = option(20, "steps between metric lines")
-    sample_every: int = option(0, "steps between sample grids written to samples/ (0: only at the end)")
+    checkpoint_every: int = option(200, "steps between checkpoints", range=(1, None))
+    keep_checkpoints: int = option(3, "checkpoints kept (older ones pruned)", range=(1, None))
+    max_failures: int = option(
+        1, "worker failures to recover from (restart from the latest checkpoint)", range=(0, None)
+    )
+    log_every: int = option(20, "steps between metric lines", range=(1, None))
+    sample_every: int = option(
+        0, "steps between sample grids written to samples/ (0: only at the end)", range=(0, None)
+    )
     init_from: str = option("", "checkpoint to warm-start a *new* run from (its EMA weights)")
     ray: RayOptions = group(RayOptions, private=True)
     storage: StorageOptions = group(StorageOptions, private=True)
@@ -62,26 +66,7 @@ class LoopConfig:
     def __post_init__(self) -> None:
         require(self, "output")
         self.output, self.init_from = storage.absolute(self.output), storage.absolute(self.init_from)
-        for name in (
-            "workers",
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"option {flag_of(name)!r} must be >= 1")
-        for name in ("warmup_steps", "sample_every", "max_failures"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"option {flag_of(name)!r} must be >= 0")
-        check_range("lr", self.lr, 0.0, 10.0, lo_open=True)
-        check_range("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
-        check_range("weight_decay", self.weight_decay, 0.0, 10.0)
-        check_range("grad_clip", self.grad_clip, 0.0)
-        check_range("cpus_per_worker", self.cpus_per_worker, 0.0, lo_open=True)
-        check_range("gpus_per_worker", self.gpus_per_worker, 0.0)
+        check_limits(self)
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
