@@ -45,6 +45,8 @@ TASKS: dict[str, Task] = {
 
 INPAINT = "inpaint"  # zero-shot only: no degradation to train on, so not in TASKS
 RESTORE_TASKS = (*TASKS, INPAINT)
+# the upscale factors of the tasks, and each factor's task (``restore --scale``)
+UPSCALE_TASKS: dict[int, str] = {t.scale: name for name, t in TASKS.items() if t.scale > 1}
 
 
 def check_task(task: str, *, option: str = "task", allow_inpaint: bool = False, allow_empty: bool = False) -> str:

@@ -18,12 +18,8 @@ fails the job or drops a block. seen = written + skipped_existing + errors, alwa
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import io
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -31,21 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, JobFailed, RayOptions, StorageOptions, check_range, group, option, require
+from pipeline.config import (
+    ConfigError,
+    JobFailed,
+    RayOptions,
+    StorageOptions,
+    check_limits,
+    group,
+    option,
+    require,
+)
 from pipeline.console import Progress, format_seconds
 from pipeline.io import imaging, storage
 from pipeline.io.tarshards import iter_samples
-from pipeline.models.degrade import INPAINT, RESTORE_TASKS
+from pipeline.models.degrade import RESTORE_TASKS, UPSCALE_TASKS
 from pipeline.restoration.restorer import RestoreSettings
+from pipeline.stages.restore_actor import EXISTS, FORMATS, NO_SPACE, RestoreActor, output_name
 
 log = logging.getLogger("pipeline.restore")
 
-FORMATS = ("png", "jpg", "webp", "same")
-_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-_SAME_EXT = {"png": "png", "jpg": "jpg", "jpeg": "jpeg", "webp": "webp"}  # kept as is by --format same
-EXISTS = "exists"  # read-stage marker: the output is already there (a re-run skips it)
 REPORT_NAME, ERRORS_NAME = "_report.json", "_errors.jsonl"
-NO_SPACE = "no_space_left"  # error reason of a write that found the output's device full
 
 
 @dataclass
@@ -57,8 +58,12 @@ class RestoreConfig:
         "diffusion checkpoint (or a training output: its newest checkpoint), or a pretrained network file "
         "that spandrel recognises (ESRGAN, Real-ESRGAN, SwinIR, HAT, ...; .safetensors only)",
     )
-    task: str = option("", f"one of {', '.join(RESTORE_TASKS)} (default: the checkpoint's task)")
-    scale: int = option(0, "upscale factor 2 or 4 (shorthand for --task upscale2/upscale4)")
+    task: str = option("", "restoration task (default: the checkpoint's task)", choices=RESTORE_TASKS, noun="task")
+    scale: int = option(
+        0,
+        "upscale factor, shorthand for --task " + "/".join(UPSCALE_TASKS.values()),
+        choices=tuple(UPSCALE_TASKS),
+    )
     prompt: str = option(
         "",
         "StableDiffusionUpscalePipeline folders only: the text prompt, with the pipeline's default guidance "
@@ -69,13 +74,15 @@ class RestoreConfig:
         "inpainting masks: 'alpha' (the input's transparency) or a folder of masks "
         "with the inputs' relative paths (white = fill)",
     )
-    format: str = option("png", "output format: png, jpg, webp, or same (png/jpg/webp kept; others become png)")
-    batch_size: int = option(8, "images per actor batch (same-size images share model calls)")
-    actors: int = option(0, "actor pool size (0: as many as the cluster fits, leaving room for reads)")
-    cpus_per_actor: float = option(1.0, "CPUs per actor")
-    gpus_per_actor: float = option(0.0, "GPUs per actor (fractional allowed)")
-    max_pixels: int = option(16 * 1024 * 1024, "skip inputs with more pixels")
-    max_error_rate: float = option(0.5, "exit non-zero (outputs kept) when more than this share of inputs failed")
+    format: str = option("png", "output format (same: png/jpg/webp kept, others become png)", choices=FORMATS)
+    batch_size: int = option(8, "images per actor batch (same-size images share model calls)", range=(1, 4096))
+    actors: int = option(0, "actor pool size (0: as many as the cluster fits, leaving room for reads)", range=(0, None))
+    cpus_per_actor: float = option(1.0, "CPUs per actor", range=(0, 1024), lo_open=True)
+    gpus_per_actor: float = option(0.0, "GPUs per actor (fractional allowed)", range=(0, 64))
+    max_pixels: int = option(16 * 1024 * 1024, "skip inputs with more pixels", range=(1, None))
+    max_error_rate: float = option(
+        0.5, "exit non-zero (outputs kept) when more than this share of inputs failed", range=(0, 1)
+    )
     overwrite: bool = option(False, "redo outputs that already exist")
     settings: RestoreSettings = group(RestoreSettings)
     ray: RayOptions = group(RayOptions, private=True)
@@ -87,43 +94,15 @@ class RestoreConfig:
         self.checkpoint = storage.absolute(self.checkpoint)
         if self.mask and self.mask != "alpha":
             self.mask = storage.absolute(self.mask)
+        check_limits(self)
         if self.scale:
-            if self.scale not in (2, 4):
-                raise ConfigError("option 'scale' must be 2 or 4")
-            if self.task and self.task != f"upscale{self.scale}":
-                raise ConfigError(f"options 'scale' {self.scale} and 'task' {self.task!r} disagree")
-            self.task = f"upscale{self.scale}"
-        if self.task and self.task not in RESTORE_TASKS:
-            raise ConfigError(f"option 'task': unknown task {self.task!r}; choose from {', '.join(RESTORE_TASKS)}")
-        if self.format not in FORMATS:
-            raise ConfigError(f"option 'format': {self.format!r} is not one of {', '.join(FORMATS)}")
-        if not 1 <= self.batch_size <= 4096 or self.actors < 0 or not self.max_pixels >= 1:
-            raise ConfigError(
-                "options 'batch-size' (1..4096), 'actors' (>= 0) and 'max-pixels' (>= 1) are out of range"
-            )
-        check_range("cpus_per_actor", self.cpus_per_actor, 0.0, 1024.0, lo_open=True)
-        check_range("gpus_per_actor", self.gpus_per_actor, 0.0, 64.0)
-        check_range("max_error_rate", self.max_error_rate, 0.0, 1.0)
+            if self.task and self.task != UPSCALE_TASKS[self.scale]:
+                raise ConfigError(f"option 'scale': {self.scale} disagrees with --task {self.task}")
+            self.task = UPSCALE_TASKS[self.scale]
         storage.check_separate(
             self.output,
             {"input": self.input, "checkpoint": self.checkpoint, "mask": "" if self.mask == "alpha" else self.mask},
         )
-
-
-def output_name(rel: str, fmt: str) -> tuple[str, str]:
-    """The one place that decides an output: (relative output path, Pillow format name).
-
-    ``same`` keeps png/jpg/jpeg/webp; any other input format (tif, bmp, ...) is written as PNG
-    and named ``.png``, so a file's name always matches its bytes.
-    """
-    head, _, base = rel.rpartition("/")
-    stem, dot, ext = base.rpartition(".")
-    if not dot:
-        stem, ext = base, ""
-    ext = ext.lower()
-    out_ext = _SAME_EXT.get(ext, "png") if fmt == "same" else fmt
-    name = f"{stem}.{out_ext}"
-    return (f"{head}/{name}" if head else name), _PIL_FORMAT["jpg" if out_ext == "jpeg" else out_ext]
 
 
 def _is_shards(cfg: RestoreConfig) -> bool:
@@ -224,130 +203,6 @@ def read_shard(row: dict[str, Any], cfg: RestoreConfig, existing: frozenset) -> 
     except OSError as exc:
         rows.append({"rel": folder, "data": b"", "error": f"unreadable: {type(exc).__name__}"})
     return rows
-
-
-# --------------------------------------------------------------------------- actor stage
-
-
-class RestoreActor:
-    """Loads the checkpoint once per actor; restores and writes each image of a batch."""
-
-    def __init__(self, cfg: RestoreConfig, task: str):
-        import torch
-
-        from pipeline.restoration import backends
-
-        torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
-        self.cfg, self.task = cfg, task
-        self.restorer = backends.load(cfg.checkpoint, task, cfg.settings, cfg.storage.options, prompt=cfg.prompt)
-        self.actor_id = f"{os.getpid()}-{id(self)}"  # the report lists the actors (one model load each)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        t0 = time.perf_counter()
-        rels = [str(r) for r in batch["rel"]]
-        status, reason, detail = ["written"] * len(rels), [""] * len(rels), [""] * len(rels)
-        loaded: dict[int, tuple] = {}  # index -> (decoded image, mask)
-        for i, (rel, data, err) in enumerate(zip(rels, batch["data"], batch["error"])):
-            if err == EXISTS:
-                status[i] = "skipped"
-            elif err:
-                status[i], reason[i] = "error", str(err)
-            elif not storage.safe_relpath(rel):
-                status[i], reason[i] = "error", "unsafe_path"
-            else:
-                self._guard(
-                    i,
-                    status,
-                    reason,
-                    detail,
-                    lambda i=i, data=data: loaded.__setitem__(i, self._load(rels[i], bytes(data))),
-                )
-        # same-size images go through the model together; a failing group is retried one by one
-        outputs: dict[int, Any] = {}
-        plain = [i for i in loaded if loaded[i][1] is None]
-        if plain:
-            with contextlib.suppress(Exception):  # a failing group: the images are isolated one by one below
-                outputs.update(zip(plain, self.restorer.restore_many([imaging.to_rgb(loaded[i][0]) for i in plain])))
-        for i in loaded:
-            if i not in outputs:
-                im, mask = loaded[i]
-                self._guard(
-                    i,
-                    status,
-                    reason,
-                    detail,
-                    lambda i=i, im=im, mask=mask: outputs.__setitem__(
-                        i, self.restorer.restore(imaging.to_rgb(im), mask)
-                    ),
-                )
-        for i in outputs:
-            self._guard(i, status, reason, detail, lambda i=i: self._write(rels[i], loaded[i][0], outputs[i]))
-        seconds = (time.perf_counter() - t0) / max(1, len(rels))
-        return {
-            "rel": rels,
-            "status": status,
-            "reason": reason,
-            "detail": detail,
-            "seconds": [seconds] * len(rels),
-            "actor": [self.actor_id] * len(rels),
-        }
-
-    @staticmethod
-    def _guard(i: int, status: list, reason: list, detail: list, fn) -> None:
-        """Run ``fn``; a failure marks image ``i`` as an error row instead of failing the job."""
-        try:
-            fn()
-        except imaging.BadImage as exc:
-            status[i], reason[i], detail[i] = "error", exc.reason, str(exc)
-        except OSError as exc:  # a write that failed: disk full, permission, ...
-            status[i], reason[i], detail[i] = (
-                "error",
-                NO_SPACE if exc.errno == errno.ENOSPC else "write_failed",
-                storage.redact(f"{type(exc).__name__}: {exc}")[:200],
-            )
-        except Exception as exc:  # noqa: BLE001 - one bad image never fails the job
-            status[i], reason[i], detail[i] = "error", "restore_failed", f"{type(exc).__name__}: {str(exc)[:200]}"
-
-    def _mask(self, rel: str, im) -> Any:
-        cfg = self.cfg
-        if self.task != INPAINT:
-            return None
-        if cfg.mask == "alpha" or not cfg.mask:
-            alpha = imaging.split_alpha(im)
-            if alpha is None:
-                raise imaging.BadImage("no_mask", "input has no alpha channel to use as the mask")
-            return alpha.point(lambda a: 255 if a < 128 else 0)  # transparent = fill
-        stem = rel.rsplit(".", 1)[0]
-        for cand in (rel, stem + ".png"):
-            url = storage.join(cfg.mask, cand)
-            if storage.exists(url, cfg.storage.options):
-                return imaging.decode(storage.read_bytes(url, cfg.storage.options), cfg.max_pixels)
-        raise imaging.BadImage("no_mask", f"no mask for {rel} under {storage.redact(cfg.mask)}")
-
-    def _load(self, rel: str, data: bytes) -> tuple:
-        im = imaging.decode(data, self.cfg.max_pixels)
-        return im, self._mask(rel, im)
-
-    def _write(self, rel: str, im, out) -> None:
-        """Carry alpha and grey over from the input ``im`` and write the restored ``out``."""
-        from PIL import Image
-
-        cfg = self.cfg
-        out_rel, fmt = output_name(rel, cfg.format)
-        alpha = imaging.split_alpha(im) if self.task != INPAINT else None
-        if im.mode in imaging.GREY_MODES or im.mode == "LA":
-            out = out.convert("L")
-        if alpha is not None and fmt != "JPEG":
-            out = out.convert("LA" if out.mode == "L" else "RGBA")
-            out.putalpha(alpha.resize(out.size, Image.Resampling.LANCZOS))
-        buf = io.BytesIO()
-        out.save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-        storage.write_bytes(storage.join(cfg.output, out_rel), buf.getvalue(), cfg.storage.options)
-
-    def restore_one(self, rel: str, data: bytes) -> None:
-        """Decode, restore and write one image (the unbatched path, used by bench/restore.py)."""
-        im, mask = self._load(rel, data)
-        self._write(rel, im, self.restorer.restore(imaging.to_rgb(im), mask))
 
 
 # --------------------------------------------------------------------------- driver
