@@ -88,18 +88,9 @@ def _loss_summary(run: str) -> list:
     ]
 
 
-def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total_seconds: float) -> str:
-    ev = storage.read_json(os.path.join(p["eval"], "eval.json"))
-    restore_report = storage.read_json(os.path.join(p["restored"], "_report.json"))
-    shards_index = storage.read_json(os.path.join(p["image-shards"], "_index.json"))
-    man = storage.read_json(os.path.join(p["latents"], "_manifest.json"))
-    cap_man = storage.read_json(os.path.join(p["captioned-latents"], "_manifest.json"))
-    t2i = storage.read_json(storage.join(latest_checkpoint(p["diffusion"]), "config.json"))
-    vae_cfg = storage.read_json(storage.join(latest_checkpoint(p["vae"]), "config.json"))
-    recon_sheet, recon_scores = _reconstructions(p["vae"], p["heldout"])
+def _page_head(stages: dict[str, dict], total_seconds: float) -> list[str]:
     stage_seconds = sum(s["seconds"] for s in stages.values())
-
-    parts = [
+    return [
         "<!doctype html><html><head><meta charset='utf-8'><title>latent-pipeline demo report</title><style>",
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
@@ -110,58 +101,59 @@ def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total
         f"total ({total_seconds:.0f} s in the last invocation).</p>",
     ]
 
-    parts.append("<h2 id='timing'>Time and throughput per stage</h2>")
-    parts.append(
-        _table(
-            ["stage", "seconds", "items", "throughput"],
-            [
-                [k, v["seconds"], v.get("items") or "-", f"{v['rate']} {v.get('unit', '')}/s" if v.get("rate") else "-"]
-                for k, v in stages.items()
-            ],
-        )
-    )
 
-    parts.append("<h2 id='data'>Data</h2>")
-    st, lt = shards_index["totals"], man["totals"]
-    parts.append(
+def _timing_section(stages: dict[str, dict]) -> list[str]:
+    rows = [
+        [k, v["seconds"], v.get("items") or "-", f"{v['rate']} {v.get('unit', '')}/s" if v.get("rate") else "-"]
+        for k, v in stages.items()
+    ]
+    return [
+        "<h2 id='timing'>Time and throughput per stage</h2>",
+        _table(["stage", "seconds", "items", "throughput"], rows),
+    ]
+
+
+def _totals_row(dataset: str, index: dict) -> list:
+    """Seen, written, skipped and shard counts of a shard index or a latent manifest."""
+    t = index["totals"]
+    return [dataset, t["seen"], t["written"], sum(t["skipped"].values()), len(index["shards"])]
+
+
+def _data_section(p: dict[str, str]) -> list[str]:
+    shards_index = storage.read_json(os.path.join(p["image-shards"], "_index.json"))
+    man = storage.read_json(os.path.join(p["latents"], "_manifest.json"))
+    cap_man = storage.read_json(os.path.join(p["captioned-latents"], "_manifest.json"))
+    te = cap_man["text_encoders"][0]
+    return [
+        "<h2 id='data'>Data</h2>",
         _table(
             ["dataset", "seen", "written", "skipped", "shards"],
             [
-                ["image shards", st["seen"], st["written"], sum(st["skipped"].values()), len(shards_index["shards"])],
-                ["latent shards", lt["seen"], lt["written"], sum(lt["skipped"].values()), len(man["shards"])],
-                [
-                    "captioned latent shards (buckets)",
-                    cap_man["totals"]["seen"],
-                    cap_man["totals"]["written"],
-                    sum(cap_man["totals"]["skipped"].values()),
-                    len(cap_man["shards"]),
-                ],
+                _totals_row("image shards", shards_index),
+                _totals_row("latent shards", man),
+                _totals_row("captioned latent shards (buckets)", cap_man),
             ],
-        )
-    )
-    parts.append(
+        ),
         _table(
             ["bucket (w x h px)", "latent shape", "samples"],
             [[f"{b['size'][0]} x {b['size'][1]}", str(b["latent_shape"]), b["samples"]] for b in cap_man["buckets"]],
-        )
-    )
-    te = cap_man["text_encoders"][0]
-    parts.append(
+        ),
         f"<p>Captioned latents: one bucket per aspect ratio, flipped latents stored too; caption embeddings "
         f"from text encoder <code>{te['name']}</code> ({te['identity']['model_type']}, width "
         f"{te['identity']['width']}, up to {te['identity']['max_tokens']} tokens, padding stripped). The demo's "
         "text encoder is a <b>tiny random-weight stand-in</b> built offline (CLIP architecture, a word-level "
         "tokenizer trained on the demo's captions): it tells the captions apart but knows no meaning. With a "
-        "real CLIP or T5 folder the same commands apply (README).</p>"
-    )
-    parts.append(
+        "real CLIP or T5 folder the same commands apply (README).</p>",
         f"<p>Latents {man['latent_shape']} ({man['latent_dtype']}), scale {man['scale']:.4f}, "
-        f"task views {man['tasks']}.</p>"
-    )
+        f"task views {man['tasks']}.</p>",
+    ]
 
-    parts.append("<h2 id='autoencoder'>Autoencoder</h2>")
-    m = vae_cfg.get("metrics", {})
-    parts.append(
+
+def _autoencoder_section(p: dict[str, str]) -> list[str]:
+    m = storage.read_json(storage.join(latest_checkpoint(p["vae"]), "config.json")).get("metrics", {})
+    recon_sheet, recon_scores = _reconstructions(p["vae"], p["heldout"])
+    return [
+        "<h2 id='autoencoder'>Autoencoder</h2>",
         _table(
             ["held-out images", "PSNR dB (start)", "PSNR dB (trained)", "SSIM (trained)"],
             [
@@ -173,57 +165,62 @@ def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total
                 ],
                 ["held-out photo (128 px, below)", "-", f"{recon_scores['psnr']:.2f}", f"{recon_scores['ssim']:.4f}"],
             ],
-        )
-    )
-    parts.append(
+        ),
         f"<figure>{_img(recon_sheet, 'reconstructions', 768)}<figcaption>Top: held-out photo crops "
-        "(never trained on). Bottom: their reconstructions through the autoencoder.</figcaption></figure>"
-    )
+        "(never trained on). Bottom: their reconstructions through the autoencoder.</figcaption></figure>",
+    ]
 
-    parts.append("<h2 id='samples'>Text-to-image samples</h2>")
+
+def _samples_section(p: dict[str, str]) -> list[str]:
+    t2i = storage.read_json(storage.join(latest_checkpoint(p["diffusion"]), "config.json"))
     mc = t2i["model"]
     with open(p["samples.png"], "rb") as f:
-        parts.append(
-            f"<figure>{_img(f.read(), 'samples', 640)}<figcaption>Samples per prompt (rows) at two aspect "
-            f"ratios (columns: 80x48 and 48x80 px), from a text-conditioned transformer ({mc['arch']}, hidden "
-            f"{mc.get('hidden')}, depth {mc.get('depth')}, patch {mc.get('patch')}; {t2i['step']} steps on the "
-            "bucketed latents, caption dropout 0.1), Heun sampler, classifier-free guidance 3 on the text, "
-            "decoded with the run's autoencoder.</figcaption></figure>"
-        )
+        png = f.read()
+    return [
+        "<h2 id='samples'>Text-to-image samples</h2>",
+        f"<figure>{_img(png, 'samples', 640)}<figcaption>Samples per prompt (rows) at two aspect "
+        f"ratios (columns: 80x48 and 48x80 px), from a text-conditioned transformer ({mc['arch']}, hidden "
+        f"{mc.get('hidden')}, depth {mc.get('depth')}, patch {mc.get('patch')}; {t2i['step']} steps on the "
+        "bucketed latents, caption dropout 0.1), Heun sampler, classifier-free guidance 3 on the text, "
+        "decoded with the run's autoencoder.</figcaption></figure>",
+    ]
 
-    parts.append("<h2 id='upscaling'>Upscaling x4 (held-out photo)</h2>")
-    rows = [[k, f"{v['psnr']:.2f}", f"{v['ssim']:.4f}"] for k, v in ev["scores"].items()]
-    parts.append(_table(["method", "PSNR dB", "SSIM"], rows))
-    parts.append(
+
+def _upscaling_section(p: dict[str, str]) -> list[str]:
+    ev = storage.read_json(os.path.join(p["eval"], "eval.json"))
+    restore_report = storage.read_json(os.path.join(p["restored"], "_report.json"))
+    with open(os.path.join(p["eval"], "side_by_side.png"), "rb") as f:
+        side_by_side = f.read()
+    return [
+        "<h2 id='upscaling'>Upscaling x4 (held-out photo)</h2>",
+        _table(
+            ["method", "PSNR dB", "SSIM"],
+            [[k, f"{v['psnr']:.2f}", f"{v['ssim']:.4f}"] for k, v in ev["scores"].items()],
+        ),
         f"<p>Model at detail gain {ev['gain']} (calibrated on held-out photos at training; the restore job "
         f"uses it too); never below Lanczos per image and at least the back-projection base on average: "
         f"{ev['model_never_below_lanczos']}; the gain these images recommend: {ev['recommended_gain']}. "
         "The autoencoder row is the original passed through the "
-        "autoencoder: the ceiling of a method that decodes whole images.</p>"
-    )
-    parts.append(
+        "autoencoder: the ceiling of a method that decodes whole images.</p>",
         _table(
             ["detail gain", "PSNR dB", "SSIM", "never below Lanczos"],
             [
                 [g, f"{c['psnr']:.2f}", f"{c['ssim']:.4f}", c["never_below_baseline"]]
                 for g, c in ev["calibration"].items()
             ],
-        )
-    )
-    with open(os.path.join(p["eval"], "side_by_side.png"), "rb") as f:
-        parts.append(
-            f"<figure>{_img(f.read(), 'eval side by side', 900)}<figcaption>Per row: low-resolution "
-            "input (nearest), bicubic, Lanczos, model, original.</figcaption></figure>"
-        )
-    parts.append(
+        ),
+        f"<figure>{_img(side_by_side, 'eval side by side', 900)}<figcaption>Per row: low-resolution "
+        "input (nearest), bicubic, Lanczos, model, original.</figcaption></figure>",
         f"<figure>{_img(_before_after(p['lowres'], p['restored']), 'restore job output', 600)}"
         f"<figcaption>The Ray Data restore job's outputs. Per row: input (nearest), bicubic, restored. "
         f"{restore_report['written']} written, {restore_report['errors']} errors, "
-        f"{restore_report['images_per_s']} images/s.</figcaption></figure>"
-    )
+        f"{restore_report['images_per_s']} images/s.</figcaption></figure>",
+    ]
 
-    parts.append("<h2 id='training'>Training</h2>")
-    parts.append(
+
+def _training_section(p: dict[str, str]) -> list[str]:
+    return [
+        "<h2 id='training'>Training</h2>",
         _table(
             ["run", "steps", "loss (first log)", "loss (last log)", "samples/s"],
             [
@@ -231,9 +228,22 @@ def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total
                 ["upscale4 (residual over Lanczos)", *_loss_summary(p["upscale4"])],
                 ["autoencoder", *_loss_summary(p["vae"])],
             ],
-        )
-    )
-    parts.append("</body></html>")
+        ),
+    ]
+
+
+def write_report(workdir: str, p: dict[str, str], stages: dict[str, dict], total_seconds: float) -> str:
+    """Write ``workdir/report.html`` from the demo's outputs (``p``: the path of each) and stage timings."""
+    parts = [
+        *_page_head(stages, total_seconds),
+        *_timing_section(stages),
+        *_data_section(p),
+        *_autoencoder_section(p),
+        *_samples_section(p),
+        *_upscaling_section(p),
+        *_training_section(p),
+        "</body></html>",
+    ]
     out = os.path.join(workdir, "report.html")
     with open(out, "w") as f:
         f.write("\n".join(parts))
