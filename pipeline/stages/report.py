@@ -2,7 +2,8 @@
 
 Sections: timing (seconds and throughput per stage), data (counts, skips), autoencoder
 (held-out reconstructions, PSNR/SSIM), samples, upscaling (before/after next to bicubic and
-Lanczos, the PSNR/SSIM table with the autoencoder ceiling, the restore job's report), training.
+Lanczos, the PSNR/SSIM table with the autoencoder ceiling, the restore job's report), training
+(a loss table, and the loss curve of each training stage, drawn as inline SVG).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import base64
 import html
 import io
 import json
+import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,6 +27,12 @@ from pipeline.models import autoencoder
 from pipeline.models.quality import psnr, ssim
 
 SECTIONS = ("timing", "data", "autoencoder", "samples", "upscaling", "training")
+LOSS_CURVES = (  # (demo stage, its training output in the demo's paths, what it trains)
+    ("train-vae", "vae", "autoencoder"),
+    ("train", "diffusion", "text-to-image transformer"),
+    ("train-refiner", "refiner4", "x4 pixel refiner"),
+    ("train-upscale4", "upscale4", "x4 upscaling diffusion"),
+)
 
 
 def _img(data: bytes | Image.Image, alt: str, width: int | None = None) -> str:
@@ -74,10 +83,26 @@ def _before_after(lowres: str, restored: str) -> Image.Image:
     return sheet
 
 
-def _loss_summary(run: str) -> list:
+def _metric_rows(run: str) -> list[dict] | None:
+    """The rows of a training output's ``metrics.jsonl`` (None when it has none); lines that are
+    not a JSON object are passed over."""
     path = os.path.join(run, "metrics.jsonl")
-    rows = [json.loads(x) for x in open(path) if x.strip()] if os.path.exists(path) else []
-    rows = [r for r in rows if "loss" in r and "samples_per_s" in r]
+    if not os.path.exists(path):
+        return None
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def _loss_summary(run: str) -> list:
+    rows = [r for r in _metric_rows(run) or [] if "loss" in r and "samples_per_s" in r]
     if not rows:
         return ["-", "-", "-", "-"]
     return [
@@ -88,6 +113,98 @@ def _loss_summary(run: str) -> list:
     ]
 
 
+def _number(v: object) -> float | None:
+    """``v`` as a float when it is a finite number (not a bool), else None."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def loss_points(rows: list[dict]) -> list[tuple[float, float]]:
+    """(step, loss) of every row with a finite loss, by step; a step logged twice keeps its last row."""
+    by_step: dict[float, float] = {}
+    for r in rows:
+        step, loss = _number(r.get("step")), _number(r.get("loss"))
+        if step is not None and loss is not None:
+            by_step[step] = loss
+    return sorted(by_step.items())
+
+
+CHART_W, CHART_H = 360, 200
+PLOT = (70, 28, CHART_W - 16, CHART_H - 40)  # left, top, right, bottom of the plot area in the SVG
+
+
+def _scale(lo: float, hi: float, a: float, b: float) -> Callable[[float], float]:
+    """The map of [lo, hi] onto [a, b] (a constant range onto its middle)."""
+    if hi == lo:
+        return lambda v: (a + b) / 2
+    return lambda v: a + (v - lo) / (hi - lo) * (b - a)
+
+
+def _text(x: float, y: float, s: str, anchor: str = "middle", extra: str = "") -> str:
+    return f'<text x="{x:g}" y="{y:g}" text-anchor="{anchor}"{extra}>{html.escape(s)}</text>'
+
+
+def _step_text(step: float) -> str:
+    return f"{step:.0f}" if float(step).is_integer() else f"{step:g}"
+
+
+def _axis_labels(steps: list[float], losses: list[float], log_y: bool) -> str:
+    """Each axis's min and max at its ends (one label in the middle where they are equal), and its title."""
+    left, top, right, bottom = PLOT
+    mid_x, mid_y = (left + right) / 2, (top + bottom) / 2
+    lo, hi = min(losses), max(losses)
+    y_ends = [(bottom, lo), (top + 4, hi)] if hi > lo else [(mid_y + 4, lo)]
+    x_ends = [(left, min(steps)), (right, max(steps))] if max(steps) > min(steps) else [(mid_x, steps[0])]
+    y_title = "loss (log scale)" if log_y else "loss"
+    return "".join(
+        [
+            *(_text(left - 4, y, f"{v:.3g}", "end") for y, v in y_ends),
+            *(_text(x, bottom + 14, _step_text(v)) for x, v in x_ends),
+            _text(12, mid_y, y_title, extra=f' transform="rotate(-90 12 {mid_y:g})"'),
+            _text(mid_x, bottom + 28, "step"),
+        ]
+    )
+
+
+def loss_svg(points: list[tuple[float, float]], title: str) -> str:
+    """An inline SVG line chart of (step, loss) ``points`` (at least one, by step), y on a log scale
+    when every loss is positive and they span more than a factor of 3."""
+    steps, losses = [x for x, _ in points], [y for _, y in points]
+    log_y = min(losses) > 0 and max(losses) > 3 * min(losses)
+    ys = [math.log10(v) for v in losses] if log_y else losses
+    left, top, right, bottom = PLOT
+    sx, sy = _scale(min(steps), max(steps), left, right), _scale(min(ys), max(ys), bottom, top)
+    xy = [(sx(x), sy(y)) for x, y in zip(steps, ys)]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2"/>' for x, y in xy) if len(xy) <= 40 else ""
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="loss-curve" width="{CHART_W}" height="{CHART_H}" '
+        f'viewBox="0 0 {CHART_W} {CHART_H}" font-family="sans-serif" font-size="11" role="img">'
+        f"<title>{html.escape(title)}: loss by step</title>"
+        + _text(CHART_W / 2, 14, title, extra=' font-size="12"')
+        + f'<path d="M{left},{top} V{bottom} H{right}" fill="none" stroke="#888"/>'
+        + _axis_labels(steps, losses, log_y)
+        + f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>'
+        f'<g fill="#1f77b4">{dots}</g></svg>'
+    )
+
+
+def loss_curve(run: str, title: str) -> str:
+    """The loss chart of the training output ``run`` (its ``metrics.jsonl``), or a short note saying
+    why there is none."""
+    rows = _metric_rows(run)
+    points = loss_points(rows or [])
+    if not points:
+        why = "no metrics.jsonl" if rows is None else "no loss logged in its metrics.jsonl"
+        return f"<p class='note'>{html.escape(title)}: {why}.</p>"
+    first, last = points[0][1], points[-1][1]
+    return (
+        f"<figure>{loss_svg(points, title)}<figcaption>{len(points)} logs, loss {first:.4g} at step "
+        f"{points[0][0]:g} to {last:.4g} at step {points[-1][0]:g}.</figcaption></figure>"
+    )
+
+
 def _page_head(stages: dict[str, dict], total_seconds: float) -> list[str]:
     stage_seconds = sum(s["seconds"] for s in stages.values())
     return [
@@ -95,7 +212,8 @@ def _page_head(stages: dict[str, dict], total_seconds: float) -> list[str]:
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
         "text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:.3em 0}"
-        "figcaption{color:#555;font-size:.9em}</style></head><body>",
+        "figcaption{color:#555;font-size:.9em}.curves{display:flex;flex-wrap:wrap;gap:0 1.5em}"
+        ".curves figure{margin:.3em 0;max-width:360px}.note{color:#555}</style></head><body>",
         "<h1>latent-pipeline: demo report</h1>",
         f"<p>Local Ray, local folders, scikit-image's bundled photos. Stages took {stage_seconds:.0f} s in "
         f"total ({total_seconds:.0f} s in the last invocation).</p>",
@@ -229,6 +347,10 @@ def _training_section(p: dict[str, str]) -> list[str]:
                 ["autoencoder", *_loss_summary(p["vae"])],
             ],
         ),
+        "<h3>Loss curves</h3>",
+        "<div class='curves'>"
+        + "".join(loss_curve(p[out], f"{stage} ({what})") for stage, out, what in LOSS_CURVES)
+        + "</div>",
     ]
 
 
