@@ -18,6 +18,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, ray_cluster, caplog):
         assert f"id='{section}'" in report, section
     assert report.count("data:image/png;base64,") == 4  # self-contained: every figure embedded
     assert 'src="http' not in report and "src='http" not in report
+    # a loss curve (inline SVG) per training stage: train-vae, train, train-refiner, train-upscale4
+    assert report.count('<svg xmlns="http://www.w3.org/2000/svg" class="loss-curve"') == 4
+    assert "no metrics.jsonl" not in report and "no loss logged" not in report
     stages = json.loads((wd / "stages.json").read_text())
     assert set(stages) == {
         "photos",

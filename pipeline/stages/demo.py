@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,275 +138,324 @@ def _checkpoint_step(url: str) -> int:
         return 0
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    t_start = time.time()
-    b = QUICK if cfg.quick else FULL
-    wd = os.path.abspath(cfg.workdir)
-    p = {
-        name: os.path.join(wd, name)
-        for name in (
-            "photos",
-            "heldout",
-            "calibration",
-            "lowres",
-            "image-shards",
-            "vae",
-            "latents",
-            "diffusion",
-            "upscale4",
-            "refiner-photos",
-            "refiner-shards",
-            "heldout-shards",
-            "refiner4",
-            "samples.png",
-            "eval",
-            "restored",
-            "captioned",
-            "captioned-shards",
-            "text-encoder",
-            "captioned-latents",
-        )
-    }
-    stages: dict[str, dict] = {}
-    state_file = os.path.join(wd, "stages.json")
-    if os.path.exists(state_file):
-        stages = json.load(open(state_file))
+PATHS = (  # the artefacts of a demo, each at workdir/NAME
+    "photos",
+    "heldout",
+    "calibration",
+    "lowres",
+    "image-shards",
+    "vae",
+    "latents",
+    "diffusion",
+    "upscale4",
+    "refiner-photos",
+    "refiner-shards",
+    "heldout-shards",
+    "refiner4",
+    "samples.png",
+    "eval",
+    "restored",
+    "captioned",
+    "captioned-shards",
+    "text-encoder",
+    "captioned-latents",
+)
 
-    def stage(name: str, done: bool, fn, items: int | None = None, unit: str = "") -> None:
-        if done and name in stages:
-            log.info(f"[demo] {name}: already done ({stages[name]['seconds']}s earlier), skipped")
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One demo invocation: its config, its budget and the path of each artefact (``p[name]``)."""
+
+    cfg: DemoConfig
+    b: Budget
+    p: dict[str, str]
+
+    @property
+    def common(self) -> dict[str, Any]:
+        """The settings every Ray Train stage shares."""
+        return {"workers": 2, "ray": self.cfg.ray, "log_every": 10 if self.cfg.quick else 50}
+
+    def shard_glob(self, name: str) -> str:
+        return storage.join(self.p[name], "shard-*.tar")
+
+
+def _schedule(steps: int, batch_size: int, lr: float) -> dict[str, Any]:
+    """A training run's length and schedule: a short warm-up, three checkpoints."""
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup_steps": min(50, steps // 4),
+        "checkpoint_every": max(10, steps // 3),
+    }
+
+
+def _n_crops(b: Budget) -> int:
+    return b.crops_per_photo * len(sample_photos.PHOTOS)
+
+
+def _n_captioned(b: Budget) -> int:
+    return b.captioned_per_photo * len(sample_photos.PHOTOS)
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def make_photos(d: DemoRun) -> None:
+    """Crops of the bundled photos for each training, the held-out photos and their degraded copies."""
+    from PIL import Image
+
+    p, b = d.p, d.b
+    sample_photos.write_crops(p["photos"], per_photo=b.crops_per_photo)
+    # the x4 refiner learns pixel detail: crops at (up to) the photos' own scale, all PNG; a
+    # refiner trained on crops of the photos brought down to 256 px over-sharpens whole photos
+    sample_photos.write_crops(
+        p["refiner-photos"], crop=192, per_photo=b.refiner_crops_per_photo, seed=4, short_side=512, png_every=1
+    )
+    sample_photos.write_captioned_crops(p["captioned"], CAPTIONED_SIZES, per_photo=b.captioned_per_photo)
+    held = sample_photos.write_held_out(p["heldout"], size=128, count=b.heldout)
+    # to calibrate the x4 model's gain on: other crops of the held-out photo and of 3 other photos
+    sample_photos.write_calibration(p["calibration"], size=128, count=b.heldout, seed=2)
+    os.makedirs(p["lowres"], exist_ok=True)
+    for path in held:  # the degraded inputs a user would bring to `restore`
+        name = os.path.basename(path)
+        degrade.degrade("upscale4", Image.open(path), degrade.seed_for(name)).save(os.path.join(p["lowres"], name))
+    open(p["photos"] + ".done", "w").close()  # beside the folder: inside, it would be an input
+
+
+def make_image_shards(d: DemoRun) -> None:
+    run_shards(ShardsConfig(src=d.p["photos"], out=d.p["image-shards"], samples_per_shard=48, class_from="folder"))
+
+
+def train_autoencoder(d: DemoRun) -> None:
+    run_train_vae(
+        VAETrainConfig(
+            images=d.shard_glob("image-shards"),
+            output=d.p["vae"],
+            resolution=64,
+            eval_images=24,
+            **_schedule(d.b.vae_steps, batch_size=16, lr=2e-3),
+            **d.common,
+        )
+    )
+
+
+def _encode(d: DemoRun, shards: str, output: str, **extra: Any) -> None:
+    """Encode the shards ``shards`` into ``output`` with the demo's autoencoder, at 64 px."""
+    run_encode(
+        EncodeConfig(
+            input=d.shard_glob(shards), output=d.p[output], vae=d.p["vae"], resolution=64, ray=d.cfg.ray, **extra
+        )
+    )
+
+
+def encode_latents(d: DemoRun) -> None:
+    _encode(d, "image-shards", "latents", tasks=["upscale4"])
+
+
+def build_text_encoder(d: DemoRun) -> None:
+    text.build_stand_in(d.p["text-encoder"], list(sample_photos.CAPTIONS.values()), kind="clip", width=64)
+
+
+def make_captioned_shards(d: DemoRun) -> None:
+    run_shards(ShardsConfig(src=d.p["captioned"], out=d.p["captioned-shards"], samples_per_shard=48))
+
+
+def encode_captioned(d: DemoRun) -> None:
+    _encode(
+        d,
+        "captioned-shards",
+        "captioned-latents",
+        buckets="auto",  # 64x64, 80x48 and 48x80 at area 64^2, multiple 16, aspect <= 2
+        bucket_multiple=16,
+        max_aspect=2.0,
+        flip=True,
+        text_encoder=[d.p["text-encoder"]],
+    )
+
+
+def train_text_to_image(d: DemoRun) -> None:
+    run_train(
+        TrainConfig(
+            latents=d.p["captioned-latents"],
+            output=d.p["diffusion"],
+            model=T2I_MODEL,
+            flip_prob=0.5,
+            caption_dropout=0.1,
+            sample_steps=d.b.sample_steps,
+            **_schedule(d.b.diffusion_steps, batch_size=32, lr=1e-3),
+            **d.common,
+        )
+    )
+
+
+def make_refiner_shards(d: DemoRun) -> None:
+    run_shards(ShardsConfig(src=d.p["refiner-photos"], out=d.p["refiner-shards"], samples_per_shard=64))
+    run_shards(ShardsConfig(src=d.p["heldout"], out=d.p["heldout-shards"], samples_per_shard=64))
+
+
+def train_refiner4(d: DemoRun) -> None:
+    run_train_refiner(
+        RefinerTrainConfig(
+            task="upscale4",
+            images=d.shard_glob("refiner-shards"),
+            heldout=d.shard_glob("heldout-shards"),
+            output=d.p["refiner4"],
+            steps=d.b.refiner_steps,
+            checkpoint_every=max(10, d.b.refiner_steps // 2),
+            eval_images=d.b.heldout,
+            workers=1,
+            cpus_per_worker=2.0,  # one rank with both cores: the batch is small
+            ray=d.cfg.ray,
+            log_every=d.common["log_every"],
+        )
+    )
+
+
+def train_upscale4(d: DemoRun) -> None:
+    run_train(
+        TrainConfig(
+            latents=d.p["latents"],
+            output=d.p["upscale4"],
+            task="upscale4",
+            calibration_images=d.p["calibration"],  # the detail gain restore then uses by default
+            refiner=d.p["refiner4"],  # carried in the checkpoint: restore's fidelity mode uses it
+            **_schedule(d.b.task_steps, batch_size=32, lr=1e-3),
+            **d.common,
+        )
+    )
+
+
+def sample_prompts(d: DemoRun) -> None:
+    prompt_sheet(d.p["diffusion"], d.p["samples.png"], d.b.sample_steps, d.cfg.workdir)
+
+
+def evaluate_upscale4(d: DemoRun) -> None:
+    evaluate(
+        EvalConfig(
+            task="upscale4",
+            checkpoint=d.p["upscale4"],
+            images=d.p["heldout"],
+            out=d.p["eval"],
+            settings=RestoreSettings(steps=d.b.restore_steps),
+        )
+    )
+
+
+def restore_lowres(d: DemoRun) -> None:
+    run_restore(
+        RestoreConfig(
+            input=d.p["lowres"],
+            output=d.p["restored"],
+            checkpoint=d.p["upscale4"],
+            task="upscale4",
+            cpus_per_actor=0.75,
+            ray=d.cfg.ray,
+            settings=RestoreSettings(steps=d.b.restore_steps),  # the gain calibrated at training
+        )
+    )
+
+
+# --------------------------------------------------------------------------- the table of stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A demo stage: whether its output is complete, how to make it, and what it processes."""
+
+    name: str
+    done: Callable[[DemoRun], bool]
+    run: Callable[[DemoRun], None]
+    items: Callable[[Budget], int] | None = None
+    unit: str = ""
+
+
+def _has(name: str, *inside: str) -> Callable[[DemoRun], bool]:
+    """Done when the artefact ``name`` (or a file inside it) exists."""
+    return lambda d: os.path.exists(os.path.join(d.p[name], *inside))
+
+
+def _training(
+    name: str, output: str, steps: Callable[[Budget], int], run: Callable[[DemoRun], None], per_step: int
+) -> Stage:
+    """A Ray Train stage: done when ``output`` has a checkpoint at the budget's ``steps``; its items
+    are the samples it trains on (``per_step`` a step)."""
+    return Stage(
+        name, lambda d: _checkpoint_step(d.p[output]) >= steps(d.b), run, lambda b: steps(b) * per_step, "samples"
+    )
+
+
+def _images(
+    name: str, done: Callable[[DemoRun], bool], run: Callable[[DemoRun], None], count: Callable[[Budget], int]
+) -> Stage:
+    """A stage over ``count`` images."""
+    return Stage(name, done, run, count, "images")
+
+
+STAGES = (
+    _images("photos", lambda d: os.path.exists(d.p["photos"] + ".done"), make_photos, _n_crops),
+    _images("shards", _has("image-shards", "_index.json"), make_image_shards, _n_crops),
+    _training("train-vae", "vae", lambda b: b.vae_steps, train_autoencoder, 16 * 2),
+    _images("encode", _has("latents", MANIFEST_NAME), encode_latents, _n_crops),
+    Stage("text-encoder", _has("text-encoder", "config.json"), build_text_encoder),
+    _images("shards-captioned", _has("captioned-shards", "_index.json"), make_captioned_shards, _n_captioned),
+    _images("encode-captioned", _has("captioned-latents", MANIFEST_NAME), encode_captioned, _n_captioned),
+    _training("train", "diffusion", lambda b: b.diffusion_steps, train_text_to_image, 32 * 2),
+    _images(
+        "shards-refiner",
+        _has("heldout-shards", "_index.json"),
+        make_refiner_shards,
+        lambda b: b.refiner_crops_per_photo * len(sample_photos.PHOTOS) + b.heldout,
+    ),
+    _training("train-refiner", "refiner4", lambda b: b.refiner_steps, train_refiner4, 16),
+    _training("train-upscale4", "upscale4", lambda b: b.task_steps, train_upscale4, 32 * 2),
+    _images("sample", _has("samples.png"), sample_prompts, lambda b: len(DEMO_PROMPTS) * 2 * len(SAMPLE_SIZES)),
+    _images("eval", _has("eval", "eval.json"), evaluate_upscale4, lambda b: b.heldout),
+    _images("restore", _has("restored", "_report.json"), restore_lowres, lambda b: b.heldout),
+)
+
+
+class StageLog:
+    """``stages.json`` in the workdir: seconds, items and rate of each stage done, across invocations."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, "stages.json")
+        self.stages: dict[str, dict] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.stages = json.load(f)
+
+    def run(self, stage: Stage, d: DemoRun) -> None:
+        """Run ``stage`` unless its output is complete and it is recorded as done; record its time."""
+        done = stage.done(d)
+        if done and stage.name in self.stages:
+            log.info(f"[demo] {stage.name}: already done ({self.stages[stage.name]['seconds']}s earlier), skipped")
             return
-        log.info(f"[demo] === {name} ===")
+        log.info(f"[demo] === {stage.name} ===")
+        items = stage.items(d.b) if stage.items else None
         t0 = time.time()
-        fn()
+        stage.run(d)
         secs = round(time.time() - t0, 2)
-        stages[name] = {
+        self.stages[stage.name] = {
             "seconds": secs,
             "items": items,
-            "unit": unit,
+            "unit": stage.unit,
             "rate": round(items / secs, 2) if items and secs else None,
         }
-        os.makedirs(wd, exist_ok=True)
-        with open(state_file, "w") as f:
-            json.dump(stages, f, indent=2)
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(self.path, "w") as f:
+            json.dump(self.stages, f, indent=2)
 
-    def photos() -> None:
-        sample_photos.write_crops(p["photos"], per_photo=b.crops_per_photo)
-        # the x4 refiner learns pixel detail: crops at (up to) the photos' own scale, all PNG; a
-        # refiner trained on crops of the photos brought down to 256 px over-sharpens whole photos
-        sample_photos.write_crops(
-            p["refiner-photos"], crop=192, per_photo=b.refiner_crops_per_photo, seed=4, short_side=512, png_every=1
-        )
-        sample_photos.write_captioned_crops(p["captioned"], CAPTIONED_SIZES, per_photo=b.captioned_per_photo)
-        held = sample_photos.write_held_out(p["heldout"], size=128, count=b.heldout)
-        # to calibrate the x4 model's gain on: other crops of the held-out photo and of 3 other photos
-        sample_photos.write_calibration(p["calibration"], size=128, count=b.heldout, seed=2)
-        os.makedirs(p["lowres"], exist_ok=True)
-        for path in held:  # the degraded inputs a user would bring to `restore`
-            name = os.path.basename(path)
-            from PIL import Image
 
-            degrade.degrade("upscale4", Image.open(path), degrade.seed_for(name)).save(os.path.join(p["lowres"], name))
-        open(p["photos"] + ".done", "w").close()  # beside the folder: inside, it would be an input
-
-    n_crops = b.crops_per_photo * len(sample_photos.PHOTOS)
-    stage("photos", os.path.exists(p["photos"] + ".done"), photos, n_crops, "images")
-    stage(
-        "shards",
-        os.path.exists(os.path.join(p["image-shards"], "_index.json")),
-        lambda: run_shards(
-            ShardsConfig(src=p["photos"], out=p["image-shards"], samples_per_shard=48, class_from="folder")
-        ),
-        n_crops,
-        "images",
-    )
-    common: dict[str, Any] = {"workers": 2, "ray": cfg.ray, "log_every": 10 if cfg.quick else 50}
-    stage(
-        "train-vae",
-        _checkpoint_step(p["vae"]) >= b.vae_steps,
-        lambda: run_train_vae(
-            VAETrainConfig(
-                images=storage.join(p["image-shards"], "shard-*.tar"),
-                output=p["vae"],
-                steps=b.vae_steps,
-                batch_size=16,
-                resolution=64,
-                lr=2e-3,
-                warmup_steps=min(50, b.vae_steps // 4),
-                checkpoint_every=max(10, b.vae_steps // 3),
-                eval_images=24,
-                **common,
-            )
-        ),
-        b.vae_steps * 16 * 2,
-        "samples",
-    )
-    stage(
-        "encode",
-        os.path.exists(os.path.join(p["latents"], MANIFEST_NAME)),
-        lambda: run_encode(
-            EncodeConfig(
-                input=storage.join(p["image-shards"], "shard-*.tar"),
-                output=p["latents"],
-                vae=p["vae"],
-                resolution=64,
-                tasks=["upscale4"],
-                ray=cfg.ray,
-            )
-        ),
-        n_crops,
-        "images",
-    )
-    stage(
-        "text-encoder",
-        os.path.exists(os.path.join(p["text-encoder"], "config.json")),
-        lambda: text.build_stand_in(p["text-encoder"], list(sample_photos.CAPTIONS.values()), kind="clip", width=64),
-    )
-    n_captioned = b.captioned_per_photo * len(sample_photos.PHOTOS)
-    stage(
-        "shards-captioned",
-        os.path.exists(os.path.join(p["captioned-shards"], "_index.json")),
-        lambda: run_shards(ShardsConfig(src=p["captioned"], out=p["captioned-shards"], samples_per_shard=48)),
-        n_captioned,
-        "images",
-    )
-    stage(
-        "encode-captioned",
-        os.path.exists(os.path.join(p["captioned-latents"], MANIFEST_NAME)),
-        lambda: run_encode(
-            EncodeConfig(
-                input=storage.join(p["captioned-shards"], "shard-*.tar"),
-                output=p["captioned-latents"],
-                vae=p["vae"],
-                resolution=64,
-                buckets="auto",  # 64x64, 80x48 and 48x80 at area 64^2, multiple 16, aspect <= 2
-                bucket_multiple=16,
-                max_aspect=2.0,
-                flip=True,
-                text_encoder=[p["text-encoder"]],
-                ray=cfg.ray,
-            )
-        ),
-        n_captioned,
-        "images",
-    )
-    stage(
-        "train",
-        _checkpoint_step(p["diffusion"]) >= b.diffusion_steps,
-        lambda: run_train(
-            TrainConfig(
-                latents=p["captioned-latents"],
-                output=p["diffusion"],
-                model=T2I_MODEL,
-                steps=b.diffusion_steps,
-                batch_size=32,
-                lr=1e-3,
-                warmup_steps=min(50, b.diffusion_steps // 4),
-                checkpoint_every=max(10, b.diffusion_steps // 3),
-                flip_prob=0.5,
-                caption_dropout=0.1,
-                sample_steps=b.sample_steps,
-                **common,
-            )
-        ),
-        b.diffusion_steps * 32 * 2,
-        "samples",
-    )
-
-    def refiner_shards() -> None:
-        run_shards(ShardsConfig(src=p["refiner-photos"], out=p["refiner-shards"], samples_per_shard=64))
-        run_shards(ShardsConfig(src=p["heldout"], out=p["heldout-shards"], samples_per_shard=64))
-
-    stage(
-        "shards-refiner",
-        os.path.exists(os.path.join(p["heldout-shards"], "_index.json")),
-        refiner_shards,
-        b.refiner_crops_per_photo * len(sample_photos.PHOTOS) + b.heldout,
-        "images",
-    )
-    stage(
-        "train-refiner",
-        _checkpoint_step(p["refiner4"]) >= b.refiner_steps,
-        lambda: run_train_refiner(
-            RefinerTrainConfig(
-                task="upscale4",
-                images=storage.join(p["refiner-shards"], "shard-*.tar"),
-                heldout=storage.join(p["heldout-shards"], "shard-*.tar"),
-                output=p["refiner4"],
-                steps=b.refiner_steps,
-                checkpoint_every=max(10, b.refiner_steps // 2),
-                eval_images=b.heldout,
-                workers=1,
-                cpus_per_worker=2.0,  # one rank with both cores: the batch is small
-                ray=cfg.ray,
-                log_every=common["log_every"],
-            )
-        ),
-        b.refiner_steps * 16,
-        "samples",
-    )
-    stage(
-        "train-upscale4",
-        _checkpoint_step(p["upscale4"]) >= b.task_steps,
-        lambda: run_train(
-            TrainConfig(
-                latents=p["latents"],
-                output=p["upscale4"],
-                task="upscale4",
-                steps=b.task_steps,
-                batch_size=32,
-                lr=1e-3,
-                warmup_steps=min(50, b.task_steps // 4),
-                checkpoint_every=max(10, b.task_steps // 3),
-                calibration_images=p["calibration"],  # the detail gain restore then uses by default
-                refiner=p["refiner4"],  # carried in the checkpoint: restore's fidelity mode uses it
-                **common,
-            )
-        ),
-        b.task_steps * 32 * 2,
-        "samples",
-    )
-    stage(
-        "sample",
-        os.path.exists(p["samples.png"]),
-        lambda: prompt_sheet(p["diffusion"], p["samples.png"], b.sample_steps, cfg.workdir),
-        len(DEMO_PROMPTS) * 2 * len(SAMPLE_SIZES),
-        "images",
-    )
-    result: dict = {}
-
-    def do_eval() -> None:
-        result.update(
-            evaluate(
-                EvalConfig(
-                    task="upscale4",
-                    checkpoint=p["upscale4"],
-                    images=p["heldout"],
-                    out=p["eval"],
-                    settings=RestoreSettings(steps=b.restore_steps),
-                )
-            )
-        )
-
-    stage("eval", os.path.exists(os.path.join(p["eval"], "eval.json")), do_eval, b.heldout, "images")
-    ev = storage.read_json(os.path.join(p["eval"], "eval.json"))
-    stage(
-        "restore",
-        os.path.exists(os.path.join(p["restored"], "_report.json")),
-        lambda: run_restore(
-            RestoreConfig(
-                input=p["lowres"],
-                output=p["restored"],
-                checkpoint=p["upscale4"],
-                task="upscale4",
-                cpus_per_actor=0.75,
-                ray=cfg.ray,
-                settings=RestoreSettings(steps=b.restore_steps),  # the gain calibrated at training
-            )
-        ),
-        b.heldout,
-        "images",
-    )
-    report = write_report(wd, p, stages, total_seconds=round(time.time() - t_start, 1))
+def run_demo(cfg: DemoConfig) -> dict:
+    t_start = time.time()
+    wd = os.path.abspath(cfg.workdir)
+    d = DemoRun(cfg, QUICK if cfg.quick else FULL, {name: os.path.join(wd, name) for name in PATHS})
+    stage_log = StageLog(wd)
+    for stage in STAGES:
+        stage_log.run(stage, d)
+    ev = storage.read_json(os.path.join(d.p["eval"], "eval.json"))
+    report = write_report(wd, d.p, stage_log.stages, total_seconds=round(time.time() - t_start, 1))
     log.info(f"[demo] finished in {time.time() - t_start:.0f}s; report: {report}")
-    return {"report": report, "stages": stages, "eval": ev}
+    return {"report": report, "stages": stage_log.stages, "eval": ev}
