@@ -13,7 +13,9 @@ task checkpoint trained with ``--refiner`` its pixel refiner under ``refiner/``.
 ``config.json`` is written by :func:`save` and read by :func:`read_info` only, and carries a
 format version that is checked on load. Nothing here unpickles: tensors are read with
 safetensors, everything else is JSON. A checkpoint directory can live on local disk or object
-storage; remote ones are copied to a private local cache.
+storage; remote ones are copied to a private local cache. Every file read lies inside the
+checkpoint (:mod:`pipeline.io.folders`): a file or part (``vae/``, ``refiner/``) that is a link
+leaving it is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CheckpointError
-from pipeline.io import storage
+from pipeline.io import folders, storage
 
 FORMAT = "latent-pipeline-checkpoint/2"
 CONFIG_NAME = "config.json"
@@ -109,19 +111,29 @@ def save(local_dir: str, info: CheckpointInfo, tensors: dict[str, dict[str, torc
         f.write(info.to_json())
 
 
+def _path(local_dir: str, name: str, where: str = "") -> str:
+    """``local_dir/name``, refused when it is a link leaving ``local_dir`` (missing: as it is)."""
+    return folders.file(local_dir, name, where) if folders.has(local_dir, name) else os.path.join(local_dir, name)
+
+
+def part(local_dir: str, name: str, where: str = "") -> str:
+    """The folder of a checkpoint's part (:data:`VAE_DIR`, :data:`REFINER_DIR`), refused when it
+    is a link leaving the checkpoint (a missing part: its path as it is)."""
+    return folders.subfolder(local_dir, name, where) if folders.has(local_dir, name) else os.path.join(local_dir, name)
+
+
 def read_info(local_dir: str, where: str = "") -> CheckpointInfo:
-    path = os.path.join(local_dir, CONFIG_NAME)
     try:
-        with open(path, "rb") as f:
+        with open(_path(local_dir, CONFIG_NAME, where), "rb") as f:
             return CheckpointInfo.from_json(f.read(), where or local_dir)
     except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"{where or local_dir} is not a checkpoint: no {CONFIG_NAME}") from None
 
 
-def read_raw_config(local_dir: str) -> dict[str, Any]:
+def read_raw_config(local_dir: str, where: str = "") -> dict[str, Any]:
     """``config.json`` as a plain dict (to tell a diffusers folder from a checkpoint)."""
     try:
-        with open(os.path.join(local_dir, CONFIG_NAME), "rb") as f:
+        with open(_path(local_dir, CONFIG_NAME, where), "rb") as f:
             data = json.loads(f.read())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{local_dir}: {CONFIG_NAME} is not valid JSON ({exc})") from None
@@ -132,7 +144,11 @@ def read_raw_config(local_dir: str) -> dict[str, Any]:
 
 def local_copy(url: str, storage_options: dict | None = None) -> str:
     """A local directory holding the checkpoint at ``url`` (or a run output's newest checkpoint)."""
-    path = storage.download_dir(latest_checkpoint(url, storage_options), storage_options)
+    latest = latest_checkpoint(url, storage_options)
+    path = storage.download_dir(latest, storage_options)
+    if latest != url and not storage.is_remote(url):  # run/checkpoint_<step> must lie inside the output
+        root = storage.download_dir(url, storage_options)  # a local folder's own path
+        folders.subfolder(root, latest[len(url.rstrip("/")) :].strip("/"), storage.redact(url))
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         raise CheckpointError(f"{storage.redact(url)} is not a checkpoint: no {CONFIG_NAME}")
     return path
@@ -151,7 +167,7 @@ def load(url: str, kind: str, storage_options: dict | None = None) -> tuple[str,
 
 
 def load_tensors(local_dir: str, name: str) -> dict[str, torch.Tensor]:
-    path = os.path.join(local_dir, f"{name}.safetensors")
+    path = _path(local_dir, f"{name}.safetensors")
     if not os.path.isfile(path):
         raise CheckpointError(f"{local_dir}: checkpoint has no {name}.safetensors")
     try:
@@ -173,7 +189,7 @@ def load_weights(module: torch.nn.Module, local_dir: str, name: str) -> None:
 
 
 def sha256(local_dir: str, name: str) -> str:
-    return storage.sha256_file(os.path.join(local_dir, f"{name}.safetensors"))
+    return storage.sha256_file(_path(local_dir, f"{name}.safetensors"))
 
 
 def latest_checkpoint(url: str, storage_options: dict | None = None) -> str:

@@ -10,14 +10,16 @@ Kinds:
 * ``kl``: the built-in KL autoencoder (:class:`KLAutoencoder`), presets in :data:`PRESETS`,
   saved as a checkpoint directory (``config.json`` + ``model.safetensors``);
 * ``diffusers``: any diffusers ``AutoencoderKL`` directory in ``save_pretrained`` layout
-  (safetensors weights only), with its ``scaling_factor`` / ``shift_factor``.
+  (safetensors weights only, one file or sharded), with its ``scaling_factor`` / ``shift_factor``.
+
+Either way only files inside the folder are read, and the identity's ``weights_sha256`` covers
+exactly the weights loaded (:mod:`pipeline.io.folders`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError
-from pipeline.io import checkpoint, storage
+from pipeline.io import checkpoint, folders, storage
 
 # --------------------------------------------------------------------------- latent scale
 
@@ -245,7 +247,7 @@ def load(url: str, storage_options: dict | None = None) -> Autoencoder:
     """
     local = checkpoint.local_copy(url, storage_options)
     where = storage.redact(url)
-    raw = checkpoint.read_raw_config(local)
+    raw = checkpoint.read_raw_config(local, where)
     if raw.get("_class_name") == "AutoencoderKL":
         return _load_diffusers(local, raw, url)
     info = checkpoint.read_info(local, where)
@@ -274,22 +276,37 @@ def load(url: str, storage_options: dict | None = None) -> Autoencoder:
 
 
 def _load_diffusers(local: str, cfg: dict[str, Any], url: str) -> Autoencoder:
+    """A diffusers AutoencoderKL folder: exactly its ``config.json`` and safetensors weights (one
+    file, or an index and the shards it names, all inside the folder) are loaded and hashed."""
     from diffusers import AutoencoderKL
+    from safetensors import SafetensorError
 
-    weights = os.path.join(local, "diffusion_pytorch_model.safetensors")
-    if not os.path.exists(weights):
+    where = storage.redact(url)
+    folders.refuse_remote_code(local, ["config.json"], where)
+    weights = folders.weights(local, "diffusion_pytorch_model", where)
+    if not weights:
         raise checkpoint.CheckpointError(
-            f"{storage.redact(url)}: only safetensors weights are loaded "
+            f"{where}: only safetensors weights are loaded "
             "(diffusion_pytorch_model.safetensors is missing; .bin files are pickles)"
         )
+    for name in weights:
+        if name.endswith(folders.SAFETENSORS):
+            folders.check_safetensors(local, name, where)
     try:
-        model = AutoencoderKL.from_pretrained(local, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        with folders.view(local, ["config.json", *weights], where) as seen:
+            model = AutoencoderKL.from_pretrained(seen, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, TypeError, SafetensorError) as exc:
         raise checkpoint.CheckpointError(
-            f"{storage.redact(url)}: cannot load the diffusers autoencoder ({str(exc).splitlines()[0][:160]})"
+            f"{where}: cannot load the diffusers autoencoder ({str(exc).splitlines()[0][:160]})"
         ) from None
     arch = {k: v for k, v in cfg.items() if not k.startswith("_")}
     down = 2 ** (len(cfg.get("block_out_channels", [0])) - 1)
+    # one weights file: its sha256 (as recorded before shards were supported); shards: the index and all of them
+    sha = (
+        storage.sha256_file(folders.file(local, weights[0], where))
+        if len(weights) == 1
+        else folders.digest(local, weights, where)
+    )
     return Autoencoder(
         model,
         "diffusers",
@@ -298,6 +315,6 @@ def _load_diffusers(local: str, cfg: dict[str, Any], url: str) -> Autoencoder:
         downsample=down,
         scale=cfg.get("scaling_factor") or 1.0,
         shift=cfg.get("shift_factor") or 0.0,
-        weights_sha256=storage.sha256_file(weights),
-        source=storage.redact(url),
+        weights_sha256=sha,
+        source=where,
     )

@@ -46,7 +46,7 @@ def describe(url: str, storage_options: dict | None = None) -> CheckpointInfo:
     """The description of the diffusion checkpoint at ``url``; CheckpointError for anything else."""
     local = checkpoint.local_copy(url, storage_options)
     where = storage.redact(url)
-    raw = checkpoint.read_raw_config(local)
+    raw = checkpoint.read_raw_config(local, where)
     if raw.get("_class_name"):
         raise CheckpointError(f"{where} is a diffusers {raw['_class_name']} folder, not a diffusion checkpoint")
     info = checkpoint.read_info(local, where)
@@ -54,10 +54,10 @@ def describe(url: str, storage_options: dict | None = None) -> CheckpointInfo:
         article = "an" if info.kind[0] in "aeiou" else "a"
         raise CheckpointError(f"{where} is {article} {info.kind} checkpoint, not a diffusion checkpoint")
     # the bundled parts' descriptions too: what :func:`load` (in an actor) reads first must not fail there
-    vae_dir = os.path.join(local, checkpoint.VAE_DIR)
-    if checkpoint.read_raw_config(vae_dir).get("_class_name") != "AutoencoderKL":
+    vae_dir = checkpoint.part(local, checkpoint.VAE_DIR, where)
+    if checkpoint.read_raw_config(vae_dir, f"{where}/{checkpoint.VAE_DIR}").get("_class_name") != "AutoencoderKL":
         _check_part(vae_dir, f"{where}/{checkpoint.VAE_DIR}", "autoencoder")
-    refiner_dir = os.path.join(local, checkpoint.REFINER_DIR)
+    refiner_dir = checkpoint.part(local, checkpoint.REFINER_DIR, where)
     if os.path.isdir(refiner_dir):
         _check_part(refiner_dir, f"{where}/{checkpoint.REFINER_DIR}", "refiner")
     return info
@@ -78,12 +78,14 @@ def load(url: str, storage_options: dict | None = None, device: str | None = Non
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: invalid denoiser architecture ({exc})") from None
     checkpoint.load_weights(net, local, "ema")
-    vae = autoencoder.load(os.path.join(local, checkpoint.VAE_DIR)).to(dev)
+    # the parts inside the checkpoint (a part that is a link leaving it is refused)
+    vae = autoencoder.load(checkpoint.part(local, checkpoint.VAE_DIR, where)).to(dev)
     if vae.weights_sha256 != info.vae_identity.get("weights_sha256"):
         raise CheckpointError(f"{where}: the embedded autoencoder does not match the recorded identity")
     ref = None
-    if os.path.isdir(os.path.join(local, checkpoint.REFINER_DIR)):
-        ref = load_refiner(os.path.join(local, checkpoint.REFINER_DIR), task=info.task).to(dev)
+    refiner_dir = checkpoint.part(local, checkpoint.REFINER_DIR, where)
+    if os.path.isdir(refiner_dir):
+        ref = load_refiner(refiner_dir, task=info.task).to(dev)
     null_text = None
     if info.text_encoders and os.path.isfile(os.path.join(local, f"{text.NULL_TEXT}.safetensors")):
         null_text = _null_text(checkpoint.load_tensors(local, text.NULL_TEXT), info, where)

@@ -10,13 +10,14 @@ where the model has one (CLIP), and whether the caption was truncated at ``max_t
 hidden states of the unpadded tokens are the encoder's own output on the unpadded caption: the
 padding mask keeps padding out of attention.
 
-:attr:`TextEncoder.identity` (model type, weights and tokenizer hashes, max tokens, width, hidden
-layer) is what a cached embedding depends on; encode and train compare it to refuse mixing.
+:attr:`TextEncoder.identity` (model type, hashes of the weights, tokenizer and config files
+loaded, max tokens, width, hidden layer) is what a cached embedding depends on; encode and train
+compare it to refuse mixing. Exactly the files loaded are hashed, and each must lie inside the
+folder (:mod:`pipeline.io.folders`): a weights index naming shards elsewhere is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from pipeline.io import storage
+from pipeline.io import folders, storage
 from pipeline.io.checkpoint import CheckpointError
 
 TOKENIZER_FILES = (
@@ -36,6 +38,8 @@ TOKENIZER_FILES = (
     "merges.txt",
     "spiece.model",
     "vocab.txt",
+    "tokenizer.model",
+    "added_tokens.json",
 )
 _ENCODER_CLASSES = {  # model_type -> the transformers class holding only the text encoder
     "clip": "CLIPTextModel",
@@ -59,13 +63,6 @@ def short_name(model_type: str) -> str:
     return re.sub(r"[^a-z0-9]", "", base.lower()) or "text"
 
 
-def _hash_files(local: str, names: list[str]) -> str:
-    h = hashlib.sha256()
-    for n in sorted(names):
-        h.update(n.encode() + b"\0" + storage.sha256_file(os.path.join(local, n)).encode())
-    return h.hexdigest()
-
-
 class TextEncoder:
     """One text encoder and its tokenizer, loaded once per worker."""
 
@@ -74,33 +71,47 @@ class TextEncoder:
 
         where = storage.redact(url)
         local = storage.download_dir(url, storage_options)
-        if not os.path.isfile(os.path.join(local, "config.json")):
+        if not folders.has(local, "config.json"):
             raise CheckpointError(f"{where} is not a transformers text encoder folder: no config.json")
-        weights = [n for n in os.listdir(local) if n.endswith(".safetensors")]
+        # exactly the files loaded, each inside the folder: config, weights (an index and its
+        # shards), tokenizer files; checked, hashed and handed to transformers as a private view
+        toks = [n for n in TOKENIZER_FILES if folders.has(local, n)]
+        folders.refuse_remote_code(local, ["config.json", *toks], where)  # before transformers is asked
+        weights = folders.weights(local, "model", where)
         if not weights:
             raise CheckpointError(
-                f"{where}: only safetensors weights are loaded (no *.safetensors file; .bin files are pickles)"
+                f"{where}: only safetensors weights are loaded (no model.safetensors or "
+                "model.safetensors.index.json; .bin files are pickles)"
             )
-        toks = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(local, n))]
         if not toks:
             raise CheckpointError(f"{where}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+        for n in weights:
+            if n.endswith(folders.SAFETENSORS):
+                folders.check_safetensors(local, n, where)
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         try:
-            config = transformers.AutoConfig.from_pretrained(local, local_files_only=True)
-            known = (*_ENCODER_CLASSES.values(), "CLIPTextModelWithProjection")
-            cls_name = next(
-                (a for a in (config.architectures or []) if a in known),
-                _ENCODER_CLASSES.get(config.model_type, "AutoModel"),
-            )
-            cls = getattr(transformers, cls_name)
-            model, loading = cls.from_pretrained(
-                local, local_files_only=True, use_safetensors=True, output_loading_info=True
-            )
-            if getattr(model.config, "is_encoder_decoder", False):
-                model = model.get_encoder()
-            tokenizer = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
-        except (OSError, ValueError, KeyError, AttributeError, TypeError, ImportError) as exc:
+            with folders.view(local, ["config.json", *weights, *toks], where) as seen:
+                config = transformers.AutoConfig.from_pretrained(seen, local_files_only=True, trust_remote_code=False)
+                known = (*_ENCODER_CLASSES.values(), "CLIPTextModelWithProjection")
+                cls_name = next(
+                    (a for a in (config.architectures or []) if a in known),
+                    _ENCODER_CLASSES.get(config.model_type, "AutoModel"),
+                )
+                cls = getattr(transformers, cls_name)
+                model, loading = cls.from_pretrained(
+                    seen,
+                    local_files_only=True,
+                    use_safetensors=True,
+                    output_loading_info=True,
+                    trust_remote_code=False,
+                )
+                if getattr(model.config, "is_encoder_decoder", False):
+                    model = model.get_encoder()
+                tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    seen, local_files_only=True, trust_remote_code=False
+                )
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, ImportError, SafetensorError) as exc:
             raise CheckpointError(f"{where}: cannot load the text encoder ({str(exc).splitlines()[0][:160]})") from None
         # transformers fills weights it cannot find with random values and only warns: refuse instead
         missing = list(loading.get("missing_keys") or []) + list(loading.get("mismatched_keys") or [])
@@ -130,8 +141,9 @@ class TextEncoder:
         self.hidden_layer = hidden_layer
         self.width = int(getattr(config, "hidden_size", getattr(config, "d_model", 0)))
         self.source = where
-        self._weights_sha256 = _hash_files(local, weights)
-        self._tokenizer_sha256 = _hash_files(local, toks)
+        self._weights_sha256 = folders.digest(local, weights, where)
+        self._tokenizer_sha256 = folders.digest(local, toks, where)
+        self._config_sha256 = folders.digest(local, ["config.json"], where)
         self.pooled_width = self._pooled_width()
 
     @property
@@ -140,6 +152,7 @@ class TextEncoder:
             "model_type": self.model_type,
             "weights_sha256": self._weights_sha256,
             "tokenizer_sha256": self._tokenizer_sha256,
+            "config_sha256": self._config_sha256,
             "max_tokens": self.max_tokens,
             "width": self.width,
             "hidden_layer": self.hidden_layer,
@@ -151,8 +164,26 @@ class TextEncoder:
         return self
 
     def _pooled_width(self) -> int:
-        pooled = self._forward([""])[1]
-        return 0 if pooled is None else int(pooled.shape[-1])
+        """The pooled embedding's width (0: none). A tokenizer that gives the empty caption no
+        tokens (no start or end token) is fine for an encoder without a pooled embedding: such a
+        caption is an empty (0, width) embedding, which the denoisers read as no text (their null
+        token alone). A pooled embedding of no tokens is undefined, so that encoder is refused."""
+        empty_has_tokens = bool(self._token_counts([""])[0])
+        probe = "" if empty_has_tokens else "a"
+        if not self._token_counts([probe])[0]:
+            raise CheckpointError(f"{self.source}: its tokenizer gives the caption {probe!r} no tokens")
+        pooled = self._forward([probe])[1]
+        width = 0 if pooled is None else int(pooled.shape[-1])
+        if width and not empty_has_tokens:
+            raise CheckpointError(
+                f"{self.source}: its tokenizer gives the empty caption no tokens (it adds no start or end "
+                f"token), and a pooled {self.model_type} embedding of no tokens is undefined; use the "
+                "model's own tokenizer"
+            )
+        return width
+
+    def _token_counts(self, captions: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(captions, truncation=False)["input_ids"]]
 
     @torch.no_grad()
     def _forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -172,20 +203,27 @@ class TextEncoder:
         return hidden, pooled, batch["attention_mask"]
 
     def encode(self, captions: list[str]) -> list[Embedding]:
-        """Embeddings of ``captions`` (an empty string gives the empty-caption embedding)."""
-        full = self.tokenizer(captions, truncation=False)["input_ids"]
-        hidden, pooled, mask = self._forward(captions)
+        """Embeddings of ``captions`` (an empty string gives the empty-caption embedding). A caption
+        the tokenizer gives no tokens is a (0, width) embedding, without running the model (only
+        encoders without a pooled embedding have such captions: see :meth:`_pooled_width`)."""
+        lengths = self._token_counts(captions)
+        live = [i for i, n in enumerate(lengths) if n]
+        out = [Embedding(np.zeros((0, self.width), np.float16), None, False) for _ in captions]
+        if len(live) < len(captions) and self.pooled_width:
+            raise CheckpointError(f"{self.source}: its tokenizer gives a caption no tokens; no pooled embedding")
+        if not live:
+            return out
+        hidden, pooled, mask = self._forward([captions[i] for i in live])
         counts = mask.sum(dim=1).tolist()
         h = hidden.float().cpu().numpy()
         p = pooled.float().cpu().numpy() if pooled is not None else None
-        return [
-            Embedding(
-                h[i, : counts[i]].astype(np.float16),
-                p[i].astype(np.float16) if p is not None else None,
-                len(full[i]) > self.max_tokens,
+        for j, i in enumerate(live):
+            out[i] = Embedding(
+                h[j, : counts[j]].astype(np.float16),
+                p[j].astype(np.float16) if p is not None else None,
+                lengths[i] > self.max_tokens,
             )
-            for i in range(len(captions))
-        ]
+        return out
 
 
 def build_stand_in(
@@ -348,7 +386,7 @@ def load_recorded(spec: TextSpec, paths: list[str], storage_options: dict | None
             )
         te = TextEncoder(url, storage_options, max_tokens=ident["max_tokens"], hidden_layer=ident["hidden_layer"])
         if te.identity != ident:
-            differs = sorted(k for k in ident if te.identity.get(k) != ident[k])
+            differs = sorted(k for k in {*ident, *te.identity} if te.identity.get(k) != ident.get(k))
             raise CheckpointError(
                 f"text encoder {storage.redact(url)} is not the one the model was trained with "
                 f"({e['name']}: {', '.join(differs)} differ)"

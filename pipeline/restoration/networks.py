@@ -4,9 +4,11 @@ SPAN, DRUNet, NAFNet, ...).
 
 Weights are read from ``.safetensors`` files only, with safetensors, and handed to spandrel as a
 state dict, so nothing is ever unpickled (``.pth`` / ``.ckpt`` / ``.pt`` are refused: they are
-pickles). The network runs tile by tile with blended overlaps (:mod:`tiling`), so memory is bounded
-by ``--tile`` whatever the image size; images of one size are batched into one call. The task
-follows the network's scale: x2 -> ``upscale2``, x4 -> ``upscale4``, x1 -> ``restore``.
+pickles); a local file must be the file itself, not a link to one outside its folder
+(:mod:`pipeline.io.folders`). The network runs tile by tile with blended overlaps
+(:mod:`tiling`), so memory is bounded by ``--tile`` whatever the image size; images of one size
+are batched into one call. The task follows the network's scale: x2 -> ``upscale2``, x4 ->
+``upscale4``, x1 -> ``restore``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError
-from pipeline.io import checkpoint, storage
+from pipeline.io import checkpoint, folders, storage
 from pipeline.io.imaging import to_tensor_array
 from pipeline.models.tiling import tiled_apply
 from pipeline.restoration.restorer import RestoreSettings, indices_by_size
@@ -55,8 +57,11 @@ def _load(url: str, storage_options: dict | None = None):
         )
     if not storage.exists(url, storage_options):
         raise checkpoint.CheckpointError(f"{where}: no such network file")
+    if not storage.is_remote(url):  # the file itself, not a link to a file outside its folder
+        path = storage.filesystem(url)[1]
+        path = folders.file(os.path.dirname(path) or ".", os.path.basename(path), where)
     try:  # a remote file is read into memory (only this file, not its folder)
-        state = load(storage.read_bytes(url, storage_options)) if storage.is_remote(url) else load_file(url)
+        state = load(storage.read_bytes(url, storage_options)) if storage.is_remote(url) else load_file(path)
     except (SafetensorError, OSError) as exc:
         raise checkpoint.CheckpointError(f"{where} is not a readable safetensors file ({str(exc)[:120]})") from None
     try:

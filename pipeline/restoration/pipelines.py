@@ -6,7 +6,10 @@ UNet2DConditionModel + CLIP text encoder + two schedulers; run with the empty pr
 Only safetensors weights are loaded (``use_safetensors=True``; a component with ``.bin`` /
 ``.pt`` / ``.ckpt`` weights only is refused on the driver: they are pickles), only from the local
 copy (``local_files_only``), and no code from the folder is run: the pipeline class must be one of
-the two above and every component must come from diffusers or transformers. A remote folder is
+the two above and every component must come from diffusers or transformers. diffusers loads
+from a private view of exactly the files it needs, each checked to lie inside the folder (an
+index whose shards lie elsewhere, or a link leaving the folder, is refused) and each
+safetensors header read first (:mod:`pipeline.io.folders`). A remote folder is
 copied once into the private cache (:func:`storage.download_dir`); the pipeline is loaded once per
 actor.
 
@@ -22,6 +25,7 @@ a generator seeded with it, so a tile's noise does not continue across tiles).
 from __future__ import annotations
 
 import importlib.util
+import os
 import posixpath
 from typing import Any
 
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import ConfigError
-from pipeline.io import checkpoint, storage
+from pipeline.io import checkpoint, folders, storage
 from pipeline.models.tiling import tiled_apply
 from pipeline.restoration.restorer import RestoreSettings, indices_by_size
 
@@ -59,9 +63,12 @@ def is_pipeline_folder(url: str, storage_options: dict | None = None) -> bool:
     return storage.exists(storage.join(url, INDEX_NAME), storage_options)
 
 
-def _inspect(url: str, storage_options: dict | None = None, where: str = "") -> str:
-    """The pipeline's class name, after checking the folder is one that is loaded (one line)."""
+def _inspect(url: str, storage_options: dict | None = None, where: str = "") -> tuple[str, dict[str, str]]:
+    """The pipeline's class name and its components' libraries, after checking the folder is one
+    that is loaded (one line)."""
     where = where or storage.redact(url)
+    if not storage.is_remote(url) and folders.has(storage.download_dir(url), INDEX_NAME):
+        folders.file(storage.download_dir(url), INDEX_NAME, where)  # not a link leaving the folder
     try:
         index = storage.read_json(storage.join(url, INDEX_NAME), storage_options)
     except FileNotFoundError:
@@ -90,7 +97,7 @@ def _inspect(url: str, storage_options: dict | None = None, where: str = "") -> 
                 f"{where}: component {name!r} comes from {library!r}; only diffusers and transformers "
                 "components are loaded (no code from the folder is run)"
             )
-        components[name] = str(class_name)
+        components[name] = str(library)
     missing = [c for c in REQUIRED[cls] if c not in components]
     if missing:
         raise checkpoint.CheckpointError(f"{where}: {cls} without its {', '.join(missing)} component(s)")
@@ -112,7 +119,37 @@ def _inspect(url: str, storage_options: dict | None = None, where: str = "") -> 
             )
         if name in NETWORKS[cls]:
             raise checkpoint.CheckpointError(f"{where}: {name}/ has no {WEIGHTS_SUFFIX} weights")
-    return cls
+    return cls, components
+
+
+def _files(local: str, cls: str, components: dict[str, str], where: str) -> list[str]:
+    """Exactly the files diffusers loads from the local pipeline folder ``local``: ``model_index.json``
+    and, per component, its configs and tokenizer files and its safetensors weights (one file,
+    or an index and the shards it names); each lies inside the folder, and each safetensors
+    header is read. Other weights (variants, pickles) are not among them, so they cannot load."""
+    out = [INDEX_NAME]
+    for name, library in components.items():
+        if not folders.has(local, name):
+            continue  # diffusers names what is missing
+        sub = folders.subfolder(local, name, where)
+        base = f"{name}/diffusion_pytorch_model" if library == "diffusers" else f"{name}/model"
+        weights = folders.weights(local, base, where)
+        if name in NETWORKS[cls] and not weights:
+            raise checkpoint.CheckpointError(f"{where}: {name}/ has no {posixpath.basename(base)}{WEIGHTS_SUFFIX}")
+        for rel in weights:
+            if rel.endswith(WEIGHTS_SUFFIX):
+                folders.check_safetensors(local, rel, where)
+        out += weights
+        for dirpath, dirs, names in os.walk(sub):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for n in sorted(names):
+                rel = posixpath.join(name, os.path.relpath(os.path.join(dirpath, n), sub).replace(os.sep, "/"))
+                if n.startswith(".") or n.lower().endswith((WEIGHTS_SUFFIX, ".index.json", ".py", *PICKLE_SUFFIXES)):
+                    continue
+                folders.file(local, rel, where)  # a config or tokenizer file: not a link leaving the folder
+                out.append(rel)
+    folders.refuse_remote_code(local, out, where)
+    return out
 
 
 def _check_task(cls: str, task: str) -> None:
@@ -125,7 +162,9 @@ def _check_task(cls: str, task: str) -> None:
 def describe(url: str, task: str, storage_options: dict | None = None, prompt: str = "") -> str:
     """The task the pipeline at ``url`` runs (``upscale4``), checked against ``--task`` (and a
     ``--prompt`` against the class) on the driver, in one line."""
-    class_name = _inspect(url, storage_options)
+    class_name, components = _inspect(url, storage_options)
+    if not storage.is_remote(url):  # a local folder's files are checked here (a remote one's in the actor)
+        _files(storage.download_dir(url, storage_options), class_name, components, storage.redact(url))
     _check_task(class_name, task)
     if prompt and class_name != SD_UPSCALE:
         raise ConfigError(f"option 'prompt': only a {SD_UPSCALE} takes a prompt, not a {class_name}")
@@ -160,22 +199,25 @@ class PipelineRestorer:
     ):
         from diffusers import DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
+        from safetensors import SafetensorError
 
         where = storage.redact(url)
         local = storage.download_dir(url, storage_options)  # a local folder as is; a remote one copied once
-        self.class_name = _inspect(local, where=where)  # the copy that is loaded is the one checked
+        self.class_name, components = _inspect(local, where=where)  # the copy that is loaded is the one checked
+        files = _files(local, self.class_name, components, where)
         _check_task(self.class_name, task)
         self.task, self.scale, self.opts, self.gain, self.prompt = TASK, SCALE, opts, 1.0, prompt
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         diffusers_logging.disable_progress_bar()
         try:
-            pipe: Any = DiffusionPipeline.from_pretrained(
-                local,
-                use_safetensors=True,
-                local_files_only=True,
-                low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,  # (it needs accelerate)
-            )
-        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+            with folders.view(local, files, where) as seen:  # diffusers sees exactly the files checked
+                pipe: Any = DiffusionPipeline.from_pretrained(
+                    seen,
+                    use_safetensors=True,
+                    local_files_only=True,
+                    low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,  # (it needs accelerate)
+                )
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as exc:
             detail = " ".join(str(exc).split())[:160]
             raise checkpoint.CheckpointError(
                 f"{where}: diffusers could not load the pipeline ({type(exc).__name__}: {detail})"
