@@ -165,7 +165,9 @@ def _one_line(exc: BaseException) -> str:
     from pipeline.io.storage import redact
 
     text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-    lines = [ln for ln in redact(text).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in redact(text).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Parameter validation failed:" says nothing alone
+        lines[0] = f"{lines[0]} {lines[1]}"
     return (lines[0] if lines else type(exc).__name__)[:500]
 
 

@@ -138,14 +138,50 @@ def group(cls: type, *, private: bool = False) -> Any:
 
 @dataclass
 class StorageOptions:
-    """How to reach object storage. Credentials here are never written anywhere."""
+    """How to reach object storage. Credentials here are never written anywhere: this group is
+    private (left out of :func:`public_dict`), and only printed text is redacted of them."""
 
     options: dict = option({}, "JSON of fsspec storage options (endpoint, credentials)", flag="storage_options")
 
     def __post_init__(self) -> None:
         from pipeline.io.storage import register_secrets
 
-        register_secrets(self.options)  # so that no message can show them
+        _check_storage_options(self.options)
+        register_secrets(self.options)  # so that no printed line can show them
+
+
+# storage options that fsspec filesystems (s3fs, gcsfs, adlfs, ...) take as nested mappings
+_NESTED_STORAGE_OPTIONS = ("client_kwargs", "config_kwargs", "s3_additional_kwargs", "session_kwargs", "headers")
+
+
+def _check_storage_options(options: dict) -> None:
+    """What can be told of ``--storage-options`` before any filesystem is built: nested option
+    groups are mappings and an endpoint is a URL with a numeric port (one line naming it; no
+    value is shown). Keys a filesystem does not take are refused when it is first built."""
+    import urllib.parse
+
+    from pipeline.io.storage import redact
+
+    where = "option 'storage-options'"
+    for name in _NESTED_STORAGE_OPTIONS:
+        if name in options and not isinstance(options[name], dict):
+            raise ConfigError(f"{where}: {name!r} must be a JSON object, got {type(options[name]).__name__}")
+    nested = options.get("client_kwargs") or {}
+    for holder, value in (
+        ("endpoint_url", options.get("endpoint_url")),
+        ("client_kwargs.endpoint_url", nested.get("endpoint_url")),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {holder!r} must be a URL string, got {type(value).__name__}")
+        try:
+            parts = urllib.parse.urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError when the port is not a number
+        except ValueError:
+            raise ConfigError(f"{where}: {holder!r} {redact(value)} has a port that is not a number") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}: {holder!r} {redact(value)} is not an http:// or https:// URL")
 
 
 @dataclass
@@ -342,19 +378,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def public_dict(cfg: Any) -> dict[str, Any]:
     """A config as recorded in manifests and checkpoints: private groups (storage options,
-    Ray address) left out and every string passed through :func:`storage.redact`."""
-    from pipeline.io.storage import redact
+    Ray address) left out, so that no credential is in it by construction. Every value is
+    stored as it is, but for URLs' ``user:password@``, which is left out
+    (:func:`storage.public_url`): a stored value is never rewritten to hide a secret."""
+    from pipeline.io.storage import public_url
 
     def walk(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return {
-                f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("private")
+                f.name: walk(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if not f.metadata.get("private") and not isinstance(getattr(obj, f.name), StorageOptions)
             }
         if isinstance(obj, dict):
             return {str(k): walk(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
             return [walk(v) for v in obj]
-        return redact(obj) if isinstance(obj, str) else obj
+        return public_url(obj) if isinstance(obj, str) and "://" in obj else obj
 
     return json.loads(json.dumps(walk(cfg)))
 

@@ -35,8 +35,55 @@ _NOISY = (
 )
 
 
+class RedactingFormatter(logging.Formatter):
+    """A formatter whose every line (message, traceback, stack) passes :func:`storage.redact`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from pipeline.io.storage import redact
+
+        return redact(super().format(record))
+
+
+def _redact_record(record: logging.LogRecord) -> logging.LogRecord:
+    """Make a log record fit to print, whichever handler prints it: its message rendered and
+    redacted, its traceback rendered and redacted (a formatter prints the rendered text)."""
+    from pipeline.io.storage import redact
+
+    if getattr(record, "_redacted", False):
+        return record
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a malformed record is left for logging to report
+        return record
+    record.msg, record.args = redact(message), ()
+    if record.exc_info and not record.exc_text:
+        record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+    elif record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+    record._redacted = True
+    return record
+
+
+def install_redaction() -> None:
+    """Pass every log record made in this process, by any logger, through :func:`storage.redact`
+    (a record factory: it covers handlers that libraries such as Ray add later, and Python's
+    last-resort handler). Idempotent."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "_pipeline_redacts", False):
+        return
+
+    def make(*args: object, **kwargs: object) -> logging.LogRecord:
+        return _redact_record(factory(*args, **kwargs))
+
+    make._pipeline_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make)
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Plain ``pipeline`` lines on stderr; library internals only with ``verbose``.
+    """Plain ``pipeline`` lines on stderr; library internals only with ``verbose``. Every line
+    any logger prints, tracebacks included, passes :func:`storage.redact` first.
 
     Also sets the environment that Ray workers inherit, so the libraries they load stay quiet in
     the same way. (Ray's C++ core still prints its own error lines; silencing them with
@@ -45,11 +92,12 @@ def setup_logging(verbose: bool = False) -> None:
     root = logging.getLogger("pipeline")
     if not any(getattr(h, "_pipeline", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(RedactingFormatter("%(message)s"))
         handler._pipeline = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    install_redaction()
     quiet_libraries(verbose)
 
 

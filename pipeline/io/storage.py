@@ -9,10 +9,12 @@ URL expansion and credential handling live in one place.
 * Writes are atomic: an output appears under its final name only when complete
   (a local file is written beside its target under a hidden ``.part`` name and renamed;
   an object-store upload is a single PUT / multipart upload that commits on completion).
-* Transient errors (connection resets, timeouts, throttling) are retried with exponential
-  backoff; "not found" and "permission denied" are not.
-* Credentials never appear in messages: :func:`redact` strips them from URLs and
-  storage options are never formatted into errors or logs.
+* Transient errors (connection resets, timeouts, throttling, an endpoint that is down) are
+  retried with exponential backoff and full jitter for up to ``$LATENT_PIPELINE_RETRY_SECONDS``
+  (60 s), reads of a stream included; "not found" and "permission denied" are not.
+* Credentials never appear in printed text: :func:`redact` strips them from messages and logs.
+  Stored values are never redacted: they hold no credentials by construction, and a URL is
+  stored as :func:`public_url` gives it (true, without ``user:password@``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import glob as _glob
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -31,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 import fsspec
 from braceexpand import braceexpand
@@ -42,31 +45,54 @@ PART_SUFFIX = ".part"
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>[^\s'\"]+)")
 _BARE_CRED = re.compile(r"(?<![\w/:@.-])[\w.~%+-]+:[^\s/'\"@][^\s'\"]*@(?=[\w.-])")
-_SECRET_KEYS = ("key", "secret", "token", "password", "passwd", "credential", "session")
+# a URL's authority with user-info, as RFC 3986 delimits it: ``scheme://user:password@host``
+_AUTHORITY = re.compile(
+    r"(?P<scheme>(?<![\w+.-])[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]*(?:@[^/?#@\s'\"]*)*@)"
+)
+# the same in printed text, where a password may hold spaces and quotes: up to the last ``@``
+# before the authority ends (a ``/``, ``?``, ``#`` or the end of the line)
+_LOOSE_AUTHORITY = re.compile(r"(?P<scheme>(?<![\w+.-])[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\n]{0,256}@")
+# a credential field in text: ``"secret": "..."``, ``'token': '...'``, ``aws_secret_access_key=...``,
+# ``X-Amz-Security-Token: ...``, ``Signature=...`` (names ending in one of these words)
+_FIELD = re.compile(
+    r"""(?<![\w-])(?P<name>[\w.-]*?(?:secret|password|passwd|pwd|token|signature|private[_-]?key|account[_-]?key)"""
+    r"""(?:[_-]?access)?(?:[_-]?key)?)(?P<sep>["']?\s*[:=]\s*)"""
+    r"""(?P<value>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s,;&'"})\]]+)""",
+    re.IGNORECASE,
+)
+# a registered credential value is searched for in printed text only when it is at least this
+# long: a short one (``testing``, ``admin``) would be found inside ordinary words and paths
+MIN_SECRET_LEN = 16
+_SECRET_KEYS = ("secret", "token", "password", "passwd", "credential", "session")
 _SECRETS: set[str] = set()
 
 
 def register_secrets(options: Any) -> None:
-    """Remember the credential values in storage options (and the AWS environment), so that
-    :func:`redact` removes them from any text, wherever they appear."""
+    """Remember the long credential values of storage options (and of the AWS environment), so
+    that :func:`redact` removes them from *printed* text wherever they appear. Nothing stored is
+    ever rewritten with them: stored configs leave the storage options out by construction."""
     if isinstance(options, dict):
         for k, v in options.items():
             if isinstance(v, (dict, list)):
                 register_secrets(v)
-            elif isinstance(v, str) and len(v) >= 4 and any(s in str(k).lower() for s in _SECRET_KEYS):
+            elif isinstance(v, str) and len(v) >= MIN_SECRET_LEN and any(s in str(k).lower() for s in _SECRET_KEYS):
                 _SECRETS.add(v)
     elif isinstance(options, list):
         for v in options:
             register_secrets(v)
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS_JSON"):
         value = os.environ.get(name, "")
-        if len(value) >= 4:
+        if len(value) >= MIN_SECRET_LEN:
             _SECRETS.add(value)
 
 
 def redact(text: str) -> str:
-    """Remove credentials from a URL or any message: ``user:password@`` in URLs (whatever
-    characters the password holds), the same without a scheme, and every registered secret."""
+    """Text fit to *print* (messages, logs, tracebacks): ``user:password@`` removed from URLs
+    (whatever characters the password holds), the same without a scheme, the values of
+    credential fields (``"secret": ...``, ``aws_secret_access_key=...``) and the long credential
+    values registered from storage options and the environment.
+
+    Never use it on a value that is stored: see :func:`public_url` for those."""
 
     def url(m: re.Match) -> str:
         rest = m.group("rest")
@@ -78,37 +104,104 @@ def redact(text: str) -> str:
             return m.group("scheme") + "***@" + rest[at + 1 :]
         return m.group(0)
 
-    out = _URL.sub(url, str(text))
-    out = _BARE_CRED.sub("***@", out)
-    for secret in sorted(_SECRETS, key=len, reverse=True):
+    out = str(text)
+    for secret in sorted(_SECRETS, key=len, reverse=True):  # before the patterns cut them apart
         out = out.replace(secret, "***")
-    return out
+    out = _LOOSE_AUTHORITY.sub(lambda m: m.group("scheme") + "***@", out)
+    out = _URL.sub(url, out)
+    out = _BARE_CRED.sub("***@", out)
+
+    def field(m: re.Match) -> str:
+        value = m.group("value")
+        quote = value[0] if value[:1] in ("'", '"') else ""
+        return m.group("name") + m.group("sep") + quote + "***" + quote
+
+    return _FIELD.sub(field, out)
+
+
+def public_url(text: str) -> str:
+    """A value fit to *store* (manifests, checkpoints, reports): the URL (or the URLs in the
+    text) unchanged but for the user-info of its authority (``user:password@``), which is
+    left out. Nothing else is touched: a path that happens to hold a credential's characters
+    stays as it is."""
+    text = str(text)
+    if "," in text and "{" not in text:
+        return ",".join(public_url(part) for part in text.split(","))
+    scheme, sep, rest = text.partition("://")
+    if sep and re.fullmatch(r"\s*[a-zA-Z][a-zA-Z0-9+.-]*", scheme):  # one URL: its authority, exactly
+        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        if "@" in authority:
+            return scheme + sep + rest[authority.rfind("@") + 1 :]
+        return text
+    return _AUTHORITY.sub(lambda m: m.group("scheme"), text)
 
 
 def absolute(url: str) -> str:
     """A local path made absolute (so Ray workers, whose working folder differs, see the same
-    file); URLs unchanged. A comma-separated list is handled item by item."""
+    file); URLs unchanged but checked (:func:`check_url`). A comma-separated list is handled
+    item by item."""
     if not url:
         return url
     if "," in url and "{" not in url:
         return ",".join(absolute(u.strip()) for u in url.split(",") if u.strip())
     if is_remote(url):
-        _register_url_password(url)
+        check_url(url)
+        _register_userinfo(url)
         return url
     if url.startswith("file://"):
         return url
     return os.path.abspath(os.path.expanduser(url))
 
 
-def _register_url_password(url: str) -> None:
-    """A password that :func:`redact`'s patterns cannot delimit (it holds spaces or quotes) is
-    registered as a secret, so that no later message shows it."""
+# object stores whose URL names a bucket (container) first: no user-info, no port
+_BUCKET_SCHEMES = ("s3", "s3a", "s3n", "gs", "gcs")
+
+
+def _shown(url: str) -> str:
+    """A URL with credentials, shown without any of them: everything up to its last ``@``
+    (before any space or quote) is dropped."""
+    scheme, _, rest = str(url).partition("://")
+    if "@" in rest:
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return redact(url)
+
+
+def check_url(url: str) -> None:
+    """Raise :class:`ConfigError` (one line, no credentials) for a URL that cannot work:
+    ``user:password@`` in an object-store URL (there it would be read as part of the bucket
+    name; credentials go in ``--storage-options`` or the environment), a bucket name with
+    characters no bucket has, or a port that is not a number."""
     import urllib.parse
 
-    with suppress(ValueError):
-        password = urllib.parse.urlsplit(url).password
-        if password and re.search(r"[\s'\"]", password):
-            _SECRETS.add(password)
+    from pipeline.errors import ConfigError
+
+    url = str(url)
+    if "://" not in url:
+        return
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in _BUCKET_SCHEMES:
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        if re.search(r"[@:\s'\"]", bucket):
+            raise ConfigError(
+                f"URL {_shown(url)}: a {scheme}:// URL takes no user:password@ (nor ':' or '@' in its "
+                "bucket name); give credentials in --storage-options or the environment (AWS_ACCESS_KEY_ID, ...)"
+            )
+        return
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when the port is not a number
+    except ValueError:
+        raise ConfigError(f"URL {_shown(url)}: its port is not a number") from None
+
+
+def _register_userinfo(url: str) -> None:
+    """User-info that :func:`redact`'s patterns cannot delimit (its password holds spaces or
+    quotes) is registered whole (``user:pass word``), so that no later printed line shows it."""
+    rest = str(url).partition("://")[2]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo = authority[: authority.rfind("@")] if "@" in authority else ""
+    if re.search(r"[\s'\"]", userinfo):
+        _SECRETS.add(userinfo)
 
 
 # other spellings of one object store, so that overlap checks compare like with like
@@ -197,8 +290,32 @@ def basename(url: str) -> str:
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):
-    """Return ``(fs, path)`` for ``url``; ``storage_options`` go to the fsspec filesystem."""
-    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    """Return ``(fs, path)`` for ``url``; ``storage_options`` go to the fsspec filesystem.
+
+    A URL that cannot work (:func:`check_url`) and storage options the filesystem does not take
+    (an unknown key, ``client_kwargs`` that is not a mapping, ...) raise :class:`ConfigError`
+    naming them, here, when the filesystem is first built (an S3 client is created then, which
+    needs no network), rather than as a library's error at the first read."""
+    from pipeline.errors import ConfigError
+
+    check_url(url)
+    so = storage_options or {}
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **so)
+        if type(fs).__name__ == "S3FileSystem" and getattr(fs, "_s3", None) is None:
+            fs.connect()  # builds the client from the options: a wrong option fails now
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:
+        reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+        if so:
+            try:
+                fsspec.core.url_to_fs(str(url))
+            except (TypeError, AttributeError, ValueError, KeyError):
+                pass
+            else:
+                raise ConfigError(
+                    f"option 'storage-options' does not suit {_shown(url)}: {type(exc).__name__}: {reason}"
+                ) from None
+        raise ConfigError(f"URL {_shown(url)} cannot be used: {type(exc).__name__}: {reason}") from None
     return fs, path
 
 
@@ -240,17 +357,47 @@ def is_transient(exc: BaseException) -> bool:
     return any(name in text for name in _TRANSIENT_NAMES) or " 503" in text or " 500" in text
 
 
-def retry(fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.2, max_delay: float = 10.0) -> T:
-    """Call ``fn`` and retry transient failures with jittered exponential backoff."""
-    for attempt in range(1, attempts + 1):
+RETRY_SECONDS_ENV = "LATENT_PIPELINE_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 60.0
+
+
+def retry_budget() -> float:
+    """How long :func:`retry` keeps retrying one operation: ``$LATENT_PIPELINE_RETRY_SECONDS``
+    (default 60 s), so that a storage outage of tens of seconds is ridden out."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS)))
+    except ValueError:
+        return DEFAULT_RETRY_SECONDS
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    budget: float | None = None,
+    base_delay: float = 0.25,
+    max_delay: float = 8.0,
+    attempts: int | None = None,
+) -> T:
+    """Call ``fn`` and retry transient failures (:func:`is_transient`) with exponential backoff
+    and full jitter (the AWS SDKs' "standard" retry mode: sleep a uniform random time in
+    ``[0, min(max_delay, base_delay * 2**n)]``) until ``budget`` seconds (default
+    :func:`retry_budget`) have passed since the first try; then the last error is raised.
+    ``attempts`` additionally caps the number of tries. Other errors are raised at once."""
+    budget = retry_budget() if budget is None else budget
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
+            if not is_transient(exc) or (attempts is not None and attempt >= attempts):
                 raise
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+            delay = random.uniform(0, min(max_delay, base_delay * 2 ** (attempt - 1)))
+            if time.monotonic() - start + delay > budget:
+                raise
             time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- listing
@@ -369,13 +516,75 @@ def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
 
 @contextmanager
 def open_read(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[IO[bytes]]:
-    """A streaming binary reader (the open itself is retried)."""
+    """A streaming binary reader. The open and every read are retried (:func:`retry`): a read
+    that fails on a transient error re-opens the file and continues at the same offset, so a
+    storage outage in the middle of a stream costs a pause, not the stream."""
     fs, path = filesystem(url, storage_options)
-    f = retry(lambda: fs.open(path, "rb"), what=f"open {redact(url)}")
+    f = _ResumingReader(fs, path, f"read {redact(url)}")
     try:
-        yield f
+        yield cast(IO[bytes], f)
     finally:
         f.close()
+
+
+class _ResumingReader(io.RawIOBase):
+    """A read-only file over ``fs.open(path)`` that re-opens and seeks back after a transient
+    error (the remote file is expected to stay as it is while it is read)."""
+
+    def __init__(self, fs: Any, path: str, what: str):
+        super().__init__()
+        self._fs, self._path, self._what = fs, path, what
+        self._pos = 0
+        self._f: Any = None
+        retry(self._file, what=what)
+
+    def _file(self) -> Any:
+        if self._f is None:
+            f = self._fs.open(self._path, "rb")
+            if self._pos:
+                f.seek(self._pos)
+            self._f = f
+        return self._f
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            with suppress(Exception):
+                f.close()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = retry(lambda: self._file().seek(offset, whence), what=self._what)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        def once() -> bytes:
+            try:
+                data = self._file().read(-1 if size is None else size)
+            except Exception:
+                self._drop()  # the next try opens the file afresh at the same offset
+                raise
+            self._pos += len(data)
+            return data
+
+        return retry(once, what=self._what)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
 
 
 def download_dir(url: str, storage_options: dict[str, Any] | None = None, cache_root: str | None = None) -> str:
@@ -391,7 +600,12 @@ def download_dir(url: str, storage_options: dict[str, Any] | None = None, cache_
         return path
     fs, path = filesystem(url, storage_options)
     root_path = path.rstrip("/")
-    listing = retry(lambda: fs.find(root_path, detail=True), what=f"walk {redact(url)}")
+
+    def _find() -> dict[str, Any]:
+        fs.invalidate_cache(root_path)  # the content identity must be read now, never a cached listing
+        return fs.find(root_path, detail=True)
+
+    listing = retry(_find, what=f"walk {redact(url)}")
     files = []
     for f, info in sorted(listing.items()):
         rel = f[len(root_path) :].lstrip("/")

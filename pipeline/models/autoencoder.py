@@ -271,7 +271,7 @@ def load(url: str, storage_options: dict | None = None) -> Autoencoder:
         scale=info.scale,
         shift=info.shift,
         weights_sha256=checkpoint.sha256(local, "ema"),
-        source=where,
+        source=storage.public_url(url),
     )
 
 
@@ -316,5 +316,5 @@ def _load_diffusers(local: str, cfg: dict[str, Any], url: str) -> Autoencoder:
         scale=cfg.get("scaling_factor") or 1.0,
         shift=cfg.get("shift_factor") or 0.0,
         weights_sha256=sha,
-        source=where,
+        source=storage.public_url(url),
     )

@@ -140,7 +140,7 @@ class TextEncoder:
             raise CheckpointError(f"{where}: hidden layer {hidden_layer} is not in -{layers}..-1")
         self.hidden_layer = hidden_layer
         self.width = int(getattr(config, "hidden_size", getattr(config, "d_model", 0)))
-        self.source = where
+        self.source = storage.public_url(url)  # stored: true, without user-info
         self._weights_sha256 = folders.digest(local, weights, where)
         self._tokenizer_sha256 = folders.digest(local, toks, where)
         self._config_sha256 = folders.digest(local, ["config.json"], where)

@@ -400,7 +400,7 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     record = {
         "shard": storage.basename(out_url),
-        "source": storage.redact(shard_url),
+        "source": storage.public_url(shard_url),
         "node": node,
         "samples": written,
         "bytes": size,

@@ -315,7 +315,7 @@ def _finish(cfg: RestoreConfig, task: str, rows: list[dict], pool: int, seconds:
         "actors": sorted({r["actor"] for r in rows if r["actor"]}),
         "pool": pool,
         "task": task,
-        "checkpoint": storage.redact(cfg.checkpoint),
+        "checkpoint": storage.public_url(cfg.checkpoint),
     }
     if report["seen"] != report["written"] + report["skipped_existing"] + report["errors"]:
         raise RuntimeError(f"restore: seen != written + skipped + errors: {report}")

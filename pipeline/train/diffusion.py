@@ -181,7 +181,7 @@ def train_loop(loop_config: dict) -> None:
         shift=man["shift"],
         residual_scale=residual_scale,
         vae_identity=man["encoder"],
-        latents=storage.redact(cfg.latents),
+        latents=storage.public_url(cfg.latents),
     )
 
     # ---- the loop
