@@ -36,10 +36,10 @@ _NOISY = (
 
 
 class RedactingFormatter(logging.Formatter):
-    """A formatter whose every line (message, traceback, stack) passes :func:`storage.redact`."""
+    """A formatter whose every line (message, traceback, stack) passes :func:`redaction.redact`."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from pipeline.io.storage import redact
+        from pipeline.redaction import redact
 
         return redact(super().format(record))
 
@@ -47,7 +47,7 @@ class RedactingFormatter(logging.Formatter):
 def _redact_record(record: logging.LogRecord) -> logging.LogRecord:
     """Make a log record fit to print, whichever handler prints it: its message rendered and
     redacted, its traceback rendered and redacted (a formatter prints the rendered text)."""
-    from pipeline.io.storage import redact
+    from pipeline.redaction import redact
 
     if getattr(record, "_redacted", False):
         return record
@@ -67,7 +67,7 @@ def _redact_record(record: logging.LogRecord) -> logging.LogRecord:
 
 
 def install_redaction() -> None:
-    """Pass every log record made in this process, by any logger, through :func:`storage.redact`
+    """Pass every log record made in this process, by any logger, through :func:`redaction.redact`
     (a record factory: it covers handlers that libraries such as Ray add later, and Python's
     last-resort handler). Idempotent."""
     factory = logging.getLogRecordFactory()
@@ -83,7 +83,7 @@ def install_redaction() -> None:
 
 def setup_logging(verbose: bool = False) -> None:
     """Plain ``pipeline`` lines on stderr; library internals only with ``verbose``. Every line
-    any logger prints, tracebacks included, passes :func:`storage.redact` first.
+    any logger prints, tracebacks included, passes :func:`redaction.redact` first.
 
     Also sets the environment that Ray workers inherit, so the libraries they load stay quiet in
     the same way. (Ray's C++ core still prints its own error lines; silencing them with

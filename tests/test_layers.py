@@ -13,7 +13,7 @@ DOC = ROOT.parent / "docs" / "ARCHITECTURE.md"
 TABLE = "the layer table in docs/ARCHITECTURE.md (section 'Layers')"
 # lowest first; a module may import its own layer and any layer before it
 LAYERS = [
-    ("base", {"pipeline.errors", "pipeline.console"}),
+    ("base", {"pipeline.errors", "pipeline.redaction", "pipeline.console"}),
     ("io", {"pipeline.io"}),
     ("options", {"pipeline.config", "pipeline.ray_setup"}),
     ("models", {"pipeline.models"}),
