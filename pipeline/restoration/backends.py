@@ -1,11 +1,19 @@
-"""The one place that tells the three kinds of restoration checkpoint apart, for the drivers
-(``restore``, ``eval``) and the actors: a latent-pipeline diffusion checkpoint (:mod:`restorer`),
-a pretrained network file that spandrel recognises (:mod:`networks`), or a diffusers
-super-resolution pipeline folder (:mod:`pipelines`)."""
+"""The restoration backends: the one list of what ``restore`` and ``eval`` can run, for the
+drivers (:func:`check`, before any Ray work) and the actors (:func:`load`).
+
+A backend claims a checkpoint URL, checks it cheaply (descriptions only, one line for a wrong
+one) and loads a :class:`RestorerLike` for a task. :data:`BACKENDS` is tried in order; the
+project's own diffusion checkpoints come last and claim whatever the others do not. Adding a
+backend is one module (its check and its restorer) and one :class:`Backend` line here.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.models import loading
@@ -13,34 +21,74 @@ from pipeline.restoration import networks, pipelines
 from pipeline.restoration.restorer import Restorer, RestoreSettings, check_compatible
 
 
-def kind(url: str, storage_options: dict | None = None) -> str:
-    """``network``, ``pipeline`` or ``checkpoint``."""
-    if networks.is_network_file(url):
-        return "network"
-    if pipelines.is_pipeline_folder(url, storage_options):
-        return "pipeline"
-    return "checkpoint"
+class RestorerLike(Protocol):
+    """What every backend's restorer offers the actors and ``eval``."""
+
+    task: str
+    scale: int
+    gain: float
+
+    def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image: ...
+
+    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]: ...
+
+
+@dataclass(frozen=True)
+class Backend:
+    """``claims(url, storage_options)``: is this backend's kind of checkpoint at ``url``;
+    ``check(url, task, storage_options, prompt)``: the task it will run, or a one-line error;
+    ``load(url, task, settings, storage_options, prompt)``: its restorer (in an actor)."""
+
+    name: str
+    claims: Callable[[str, dict | None], bool]
+    check: Callable[[str, str, dict | None, str], str]
+    load: Callable[[str, str, RestoreSettings, dict | None, str], RestorerLike]
+    takes_prompt: bool = False
+
+
+def _no_prompt(check: Callable[[str, str, dict | None], str]) -> Callable[[str, str, dict | None, str], str]:
+    return lambda url, task, so, prompt: check(url, task, so)
+
+
+BACKENDS: list[Backend] = [
+    Backend(
+        "network",
+        lambda url, so: networks.is_network_file(url),
+        _no_prompt(networks.describe),
+        lambda url, task, opts, so, prompt: networks.NetworkRestorer(url, task, opts, so),
+    ),
+    Backend(
+        "pipeline",
+        pipelines.is_pipeline_folder,
+        lambda url, task, so, prompt: pipelines.describe(url, task, so, prompt=prompt),
+        lambda url, task, opts, so, prompt: pipelines.PipelineRestorer(url, task, opts, so, prompt=prompt),
+        takes_prompt=True,
+    ),
+    Backend(  # last: whatever the others do not claim is read as a latent-pipeline checkpoint
+        "checkpoint",
+        lambda url, so: True,
+        lambda url, task, so, prompt: check_compatible(loading.describe(url, so), task),
+        lambda url, task, opts, so, prompt: Restorer(loading.load(url, so), task, opts),
+    ),
+]
+
+
+def backend_for(url: str, storage_options: dict | None = None) -> Backend:
+    """The first backend of :data:`BACKENDS` that claims ``url``."""
+    return next(b for b in BACKENDS if b.claims(url, storage_options))
 
 
 def check(url: str, task: str, storage_options: dict | None = None, prompt: str = "") -> str:
     """The task the checkpoint at ``url`` will run (``task`` or its own), or one line saying why
     it cannot; reads descriptions only, so drivers call it before any Ray work."""
-    k = kind(url, storage_options)
-    if prompt and k != "pipeline":
+    backend = backend_for(url, storage_options)
+    if prompt and not backend.takes_prompt:
         raise ConfigError(f"option 'prompt': only a {pipelines.SD_UPSCALE} folder takes a prompt")
-    if k == "network":
-        return networks.describe(url, task, storage_options)
-    if k == "pipeline":
-        return pipelines.describe(url, task, storage_options, prompt=prompt)
-    return check_compatible(loading.describe(url, storage_options), task)
+    return backend.check(url, task, storage_options, prompt)
 
 
-def load(url: str, task: str, opts: RestoreSettings, storage_options: dict | None = None, prompt: str = "") -> Any:
-    """A restorer for the checkpoint at ``url``: ``restore_many``/``restore`` and ``task``,
-    ``scale``, ``gain`` whatever its kind."""
-    k = kind(url, storage_options)
-    if k == "network":
-        return networks.NetworkRestorer(url, task, opts, storage_options)
-    if k == "pipeline":
-        return pipelines.PipelineRestorer(url, task, opts, storage_options, prompt=prompt)
-    return Restorer(loading.load(url, storage_options), task, opts)
+def load(
+    url: str, task: str, opts: RestoreSettings, storage_options: dict | None = None, prompt: str = ""
+) -> RestorerLike:
+    """The restorer of the checkpoint at ``url``, whatever its backend."""
+    return backend_for(url, storage_options).load(url, task, opts, storage_options, prompt)

@@ -99,7 +99,7 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     so = cfg.storage.options
     # a pretrained network or pipeline has no parts to compose at other gains, nor an autoencoder
     model, restorer, pretrained = None, None, None
-    if backends.kind(cfg.checkpoint, so) == "checkpoint":
+    if backends.backend_for(cfg.checkpoint, so).name == "checkpoint":
         model = loading.load(cfg.checkpoint, so)
         restorer = Restorer(model, cfg.task, cfg.settings)
     else:
