@@ -9,7 +9,6 @@ with the latent scale measured on training crops so that scaled latents have uni
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -18,43 +17,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import check_choice, check_range, option, public_dict
-from pipeline.io import imaging, storage
+from pipeline.config import option, public_dict, redefault
+from pipeline.io import checkpoint, imaging, storage
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.models import autoencoder
 from pipeline.models.quality import psnr, ssim
-from pipeline.train.crops import ImageLoopConfig, check_readable, heldout_crops, random_crop, split_shards
-from pipeline.train.loop import (
-    MetricsLog,
-    StepWindow,
-    fit,
-    grad_sync,
-    loss_text,
-    new_optimizer,
-    optimizer_step,
-    resume_or_init,
-    save_checkpoint,
-    set_lr,
-    worker_setup,
-)
-from pipeline.train.streams import BatchStream
+from pipeline.train.crops import ImageLoopConfig, heldout_crops, random_crop
+from pipeline.train.loop import LoopConfig
+from pipeline.train.pixel_loop import PixelTask, run_pixel_training
 
 log = logging.getLogger("pipeline.train_vae")
 
 
 @dataclass
 class VAETrainConfig(ImageLoopConfig):
-    preset: str = option("tiny", "autoencoder preset: tiny, small, base")
-    kl_weight: float = option(1e-6, "weight of the KL term")
-    ssim_weight: float = option(0.2, "weight of the (1 - SSIM) term")
-    lr: float = option(1e-3, "peak AdamW learning rate")
-    ema_decay: float = option(0.99, "EMA decay of the weights")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("preset", self.preset, autoencoder.PRESETS)
-        check_range("kl_weight", self.kl_weight, 0.0)
-        check_range("ssim_weight", self.ssim_weight, 0.0)
+    preset: str = option("tiny", "autoencoder preset", choices=autoencoder.PRESETS)
+    kl_weight: float = option(1e-6, "weight of the KL term", range=(0, None))
+    ssim_weight: float = option(0.2, "weight of the (1 - SSIM) term", range=(0, None))
+    lr: float = redefault(LoopConfig, "lr", 1e-3)
+    ema_decay: float = redefault(LoopConfig, "ema_decay", 0.99)
 
 
 @torch.no_grad()
@@ -70,113 +51,66 @@ def latent_scale(model: autoencoder.KLAutoencoder, images: torch.Tensor, dev) ->
     return float(1.0 / model.encode(images.to(dev)).mean.float().std().clamp_min(1e-6))
 
 
-def train_loop(loop_config: dict) -> None:
-    """One DDP rank. Runs on a Ray Train worker."""
-    import ray.train.torch
-
-    cfg: VAETrainConfig = loop_config["cfg"]
-    so = cfg.storage.options
-    rank, world, dev = worker_setup()
-    train_shards, held_shards = split_shards(cfg, "train-vae")
-
-    # ---- model, optimizer, held-out images
+def setup(cfg: VAETrainConfig, rank: int, dev: torch.device, held_shards: list[str]) -> PixelTask:
+    """The autoencoder's task for the pixel-loop skeleton (on a worker)."""
     model, kl_cfg = autoencoder.new_kl(cfg.preset, seed=cfg.seed)
     model = model.to(dev)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = new_optimizer(model, cfg)
     heldout = torch.from_numpy(np.stack([imaging.to_tensor_array(im) for im in heldout_crops(held_shards, cfg)]))
 
-    # ---- resume (restart or re-run) or warm start
-    start, resumed = resume_or_init(model, ema, opt, cfg, "autoencoder")
-    initial = resumed.metrics.get("psnr_initial") if resumed is not None else None
-    if initial is None:
-        initial = evaluate(ema, heldout, dev)["psnr"]
-    ddp = ray.train.torch.prepare_model(model)
-
-    rng = np.random.default_rng(cfg.seed * 1000 + rank + start)
-
-    def collate(items, _gen):
+    def collate(items: list, rng: np.random.Generator) -> torch.Tensor | None:
         crops = [
             imaging.to_tensor_array(c) for c in (random_crop(s, cfg.resolution, rng) for s in items) if c is not None
         ]
         return torch.from_numpy(np.stack(crops)) if crops else None
 
-    stream = iter(
-        BatchStream(
-            train_shards,
-            collate,
-            batch_size=cfg.batch_size,
-            rank=rank,
-            world=world,
-            seed=cfg.seed + start,
-            shuffle_buffer=cfg.shuffle_buffer,
-            storage_options=so,
-        )
-    )
-    metrics_log = MetricsLog(cfg.output, start, so) if rank == 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
-    window = StepWindow(cfg.batch_size * cfg.grad_accum * world)
+    def loss(ddp: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = batch.to(dev)
+        recon, post = ddp(x)
+        l1 = F.l1_loss(recon.float(), x)
+        kl = 0.5 * (post.mean.float() ** 2 + post.std.float() ** 2 - 1 - 2 * torch.log(post.std.float())).mean()
+        total = l1 + cfg.ssim_weight * (1 - ssim(recon.float().clamp(-1, 1), x).mean()) + cfg.kl_weight * kl
+        return total, {"l1": l1}
+
+    def scores_text(m: dict[str, float]) -> str:
+        return f"held-out PSNR {m['psnr']:.2f} dB (initial {m['psnr_initial']:.2f}) SSIM {m['ssim']:.3f}"
+
     info = CheckpointInfo(kind="autoencoder", model=autoencoder.kl_config_dict(kl_cfg), train=public_dict(cfg))
 
-    # ---- the loop
-    for step in range(start, cfg.steps):
-        t_step = time.perf_counter()
-        lr = set_lr(opt, step, cfg)
-        loss_sum = l1_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            t_wait = time.perf_counter()
-            x = next(stream)
-            while x is None:  # a batch of only unreadable images: take the next one
-                x = next(stream)
-            window.waited(time.perf_counter() - t_wait)
-            x = x.to(dev)
-            with grad_sync(ddp, micro, cfg, world), autocast:
-                recon, post = ddp(x)
-                l1 = F.l1_loss(recon.float(), x)
-                kl = 0.5 * (post.mean.float() ** 2 + post.std.float() ** 2 - 1 - 2 * torch.log(post.std.float())).mean()
-                loss = l1 + cfg.ssim_weight * (1 - ssim(recon.float().clamp(-1, 1), x).mean()) + cfg.kl_weight * kl
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum  # .item() syncs with the device once per micro-step
-            l1_sum += l1.item() / cfg.grad_accum
-        grad_norm = optimizer_step(ddp, opt, ema, step, cfg)
+    def before_save(ema: torch.nn.Module, metrics: dict[str, float]) -> None:
+        info.scale = latent_scale(ema, heldout, dev)  # type: ignore[arg-type]
 
-        window.step(time.perf_counter() - t_step, loss=loss_sum, l1=l1_sum, grad_norm=grad_norm)
-        done = step + 1
-        metrics: dict[str, float] = {}
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics = window.flush(lr=lr)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            scores = evaluate(ema, heldout, dev)
-            metrics.update(psnr_initial=initial, **scores)
-            if metrics_log is not None:
-                metrics_log.log(done, metrics)
-                log.info(
-                    f"[train-vae] step {done}/{cfg.steps} {loss_text(metrics)}"
-                    f"held-out PSNR {scores['psnr']:.2f} dB (initial {initial:.2f}) SSIM {scores['ssim']:.3f}"
-                )
-            info.scale, info.metrics = latent_scale(ema, heldout, dev), metrics
-            save_checkpoint(done, {"step": done, **metrics}, info, ddp, ema, opt)
-            if metrics_log is not None:
-                metrics_log.sync()
-        elif metrics_log is not None and metrics:
-            metrics_log.log(done, metrics)
+    return PixelTask(
+        model=model,
+        kind="autoencoder",
+        info=info,
+        collate=collate,
+        loss=loss,
+        scores=lambda ema: evaluate(ema, heldout, dev),  # type: ignore[arg-type]
+        scores_text=scores_text,
+        before_save=before_save,
+    )
+
+
+def initial_score(task: PixelTask, ema: torch.nn.Module, resumed: CheckpointInfo | None) -> dict[str, float]:
+    """The held-out PSNR before training, kept across resumes (every checkpoint repeats it)."""
+    initial = resumed.metrics.get("psnr_initial") if resumed is not None else None
+    return {"psnr_initial": initial if initial is not None else task.scores(ema)["psnr"]}
+
+
+def _check_init(cfg: VAETrainConfig) -> None:
+    checkpoint.load(cfg.init_from, "autoencoder", cfg.storage.options)  # a wrong one: one line
 
 
 def run_train_vae(cfg: VAETrainConfig):
-    train, held = split_shards(cfg, "train-vae")
-    check_readable(train, held, cfg, "train-vae")
-    if cfg.init_from:
-        from pipeline.io import checkpoint
-
-        checkpoint.load(cfg.init_from, "autoencoder", cfg.storage.options)
-    log.info(
-        f"[train-vae] {cfg.workers} worker(s), preset {cfg.preset}, {len(train)} training shard(s), "
-        f"{len(held)} held-out -> {storage.redact(cfg.output)}"
-    )
     t0 = time.time()
-    result = fit(train_loop, {"cfg": cfg}, cfg)
-    if result.error:
-        raise result.error
+    result = run_pixel_training(
+        cfg,
+        "train-vae",
+        setup,
+        on_resume=initial_score,
+        check_init=lambda: _check_init(cfg),
+        describe=f"preset {cfg.preset}",
+    )
     m = result.metrics
     log.info(
         f"[train-vae] finished step {m.get('step')} in {time.time() - t0:.0f}s: held-out PSNR "
