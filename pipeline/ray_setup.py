@@ -3,6 +3,7 @@ local; and checking a job's resource request against the cluster before anything
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -27,6 +28,8 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if local and num_cpus:
         kwargs["num_cpus"] = num_cpus
+    if not _job_has_setup_hook():
+        kwargs["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.{point_state_api_here.__name__}"}
     # "local" starts this run's own Ray: never Ray's auto-detection, which joins whatever local
     # Ray runs (or once ran: a crashed head leaves its record behind) on the machine
     ray.init(
@@ -36,6 +39,31 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
         **kwargs,
     )
     quiet_libraries(verbose)
+
+
+def point_state_api_here() -> None:
+    """Worker set-up hook (every worker process of this run's jobs): make Ray's own "which
+    cluster?" look-ups find the cluster this worker belongs to.
+
+    Ray Train v2's placement-group cleaner (a detached actor) asks the State API about the
+    controller with no address, and the State API then auto-detects a cluster from the
+    machine's running GCS processes: with a second Ray on the machine (another run, a test
+    session's Ray) that fails with ``Found multiple active Ray instances`` and a traceback on the
+    console. ``RAY_ADDRESS`` is what that look-up reads first."""
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def _job_has_setup_hook() -> bool:
+    """Whether a submitted job (``ray job submit --runtime-env``) already brings its own worker
+    set-up hook: ray.init refuses a second one, so the job's is kept."""
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not injected:
+        return False
+    try:
+        runtime_env = json.loads(injected).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return False
+    return "worker_process_setup_hook" in runtime_env
 
 
 def cluster_slots(num_cpus: float, num_gpus: float, reserve_cpus: float = 0.0) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import StorageOptions, group, option, require
+from pipeline.config import ConfigError, StorageOptions, group, option, require
 from pipeline.io import checkpoint, manifest, storage
 from pipeline.io.manifest import ManifestError
 from pipeline.io.tarshards import iter_samples
@@ -160,19 +160,55 @@ def inspect(cfg: InspectConfig) -> dict[str, Any]:
             "latent_shape": info.latent_shape,
             "metrics": info.metrics,
         }
-    spec = url if url.endswith(".tar") or "*" in url or "{" in url else storage.join(url, "*.tar")
+    return inspect_image_shards(url, so)
+
+
+def _shard_spec(url: str, so: dict | None) -> str:
+    """The shard spec ``url`` names: itself (a tar file, a glob or brace range) or the ``.tar``
+    files of a folder; anything else (a missing path, a device, a folder of no known kind) is
+    refused naming it."""
+    if not storage.exists(url, so):
+        if any(c in url for c in "*?[{"):
+            return url  # a pattern: storage.expand names it when it matches nothing
+        raise ConfigError(f"not found: {storage.redact(url)}")
+    fs, path = storage.filesystem(url, so)
+    if fs.isdir(path):
+        spec = storage.join(url, "*.tar")
+        if not storage.expand(spec, so, must_exist=False):
+            raise ConfigError(
+                f"{storage.redact(url)}: not a latent dataset (no {manifest.MANIFEST_NAME}), a checkpoint "
+                f"(no {checkpoint.CONFIG_NAME}) or a folder of image shards (no .tar files)"
+            )
+        return spec
+    if not fs.isfile(path):
+        raise ConfigError(f"{storage.redact(url)}: not a file or folder that inspect can read (a device?)")
+    return url
+
+
+def inspect_image_shards(url: str, so: dict | None) -> dict[str, Any]:
+    """Counts of an image-shard set: shards, samples, fields, unreadable samples by reason.
+
+    A file that is not a tar at all (nothing readable from its first byte) is listed under
+    ``not_tar``; a set where no shard is a tar is refused."""
     exts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     samples = 0
-    shards = storage.expand(spec, so)
+    not_tar: dict[str, str] = {}
+    shards = storage.expand(_shard_spec(url, so), so)
     for shard in shards:
         with storage.open_read(shard, so) as f:
-            for s in iter_samples(f):
+            for i, s in enumerate(iter_samples(f)):
+                if i == 0 and s.error == "corrupt_tar" and not s.key:
+                    not_tar[storage.redact(shard)] = s.detail or s.error
+                    break
                 samples += 1
                 if s.error:
                     errors[s.error] += 1
                 exts.update(s.fields.keys())
-    return {
+    if len(not_tar) == len(shards):
+        first, why = next(iter(not_tar.items()))
+        raise ConfigError(f"{first}: not a readable tar shard ({why})")
+    out: dict[str, Any] = {
         "kind": "image-shards",
         "url": storage.redact(url),
         "shards": len(shards),
@@ -180,6 +216,9 @@ def inspect(cfg: InspectConfig) -> dict[str, Any]:
         "fields": dict(exts),
         "unreadable": dict(errors),
     }
+    if not_tar:
+        out["not_tar"] = sorted(not_tar)
+    return out
 
 
 def run_inspect(cfg: InspectConfig) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         require(self, "checkpoint", "out")
+        if self.out.endswith("/"):
+            raise ConfigError(f"option 'out': {storage.redact(self.out)} names a folder; give the PNG file to write")
         self.checkpoint, self.out = storage.absolute(self.checkpoint), storage.absolute(self.out)
         storage.check_separate(self.out, {"checkpoint": self.checkpoint}, option="out")
         check_choice("sampler", self.sampler, flow.SAMPLERS)
@@ -52,6 +54,25 @@ class SampleConfig:
         if not (0 <= self.width <= 16384 and 0 <= self.height <= 16384) or (self.width == 0) != (self.height == 0):
             raise ConfigError("options 'width' and 'height' go together, each in 1..16384 (or both 0: the default)")
         self.text_encoder = [storage.absolute(u) for u in self.text_encoder]
+        try:
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # an undecodable byte in argv arrives as a lone surrogate
+            raise ConfigError(
+                f"option 'prompt' is not valid UTF-8 text (a stray byte at character {exc.start + 1})"
+            ) from None
+
+
+def check_out(cfg: SampleConfig) -> None:
+    """``--out`` is the PNG file to write: refuse a folder (or a prefix with objects under it)
+    before anything is computed, and a place that cannot be written."""
+    so = cfg.storage.options
+    fs, path = storage.filesystem(cfg.out, so)
+    if storage.retry(lambda: fs.isdir(path), what=f"check {storage.redact(cfg.out)}"):
+        raise ConfigError(
+            f"option 'out': {storage.redact(cfg.out)} is a folder; give the PNG file to write "
+            f"(e.g. {storage.redact(storage.join(cfg.out, 'samples.png'))})"
+        )
+    storage.probe_writable(cfg.out.rsplit("/", 1)[0] if "/" in cfg.out else ".", so)
 
 
 def latent_shape(cfg: SampleConfig, info) -> list[int] | None:
@@ -88,7 +109,7 @@ def run_sample(cfg: SampleConfig) -> Image.Image:
     if (cfg.prompt or cfg.text_encoder) and not info.text_encoders:
         raise ConfigError("options 'prompt'/'text-encoder': this checkpoint is not text-conditioned")
     shape = latent_shape(cfg, info)
-    storage.probe_writable(cfg.out.rsplit("/", 1)[0] if "/" in cfg.out else ".", so)
+    check_out(cfg)
     model = loading.load(cfg.checkpoint, so)
     text_kw: dict = {}
     if info.text_encoders:

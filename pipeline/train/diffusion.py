@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import ConfigError, option, public_dict, require
 from pipeline.io import checkpoint, imaging, manifest, storage
-from pipeline.io.checkpoint import CheckpointInfo
+from pipeline.io.checkpoint import CheckpointError, CheckpointInfo
 from pipeline.models import autoencoder, denoiser, flow, text
 from pipeline.models.degrade import TASKS, residual_target
 from pipeline.models.refiner import load as load_refiner
@@ -331,6 +331,43 @@ def check_model_fits(cfg: TrainConfig, man: dict) -> None:
         raise ConfigError("option 'task': restoration tasks train on square latents, this dataset is bucketed")
 
 
+# what each architecture field is called in a message, and which input of this run decides it
+_FIELD_NAMES = {
+    "text_dim": ("text width", "the latent dataset's text encoders and --text"),
+    "pooled_dim": ("pooled text width", "the latent dataset's text encoders and --text"),
+    "latent_channels": ("latent channels", "the latent dataset"),
+    "cond_channels": ("task-view channels", "--task"),
+    "num_classes": ("classes", "--num-classes"),
+}
+
+
+def check_init_from(cfg: TrainConfig, man: dict) -> None:
+    """Refuse, on the driver, an ``--init-from`` checkpoint whose denoiser is not the one this run
+    builds (another text width, latent channels, task, classes or size): its weights would not
+    load, and the workers would find out only after starting."""
+    _, info = checkpoint.load(cfg.init_from, "diffusion", cfg.storage.options)
+    try:
+        have = denoiser.to_dict(denoiser.config_from_dict(info.model))
+    except (TypeError, ValueError) as exc:
+        where = storage.redact(cfg.init_from)
+        raise CheckpointError(f"option 'init-from': {where}: unusable model config ({exc})") from None
+    want = denoiser.to_dict(model_config(cfg, man))
+    differ = [k for k in sorted(want.keys() | have.keys()) if want.get(k) != have.get(k)]
+    if not differ:
+        return
+    named = [k for k in _FIELD_NAMES if k in differ]
+    if named:
+        sources = ", ".join(dict.fromkeys(_FIELD_NAMES[k][1] for k in named))
+        what = "; ".join(
+            f"{_FIELD_NAMES[k][0]} {have.get(k) or 'none'} in the checkpoint, {want.get(k) or 'none'} for this run"
+            for k in named
+        )
+        what += f" (set by {sources})"
+    else:
+        what = f"another denoiser size than --model {cfg.model} ({', '.join(differ)} differ)"
+    raise ConfigError(f"option 'init-from': {storage.redact(cfg.init_from)} does not fit this run: {what}")
+
+
 def train_model(cfg: TrainConfig):
     """Check the inputs on the driver, then run the loop on Ray Train; returns Ray's Result."""
     so = cfg.storage.options
@@ -339,14 +376,14 @@ def train_model(cfg: TrainConfig):
         raise ConfigError(f"the latent dataset has no '{cfg.task}' view; encode with --tasks {cfg.task}")
     autoencoder.load(_vae_url(cfg, man), so)  # refuse a missing or wrong autoencoder on the driver
     check_model_fits(cfg, man)
+    if cfg.init_from:
+        check_init_from(cfg, man)
     if not cfg.gpus_per_worker:  # CPU training: weights, EMA, gradients and AdamW state live in RAM
         from pipeline.ray_setup import check_memory, ensure_ray
 
         ensure_ray(cfg.ray.address)
         params = parameter_count(cfg, man)
         check_memory(params * BYTES_PER_PARAMETER, cfg.workers, "model", f"model {cfg.model} ({params / 1e6:.0f}M)")
-    if cfg.init_from:
-        checkpoint.load(cfg.init_from, "diffusion", so)
     if cfg.refiner:  # a wrong path, kind or task fails here, in one line
         load_refiner(cfg.refiner, so, task=cfg.task)
     if cfg.calibration_images and not storage.list_files(cfg.calibration_images, imaging.IMAGE_SUFFIXES, so):
