@@ -1,12 +1,13 @@
-"""What both training loops share: the loop options, Ray Train placement, checkpoints, metrics.
+"""What every training loop shares: the loop options, Ray Train placement, checkpoints, metrics.
 
-The loops themselves (``train_diffusion.py``, ``train_vae.py``) stay explicit and read top to
-bottom; this module only holds the plumbing they call:
+The loops themselves stay explicit and read top to bottom: the diffusion loop in
+``train/diffusion.py`` and the one skeleton of the two pixel-space loops (``train-vae``,
+``train-refiner``) in ``train/pixel_loop.py``. This module only holds the plumbing they call:
 
-* :class:`LoopConfig`: options common to both loops;
+* :class:`LoopConfig`: options common to every loop;
 * :func:`fit`: build the ``TorchTrainer`` (workers, GPUs, failure policy, checkpoint pruning,
   storage on disk or object storage) and run a loop function;
-* the steps both loops take in the same way, so they cannot drift: :func:`resume_or_init`,
+* the steps every loop takes in the same way, so they cannot drift: :func:`resume_or_init`,
   :func:`set_lr`, :func:`grad_sync`, :func:`optimizer_step`, :func:`save_checkpoint` (the
   optimizer state flattened into safetensors + JSON so that loading never unpickles);
 * :class:`MetricsLog`: JSONL + TensorBoard on rank 0, copied to the output.
@@ -34,7 +35,7 @@ from pipeline.io.checkpoint import RUN_NAME, CheckpointInfo
 
 @dataclass
 class LoopConfig:
-    """Options both training loops share (composed into ``TrainConfig`` and ``VAETrainConfig``)."""
+    """Options every training loop shares (composed into each verb's config)."""
 
     output: str = option("", "output folder/URL: checkpoints, metrics.jsonl, tensorboard/, samples/")
     workers: int = option(1, "Ray Train workers (one DDP rank each)", range=(1, None))
