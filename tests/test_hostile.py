@@ -568,3 +568,42 @@ def test_review_findings_stay_fixed(tmp_path, ray_cluster):
     from pipeline.train.autoencoder import VAETrainConfig
 
     assert from_args(VAETrainConfig, args, section="train_vae").steps == 7
+
+
+# --------------------------------------------------------------------------- a folder of shards as --input
+
+
+def test_a_folder_of_shards_stands_for_its_shards_and_a_folder_without_any_is_one_line(tmp_path, capsys, vae_dir):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ("b.tar", "a.tar.gz", "c.tgz"):
+        write_tar(str(shards / name), [("k.png", encode_image(photo_crops(1, 32)[0]))])
+    (shards / "_index.json").write_text("{}")
+    (shards / ".hidden.tar").write_bytes(b"")
+    got = tarshards.expand_shards(str(shards), option="input")
+    assert got == [str(shards / n) for n in ("a.tar.gz", "b.tar", "c.tgz")]
+    # encode and restore read the same folder as its shards
+    from pipeline.stages.encode import shard_pairs
+
+    cfg = from_dict(EncodeConfig, {"input": str(shards), "output": str(tmp_path / "lat"), "vae": vae_dir})
+    assert [n for _, n in shard_pairs(cfg)] == ["a.tar", "b.tar", "c.tar"]
+    rcfg = from_dict(RestoreConfig, {"input": str(shards), "output": str(tmp_path / "r"), "checkpoint": vae_dir})
+    items, errors = list_inputs(rcfg)
+    assert [i["url"] for i in items] == got and errors == []
+    # a folder of images is still a folder of images
+    write_photo_folder(str(tmp_path / "photos"), n=2)
+    pcfg = from_dict(
+        RestoreConfig, {"input": str(tmp_path / "photos"), "output": str(tmp_path / "r"), "checkpoint": vae_dir}
+    )
+    assert all(i["rel"] for i in list_inputs(pcfg)[0])
+    # a folder without shards: one line naming the option, and nothing written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    out = tmp_path / "lat2"
+    rc, err = _cli(capsys, "encode", "--input", str(empty), "--output", str(out), "--vae", vae_dir)
+    line = _one_line(err)
+    assert rc == 2 and "'input'" in line and "folder without shards" in line, line
+    assert not out.exists()
+    rc, err = _cli(capsys, "train-vae", "--images", str(empty), "--output", str(tmp_path / "v"), "--steps", "1")
+    assert rc == 2 and "'images'" in _one_line(err)

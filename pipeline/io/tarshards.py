@@ -205,3 +205,32 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 def load_npy(data: bytes) -> np.ndarray:
     """A ``.npy`` member as an array; object arrays (pickles) are refused by numpy."""
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def expand_shards(spec: str, storage_options: dict | None = None, *, option: str = "input") -> list[str]:
+    """The shard URLs ``spec`` names (:func:`storage.expand`: brace ranges, globs, files, a
+    comma-separated list), where a folder stands for the shard files in it (sorted; hidden files
+    left out). A folder without shards is a ConfigError naming ``option``."""
+    from pipeline.errors import ConfigError
+    from pipeline.io import storage
+
+    out: list[str] = []
+    for url in storage.expand(spec, storage_options):
+        if url.endswith(SHARD_SUFFIXES):  # no look-up for what is named as a shard (thousands on S3)
+            out.append(url)
+            continue
+        fs, path = storage.filesystem(url, storage_options)
+        if not fs.isdir(path):
+            out.append(url)
+            continue
+        found = storage.expand(storage.join(url, "*"), storage_options, must_exist=False)
+        shards = [u for u in found if u.endswith(SHARD_SUFFIXES)]
+        if not shards:
+            raise ConfigError(
+                f"option {option!r}: {storage.redact(url)} is a folder without shards ({', '.join(SHARD_SUFFIXES)})"
+            )
+        out.extend(shards)
+    return list(dict.fromkeys(out))

@@ -43,7 +43,7 @@ from pipeline.config import (
 )
 from pipeline.console import Progress, format_seconds
 from pipeline.io import buckets, checkpoint, imaging, manifest, storage
-from pipeline.io.tarshards import npy_bytes
+from pipeline.io.tarshards import expand_shards, npy_bytes
 from pipeline.models.degrade import TASKS
 from pipeline.stages.encode_worker import (
     SETTINGS_NAME,
@@ -238,7 +238,7 @@ def output_name(shard_url: str) -> str:
 
 def shard_pairs(cfg: EncodeConfig) -> list[tuple[str, str]]:
     """(input URL, output shard name) for every input shard; names must be unique."""
-    inputs = storage.expand(cfg.input, cfg.storage.options)
+    inputs = expand_shards(cfg.input, cfg.storage.options, option="input")
     pairs = [(u, output_name(u)) for u in inputs]
     names = Counter(n for _, n in pairs)
     dup = [n for n, c in names.items() if c > 1]

@@ -39,7 +39,7 @@ from pipeline.config import (
 )
 from pipeline.console import Progress, format_seconds
 from pipeline.io import imaging, storage
-from pipeline.io.tarshards import iter_samples
+from pipeline.io.tarshards import SHARD_SUFFIXES, expand_shards, iter_samples
 from pipeline.models.degrade import RESTORE_TASKS, UPSCALE_TASKS
 from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.restore_actor import EXISTS, FORMATS, NO_SPACE, RestoreActor, output_name
@@ -106,7 +106,19 @@ class RestoreConfig:
 
 
 def _is_shards(cfg: RestoreConfig) -> bool:
-    return any(p.strip().endswith((".tar", ".tar}", ".tgz", ".tar.gz")) for p in cfg.input.split(","))
+    """Whether ``--input`` names image shards: shard files or patterns, or a folder that holds
+    shards and no image (the output of ``shards``, say)."""
+    specs = [p.strip() for p in cfg.input.split(",")]
+    if any(p.endswith((*SHARD_SUFFIXES, ".tar}")) for p in specs):
+        return True
+    so = cfg.storage.options
+    if len(specs) != 1 or any(c in specs[0] for c in "*?[{") or not storage.exists(specs[0], so):
+        return False
+    fs, path = storage.filesystem(specs[0], so)
+    if not fs.isdir(path):
+        return False
+    names = [u.lower() for u in storage.expand(storage.join(specs[0], "*"), so, must_exist=False)]
+    return any(n.endswith(SHARD_SUFFIXES) for n in names) and not any(n.endswith(imaging.IMAGE_SUFFIXES) for n in names)
 
 
 def list_inputs(cfg: RestoreConfig) -> tuple[list[dict], list[dict]]:
@@ -114,7 +126,7 @@ def list_inputs(cfg: RestoreConfig) -> tuple[list[dict], list[dict]]:
     of inputs refused up front (unsafe names, output-name collisions, formats not allowed)."""
     so = cfg.storage.options
     if _is_shards(cfg):
-        return [{"url": u, "rel": ""} for u in storage.expand(cfg.input, so)], []
+        return [{"url": u, "rel": ""} for u in expand_shards(cfg.input, so, option="input")], []
     listed = storage.list_files(cfg.input, (), so, hidden=True)
     if not listed:
         raise FileNotFoundError(f"no files under {storage.redact(cfg.input)}")

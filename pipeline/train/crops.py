@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError, option, require
 from pipeline.io import imaging, storage
-from pipeline.io.tarshards import iter_samples
+from pipeline.io.tarshards import expand_shards, iter_samples
 from pipeline.train.loop import LoopConfig
 
 
@@ -37,9 +37,9 @@ class ImageLoopConfig(LoopConfig):
 
 def split_shards(cfg: ImageLoopConfig, verb: str) -> tuple[list[str], list[str]]:
     """(training shards, held-out shards): ``--heldout``, else the last input shard."""
-    train = storage.expand(cfg.images, cfg.storage.options)
+    train = expand_shards(cfg.images, cfg.storage.options, option="images")
     if cfg.heldout:
-        return train, storage.expand(cfg.heldout, cfg.storage.options)
+        return train, expand_shards(cfg.heldout, cfg.storage.options, option="heldout")
     if len(train) < 2:
         raise ConfigError(f"{verb} needs a --heldout shard set, or at least 2 input shards (the last one is held out)")
     return train[:-1], train[-1:]
