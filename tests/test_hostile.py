@@ -607,3 +607,18 @@ def test_a_folder_of_shards_stands_for_its_shards_and_a_folder_without_any_is_on
     assert not out.exists()
     rc, err = _cli(capsys, "train-vae", "--images", str(empty), "--output", str(tmp_path / "v"), "--steps", "1")
     assert rc == 2 and "'images'" in _one_line(err)
+
+
+def test_progress_totals_count_every_input_the_refused_ones_too(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_photo_folder(str(src), n=4)
+    (src / "notes.txt").write_text("not an image")
+    (src / "scan.xcf").write_bytes(b"gimp")
+    seen = 4 + 2  # the photos and the two files of other formats (a caption sidecar is no input)
+    rc = cli.main(["shards", str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    progress = [ln for ln in err.splitlines() if "[shards] images " in ln]
+    assert rc == 0 and progress, err
+    assert progress[-1].split()[2] == f"{seen}/{seen}", progress[-1]
+    totals = json.loads((tmp_path / "out" / "_index.json").read_text())["totals"]
+    assert totals["seen"] == seen and totals["written"] == 4

@@ -305,7 +305,9 @@ def _run_pool(
         num_gpus=cfg.gpus_per_actor or None,
     )
     log.info(f"[restore] {len(todo)} to do on {pool} actor(s)")
-    progress = Progress("restore", total=None if shards else len(todo), unit="images", logger=log)
+    # every input counts: those skipped (done before) and refused up front are already done
+    progress = Progress("restore", total=None if shards else len(todo) + len(rows), unit="images", logger=log)
+    progress.done = len(rows)
     for row in ds.iter_rows():
         rows.append(row)
         progress.advance()

@@ -151,7 +151,9 @@ def run_shards(cfg: ShardsConfig) -> dict:
     errors: list[dict] = list(refused)
     shards: list[dict] = []
     written = 0
-    progress = Progress("shards", total=len(images), unit="images", logger=log)
+    # every input counts, the ones refused up front (formats, names) too: they are done already
+    progress = Progress("shards", total=len(images) + len(refused), unit="images", logger=log)
+    progress.done = len(refused)
     batch: list[tuple[str, dict[str, bytes]]] = []
 
     def flush() -> None:
