@@ -421,3 +421,28 @@ def test_killed_driver_resumes_and_output_identical(slow_job, tiny_vae, ray_clus
     assert f"{done_before} already done" in output or "already done" in output
     assert not watcher.bad
     _assert_same_as_reference(out, ref)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 KiB tmpfs: a real device that fills up (needs root, as CI and these machines run)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_ends_the_job_in_one_line_saying_so(tmp_path, ray_cluster, tiny_vae, small_disk, capsys):
+    from pipeline import cli
+
+    for s in range(3):
+        crops = photo_crops(12, 64, seed=s)
+        write_tar(str(tmp_path / f"in-{s}.tar"), [(f"k{s}_{i}.png", encode_image(im)) for i, im in enumerate(crops)])
+    argv = ["encode", "--input", str(tmp_path / "in-*.tar"), "--output", str(small_disk / "lat"), "--vae", tiny_vae]
+    rc = cli.main([*argv, "--resolution", "64", "--latent-dtype", "float32"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ": error: " in ln]
+    assert rc == 1 and len(lines) == 1 and "no space left on the device" in lines[0], err
+    assert "Traceback" not in err and "RayTaskError" not in err and "re-run the same command" not in err

@@ -21,6 +21,7 @@ runs in its worker process, is :mod:`pipeline.stages.encode_worker`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -42,6 +43,7 @@ from pipeline.config import (
     require,
 )
 from pipeline.console import Progress, format_seconds
+from pipeline.errors import UserError
 from pipeline.io import buckets, checkpoint, imaging, manifest, storage
 from pipeline.io.tarshards import expand_shards, npy_bytes
 from pipeline.models.degrade import TASKS
@@ -350,9 +352,16 @@ def _encode_shards(
             name = running.pop(ref)
             try:
                 rec = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - reported, job continues
+            except Exception as exc:  # noqa: BLE001 - reported, job continues unless no shard can succeed
+                cause = getattr(exc, "cause", None) or exc
+                if isinstance(cause, UserError) or _disk_full(cause):
+                    # another run took the output over, or the disk is full: no other shard can commit
+                    for other in running:
+                        ray.cancel(other)
+                    raise cause from None
                 failures.append(name)
-                log.warning(storage.redact(f"[encode] shard {name} failed: {type(exc).__name__}: {str(exc)[:300]}"))
+                first = (str(cause).strip().splitlines() or [""])[0][:300]
+                log.warning(storage.redact(f"[encode] shard {name} failed: {type(cause).__name__}: {first}"))
                 continue
             done[name] = rec
             samples += rec["written"]
@@ -363,6 +372,10 @@ def _encode_shards(
             f"{len(failures)} shard(s) failed ({', '.join(failures[:5])}); re-run the same command to retry them"
         )
     return done
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
 def _build_manifest(
