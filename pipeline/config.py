@@ -221,12 +221,6 @@ def check_range(
         raise ConfigError(f"option {flag_of(name)!r} must be a finite number {where}, got {value!r}")
 
 
-def check_choice(name: str, value: str, choices: typing.Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ConfigError(f"option {flag_of(name)!r}: {value!r} is not one of {', '.join(choices)}")
-
-
 def flag_of(name: str) -> str:
     return name.rstrip("_").replace("_", "-")
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.config import ConfigError, check_choice, check_range, option
+from pipeline.config import ConfigError, check_limits, option
 from pipeline.io.checkpoint import CheckpointInfo
 from pipeline.io.imaging import from_tensor_array, to_tensor_array
 from pipeline.models import degrade, denoiser, flow
@@ -66,31 +66,28 @@ class RestoreSettings:
         "fidelity: the posterior mean, one model evaluation from pure noise (the estimate closest to the "
         "original on average: highest PSNR, softer texture; the default for bulk work); detail: a posterior "
         "sample in --steps steps (sharper, plausible texture, lower PSNR: the perception-distortion trade-off)",
+        choices=MODES,
     )
-    steps: int = option(20, "sampler steps in detail mode")
+    steps: int = option(20, "sampler steps in detail mode", range=(1, 10000))
     gain: float | None = option(
         None,
         "detail gain of a task model (0: exactly the classical base; default: the gain calibrated when "
         "the model was trained, else 1)",
+        range=(0, 10),
     )
-    noise: float = option(1.0, "zero-shot only (unconditional checkpoint): SDEdit noise level t0 in [0, 1]")
-    tile: int = option(256, "tile size in output pixels (memory is bounded by it)")
-    overlap: int = option(32, "tile overlap in pixels")
+    noise: float = option(1.0, "zero-shot only (unconditional checkpoint): SDEdit noise level t0", range=(0, 1))
+    tile: int = option(256, "tile size in output pixels (memory is bounded by it)", range=(32, 8192))
+    overlap: int = option(32, "tile overlap in pixels (less than half the tile)", range=(0, None))
     seed: int = option(0, "random seed")
-    sampler: str = option("euler", "euler or heun")
-    color_fix: str = option("none", "colour correction to the classical base: none or adain")
+    sampler: str = option("euler", "sampler", choices=flow.SAMPLERS)
+    color_fix: str = option("none", "colour correction to the classical base", choices=COLOR_FIXES)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.steps <= 10000:
-            raise ConfigError("option 'steps' must be in 1..10000")
-        if self.gain is not None:
-            check_range("gain", self.gain, 0.0, 10.0)
-        check_range("noise", self.noise, 0.0, 1.0)
-        if not 32 <= self.tile <= 8192 or not 0 <= self.overlap < self.tile // 2:
-            raise ConfigError("option 'tile' must be in 32..8192 and 'overlap' in [0, tile/2)")
-        check_choice("sampler", self.sampler, flow.SAMPLERS)
-        check_choice("mode", self.mode, MODES)
-        check_choice("color_fix", self.color_fix, COLOR_FIXES)
+        check_limits(self)
+        if self.overlap >= self.tile // 2:
+            raise ConfigError(
+                f"option 'overlap' must be less than half the tile (--tile {self.tile}), got {self.overlap}"
+            )
 
 
 def check_compatible(info: CheckpointInfo, task: str) -> str:

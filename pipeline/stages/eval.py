@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError, StorageOptions, group, option, require, to_dict
+from pipeline.config import ConfigError, StorageOptions, check_limits, group, option, require, to_dict
 from pipeline.io import imaging, storage
 from pipeline.models import degrade, loading
 from pipeline.models.quality import psnr, psnr_y, ssim
@@ -49,7 +49,7 @@ def never_worse(psnrs: list[float], floor: list[float]) -> bool:
 
 @dataclass
 class EvalConfig:
-    task: str = option("upscale4", f"one of {', '.join(degrade.TASKS)}")
+    task: str = option("upscale4", "restoration task", choices=degrade.TASKS, noun="task")
     checkpoint: str = option(
         "",
         "diffusion checkpoint (or a training output), or a pretrained network file (spandrel) or diffusers "
@@ -62,17 +62,15 @@ class EvalConfig:
         "(default: made from --images with the task's degradation)",
     )
     out: str = option("eval", "folder for eval.json and side_by_side.png")
-    max_images: int = option(16, "images scored at most")
+    max_images: int = option(16, "images scored at most", range=(1, None))
     settings: RestoreSettings = group(RestoreSettings)  # the same settings `restore` runs with
     storage: StorageOptions = group(StorageOptions, private=True)
 
     def __post_init__(self) -> None:
-        degrade.check_task(self.task)
+        check_limits(self)
         require(self, "checkpoint", "images", "out")
         self.checkpoint, self.images, self.out = (storage.absolute(u) for u in (self.checkpoint, self.images, self.out))
         self.lowres = storage.absolute(self.lowres)
-        if self.max_images < 1:
-            raise ConfigError("option 'max-images' must be >= 1")
         storage.check_separate(
             self.out, {"images": self.images, "checkpoint": self.checkpoint, "lowres": self.lowres}, option="out"
         )

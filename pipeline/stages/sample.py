@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pipeline.config import ConfigError, StorageOptions, check_choice, group, option, require
+from pipeline.config import ConfigError, StorageOptions, check_limits, group, option, require
 from pipeline.io import storage
 from pipeline.models import denoiser, flow, loading, text
 from pipeline.models.generate import generate, grid
@@ -21,16 +21,18 @@ MAX_AREA_OVER_TRAINED = 16  # a larger canvas than this is refused (a model does
 class SampleConfig:
     checkpoint: str = option("", "diffusion checkpoint directory, or a training output (latest checkpoint)")
     out: str = option("samples.png", "output PNG (a grid of the samples)")
-    n: int = option(16, "number of samples", short="n")
-    steps: int = option(30, "sampler steps")
-    sampler: str = option("euler", "euler or heun")
-    cfg_scale: float = option(1.0, "classifier-free guidance scale (1: off)")
+    n: int = option(16, "number of samples", short="n", range=(1, 4096))
+    steps: int = option(30, "sampler steps", range=(1, 10000))
+    sampler: str = option("euler", "sampler", choices=flow.SAMPLERS)
+    cfg_scale: float = option(1.0, "classifier-free guidance scale (1: off)", range=(-1000, 1000))
     class_: list[int] = option([], "class ids to condition on (cycled over the samples)")
     prompt: str = option(
         "", "text-to-image checkpoints: the caption to draw (empty: the unconditional model, no text encoder loaded)"
     )
-    width: int = option(0, "image width in pixels (0: the checkpoint's default bucket); a multiple of its grid")
-    height: int = option(0, "image height in pixels (0: the checkpoint's default bucket)")
+    width: int = option(
+        0, "image width in pixels (0: the checkpoint's default bucket); a multiple of its grid", range=(0, 16384)
+    )
+    height: int = option(0, "image height in pixels (0: the checkpoint's default bucket)", range=(0, 16384))
     text_encoder: list[str] = option(
         [],
         "text encoder folder(s) to embed the prompt with, in training order (default: the paths recorded in "
@@ -46,13 +48,10 @@ class SampleConfig:
             raise ConfigError(f"option 'out': {storage.redact(self.out)} names a folder; give the PNG file to write")
         self.checkpoint, self.out = storage.absolute(self.checkpoint), storage.absolute(self.out)
         storage.check_separate(self.out, {"checkpoint": self.checkpoint}, option="out")
-        check_choice("sampler", self.sampler, flow.SAMPLERS)
-        if not 1 <= self.n <= 4096 or not 1 <= self.steps <= 10000:
-            raise ConfigError("options 'n' (1..4096) and 'steps' (1..10000) are out of range")
-        if not self.cfg_scale == self.cfg_scale or abs(self.cfg_scale) > 1e3:
-            raise ConfigError("option 'cfg-scale' must be a finite number")
-        if not (0 <= self.width <= 16384 and 0 <= self.height <= 16384) or (self.width == 0) != (self.height == 0):
-            raise ConfigError("options 'width' and 'height' go together, each in 1..16384 (or both 0: the default)")
+        check_limits(self)
+        if (self.width == 0) != (self.height == 0):
+            name = "height" if self.width else "width"
+            raise ConfigError(f"option {name!r} is needed with --{'width' if self.width else 'height'} (or neither)")
         self.text_encoder = [storage.absolute(u) for u in self.text_encoder]
         try:
             self.prompt.encode("utf-8")

@@ -30,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.config import ConfigError, JobFailed, StorageOptions, group, option, require
+from pipeline.config import ConfigError, JobFailed, StorageOptions, check_limits, group, option, require
 from pipeline.console import Progress
 from pipeline.io import imaging, storage
 from pipeline.io.tarshards import TarShardWriter
@@ -45,9 +45,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 class ShardsConfig:
     src: str = option("", "folder of images, or a .txt file listing image paths/URLs")
     out: str = option("", "output folder/prefix for shard-NNNNNN.tar files")
-    samples_per_shard: int = option(1000, "samples per output shard")
+    samples_per_shard: int = option(1000, "samples per output shard", range=(1, None))
     class_from: str = option("", "'' (no classes), 'folder', or a JSON file mapping folder/path -> id")
-    max_pixels: int = option(imaging.DEFAULT_MAX_PIXELS, "skip images with more pixels (decompression bombs)")
+    max_pixels: int = option(
+        imaging.DEFAULT_MAX_PIXELS, "skip images with more pixels (decompression bombs)", range=(1, None)
+    )
     overwrite: bool = option(False, "replace the shards of an earlier run in OUT")
     storage: StorageOptions = group(StorageOptions, private=True)
 
@@ -56,8 +58,7 @@ class ShardsConfig:
         self.src, self.out = storage.absolute(self.src), storage.absolute(self.out)
         if self.class_from and self.class_from != "folder":
             self.class_from = storage.absolute(self.class_from)
-        if self.samples_per_shard < 1 or self.max_pixels < 1:
-            raise ConfigError("options 'samples-per-shard' and 'max-pixels' must be >= 1")
+        check_limits(self)
         src_root = self.src.rsplit("/", 1)[0] if self.src.endswith(".txt") else self.src
         storage.check_separate(self.out, {"src": src_root}, option="out")
 
