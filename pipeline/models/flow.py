@@ -92,44 +92,50 @@ def timesteps(steps: int, t_start: float = 1.0, device=None) -> torch.Tensor:
     return torch.linspace(t_start, 0.0, steps + 1, device=device)
 
 
+Step = Callable[[ModelFn, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def euler_step(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step of the flow ODE dx/dt = v(x, t) from ``t`` to ``t_next``."""
+    return x + (t_next - t) * model_fn(x, t.expand(x.shape[0]))
+
+
+def heun_step(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """One Heun step (Karras et al. 2022, algorithm 1): an Euler step corrected by the velocity
+    at its end point; the last step, to t = 0, stays an Euler step."""
+    v = model_fn(x, t.expand(x.shape[0]))
+    x_euler = x + (t_next - t) * v
+    if t_next <= 0:
+        return x_euler
+    v2 = model_fn(x_euler, t_next.expand(x.shape[0]))
+    return x + (t_next - t) * 0.5 * (v + v2)
+
+
 @torch.no_grad()
-def euler(
+def integrate(
+    step: Step,
     model_fn: ModelFn,
     x: torch.Tensor,
     steps: int,
     t_start: float = 1.0,
     callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """Integrate from ``t_start`` to 0 in ``steps`` uniform steps of ``step``; ``callback(i, x)``
+    may replace ``x`` after each step (inpainting re-imposes the known latents there)."""
     ts = timesteps(steps, t_start, x.device)
     for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        x = x + (t_next - t) * model_fn(x, t.expand(x.shape[0]))
+        x = step(model_fn, x, ts[i], ts[i + 1])
         if callback is not None:
             x = callback(i, x)
     return x
 
 
-@torch.no_grad()
-def heun(
-    model_fn: ModelFn,
-    x: torch.Tensor,
-    steps: int,
-    t_start: float = 1.0,
-    callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    ts = timesteps(steps, t_start, x.device)
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        v = model_fn(x, t.expand(x.shape[0]))
-        x_euler = x + (t_next - t) * v
-        if t_next > 0:
-            v2 = model_fn(x_euler, t_next.expand(x.shape[0]))
-            x = x + (t_next - t) * 0.5 * (v + v2)
-        else:
-            x = x_euler
-        if callback is not None:
-            x = callback(i, x)
-    return x
+def euler(model_fn: ModelFn, x: torch.Tensor, steps: int, t_start: float = 1.0, callback=None) -> torch.Tensor:
+    return integrate(euler_step, model_fn, x, steps, t_start, callback)
+
+
+def heun(model_fn: ModelFn, x: torch.Tensor, steps: int, t_start: float = 1.0, callback=None) -> torch.Tensor:
+    return integrate(heun_step, model_fn, x, steps, t_start, callback)
 
 
 SAMPLERS = {"euler": euler, "heun": heun}

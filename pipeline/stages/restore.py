@@ -27,16 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import (
-    ConfigError,
-    JobFailed,
-    RayOptions,
-    StorageOptions,
-    check_limits,
-    group,
-    option,
-    require,
-)
+from pipeline.config import ConfigError, JobFailed, RayOptions, StorageOptions, check_limits, group, option, require
 from pipeline.console import Progress, format_seconds
 from pipeline.io import imaging, storage
 from pipeline.io.tarshards import SHARD_SUFFIXES, expand_shards, iter_samples
