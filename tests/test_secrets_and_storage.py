@@ -25,7 +25,7 @@ import pytest
 from pipeline import cli
 from pipeline.config import from_dict, public_dict
 from pipeline.errors import ConfigError
-from pipeline.io import storage
+from pipeline.io import retries, storage
 from pipeline.stages.restore import RestoreConfig
 from pipeline.train.diffusion import TrainConfig
 
@@ -168,7 +168,7 @@ def test_retry_is_bounded_in_time_with_full_jitter():
     assert took <= 1.6 and len(calls) >= 5  # many tries, never past the budget
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert max(gaps) <= 0.45  # each sleep at most max_delay (plus the call)
-    assert storage.retry_budget() == 60.0 or os.environ.get(storage.RETRY_SECONDS_ENV)
+    assert retries.retry_budget() == 60.0 or os.environ.get(retries.RETRY_SECONDS_ENV)
 
 
 def _free_port() -> int:
