@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +93,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     return result
 
 
+Scores = dict[str, list[float]]  # psnr, psnr_y, ssim: one value per image
+
+
+def _scores() -> Scores:
+    return {"psnr": [], "psnr_y": [], "ssim": []}
+
+
 def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     """The scores, the gain calibration and the first rows of the side-by-side sheet (no writes)."""
     so = cfg.storage.options
@@ -104,35 +112,23 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
         pretrained = backends.load(cfg.checkpoint, cfg.task, cfg.settings, so)
     scale = degrade.TASKS[cfg.task].scale
     pairs = storage.list_files(cfg.images, imaging.IMAGE_SUFFIXES, so)[: cfg.max_images]
-    urls = [u for u, _ in pairs]
-    if not urls:
+    if not pairs:
         raise FileNotFoundError(f"no images at {storage.redact(cfg.images)}")
-    Scores = dict[str, list[float]]
     # the classical rows: resizes and the back-projection base (upscaling); the degraded input and the
     # classical restoration base (same-size tasks)
     classical = ("bicubic", "lanczos", "back_projection") if scale > 1 else ("input", "classical_base")
     names = ("model", *classical, *(("autoencoder",) if model is not None else ()))
-    rows: dict[str, Scores] = {k: {"psnr": [], "psnr_y": [], "ssim": []} for k in names}
-    calib: dict[float, Scores] = {g: {"psnr": [], "psnr_y": [], "ssim": []} for g in GAINS}
+    rows: dict[str, Scores] = {k: _scores() for k in names}
+    calib: dict[float, Scores] = {g: _scores() for g in GAINS}
     panels: list[list[Image.Image]] = []
     for url, rel in pairs:
-        hr = imaging.to_rgb(imaging.decode(storage.read_bytes(url, so)))
-        if cfg.lowres:
-            lr = _ready_made_input(cfg, rel)
-            if hr.width < lr.width * scale or hr.height < lr.height * scale:
-                raise ConfigError(
-                    f"option 'lowres': {rel} is {lr.size}, too large for its original {hr.size} at x{scale}"
-                )
-            hr = hr.crop((0, 0, lr.width * scale, lr.height * scale))
-        else:  # a multiple of the scale, so the degraded input is exactly 1/scale (the restorer pads the rest)
-            if min(hr.size) < 8 * scale:
-                log.warning(f"[eval] {rel}: {hr.size} is too small to score at x{scale}; left out")
-                continue
-            hr = hr.crop((0, 0, hr.width - hr.width % scale, hr.height - hr.height % scale))
-            lr = degrade.degrade(cfg.task, hr, degrade.seed_for(storage.basename(url)))
+        pair = _image_pair(cfg, url, rel, scale)
+        if pair is None:
+            continue
+        hr, lr = pair
         target = _t(hr)
 
-        def add(into: dict, pred: torch.Tensor) -> None:
+        def add(into: Scores, pred: torch.Tensor) -> None:
             into["psnr"].append(float(psnr(pred, target)))
             into["psnr_y"].append(float(psnr_y(pred, target, border=scale)))
             into["ssim"].append(float(ssim(pred, target)))
@@ -148,21 +144,11 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
             raw = np.round(np.clip(degrade.classical_base(cfg.task, lr), 0, 255)).astype(np.uint8)
             outs, base = {"model": pretrained.restore(lr)}, Image.fromarray(raw, "RGB")
             add(calib[0.0], _t(base))
-        if scale > 1:
-            outs["bicubic"] = lr.resize(hr.size, Image.Resampling.BICUBIC)
-            outs["lanczos"] = lr.resize(hr.size, Image.Resampling.LANCZOS)
-            outs["back_projection"] = base
-        else:
-            outs["input"] = lr
-            outs["classical_base"] = base
+        outs.update(_classical_outputs(lr, hr, base, scale))
         for name, im in outs.items():
             add(rows[name], _t(im))
         if model is not None:
-            with torch.no_grad():  # padded to the autoencoder's multiple, cropped back
-                padded, (th, tw) = pad_to(target, model.vae.downsample)
-                recon = model.vae.decode(model.vae.encode(padded.to(model.vae.device)).mean).float().clamp(-1, 1)
-                recon = recon.cpu()[..., :th, :tw]
-            add(rows["autoencoder"], recon)
+            add(rows["autoencoder"], _reconstruction(model, target))
         if len(panels) < 4:
             panels.append(
                 [lr.resize(hr.size, Image.Resampling.NEAREST), *(outs[k] for k in classical[:2]), outs["model"], hr]
@@ -171,6 +157,50 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
         raise ConfigError(
             f"option 'images': none of the images under {storage.redact(cfg.images)} is large enough to score"
         )
+    return _summary(cfg, rows, calib, scale, restorer, model), panels
+
+
+def _image_pair(cfg: EvalConfig, url: str, rel: str, scale: int) -> tuple[Image.Image, Image.Image] | None:
+    """(original, degraded input) of one held-out image: the ``--lowres`` file, or the original
+    degraded with the task's own degradation; None for an image too small to score."""
+    hr = imaging.to_rgb(imaging.decode(storage.read_bytes(url, cfg.storage.options)))
+    if cfg.lowres:
+        lr = _ready_made_input(cfg, rel)
+        if hr.width < lr.width * scale or hr.height < lr.height * scale:
+            raise ConfigError(f"option 'lowres': {rel} is {lr.size}, too large for its original {hr.size} at x{scale}")
+        return hr.crop((0, 0, lr.width * scale, lr.height * scale)), lr
+    # a multiple of the scale, so the degraded input is exactly 1/scale (the restorer pads the rest)
+    if min(hr.size) < 8 * scale:
+        log.warning(f"[eval] {rel}: {hr.size} is too small to score at x{scale}; left out")
+        return None
+    hr = hr.crop((0, 0, hr.width - hr.width % scale, hr.height - hr.height % scale))
+    return hr, degrade.degrade(cfg.task, hr, degrade.seed_for(storage.basename(url)))
+
+
+def _classical_outputs(lr: Image.Image, hr: Image.Image, base: Image.Image, scale: int) -> dict[str, Image.Image]:
+    """The classical rows of one image: resizes and the base (upscaling), or the input and the base."""
+    if scale > 1:
+        return {
+            "bicubic": lr.resize(hr.size, Image.Resampling.BICUBIC),
+            "lanczos": lr.resize(hr.size, Image.Resampling.LANCZOS),
+            "back_projection": base,
+        }
+    return {"input": lr, "classical_base": base}
+
+
+@torch.no_grad()
+def _reconstruction(model, target: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's own reconstruction of the original (the ceiling of a latent method),
+    padded to the autoencoder's multiple and cropped back."""
+    padded, (th, tw) = pad_to(target, model.vae.downsample)
+    recon = model.vae.decode(model.vae.encode(padded.to(model.vae.device)).mean).float().clamp(-1, 1)
+    return recon.cpu()[..., :th, :tw]
+
+
+def _summary(
+    cfg: EvalConfig, rows: dict[str, Scores], calib: dict[float, Scores], scale: int, restorer, model
+) -> dict[str, Any]:
+    """The result: mean scores per row, the calibration of the gain and the recommended gain."""
     table = {
         k: {
             "psnr": round(float(np.mean(v["psnr"])), 3),
@@ -185,7 +215,7 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     ref = rows["lanczos"] if scale > 1 else rows["input"]
     base_mean = float(np.mean(calib[0.0]["psnr"]))
 
-    def never_below(r: dict) -> bool:
+    def never_below(r: Scores) -> bool:
         return never_worse(r["psnr"], ref["psnr"]) and float(np.mean(r["psnr"])) >= base_mean - 1e-4
 
     calibration = (
@@ -201,7 +231,7 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
         }
     )
     safe = [g for g in GAINS if never_below(calib[g])] if restorer is not None else []
-    result = {
+    return {
         "task": cfg.task,
         "images": len(rows["model"]["psnr"]),
         "settings": to_dict(cfg.settings),
@@ -216,7 +246,6 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
             None if restorer is None else max(safe, key=lambda g: np.mean(calib[g]["psnr"])) if safe else 0.0
         ),
     }
-    return result, panels
 
 
 def _ready_made_input(cfg: EvalConfig, rel: str) -> Image.Image:
