@@ -4,7 +4,7 @@ Decoding is defensive: a size limit is checked from the header before any pixel 
 (decompression bombs), truncated files fail instead of being padded, and every problem is a
 :class:`BadImage` with a short machine-readable ``reason``.
 
-RGB rule (documented in the README):
+RGB rule (documented in docs/verbs.md, under ``encode``):
 
 * EXIF orientation is applied first.
 * ``RGB`` is kept; ``L``/``1``/``CMYK``/``YCbCr``/``LAB``/``HSV`` are converted by Pillow.

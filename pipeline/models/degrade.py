@@ -125,8 +125,7 @@ def back_project(lr: Image.Image, scale: int, *, iters: int = 10, start: np.ndar
     times adds the Lanczos-upsampled difference between ``lr`` and the current estimate brought
     down. The result is float and not clipped: downsampled, it equals ``lr`` to within 0.2 levels
     after 10 iterations (clipping to 0..255 can only break that where the consistent solution
-    leaves the range). Measured on scikit-image's photos: +0.5 to +1.3 dB over Lanczos at x2,
-    +0.1 to +1.1 dB at x4, never below it.
+    leaves the range). It never scored below Lanczos on the photos measured (docs/benchmarks.md).
     """
     lrf = np.asarray(lr.convert("RGB"), np.float32)
     h, w = lrf.shape[:2]
@@ -140,10 +139,8 @@ def back_project(lr: Image.Image, scale: int, *, iters: int = 10, start: np.ndar
 
 # The classical restoration of the ``restore`` task, tuned once on the bundled training photos
 # (scikit-image's, never the held-out ones): total-variation denoising, then Wiener
-# deconvolution with the task's known Gaussian blur (reflect-padded). Measured on 60 random
-# 96-px crops of the training photos: +0.36 dB or more over the degraded input (mean +0.91); on
-# 8 whole held-out photos (astronaut, camera, coins, brick, grass, gravel, text, moon): +0.92 to
-# +2.98 dB (mean +1.52), never below it.
+# deconvolution with the task's known Gaussian blur (reflect-padded). It never scored below the
+# degraded input on the crops it was tuned on nor on whole held-out photos (docs/benchmarks.md).
 RESTORE_TV_WEIGHT = 0.01
 RESTORE_WIENER_BALANCE = 0.02
 

@@ -261,7 +261,7 @@ def _data_section(p: dict[str, str]) -> list[str]:
         f"{te['identity']['width']}, up to {te['identity']['max_tokens']} tokens, padding stripped). The demo's "
         "text encoder is a <b>tiny random-weight stand-in</b> built offline (CLIP architecture, a word-level "
         "tokenizer trained on the demo's captions): it tells the captions apart but knows no meaning. With a "
-        "real CLIP or T5 folder the same commands apply (README).</p>",
+        "real CLIP or T5 folder the same commands apply (docs/verbs.md).</p>",
         f"<p>Latents {man['latent_shape']} ({man['latent_dtype']}), scale {man['scale']:.4f}, "
         f"task views {man['tasks']}.</p>",
     ]

@@ -224,7 +224,7 @@ def latent_stream(
 
     def collate(items: list[dict[str, bytes]], rng: np.random.Generator) -> Batch:
         # numpy only: a torch op on this thread would start a second OpenMP team whose
-        # spinning threads slow the training step down (measured: ~40% on 2 cores)
+        # spinning threads take the training step's cores (docs/benchmarks.md has the figure)
         flips = rng.random(len(items)) < flip_prob if flip_prob else np.zeros(len(items), bool)
         arrays = [load_npy(s["latent_flip.npy" if f else "latent.npy"]) for s, f in zip(items, flips)]
         bad = next((a.shape for a in arrays if a.shape not in shapes or a.shape != arrays[0].shape), None)
