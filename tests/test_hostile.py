@@ -622,3 +622,78 @@ def test_progress_totals_count_every_input_the_refused_ones_too(tmp_path, capsys
     assert progress[-1].split()[2] == f"{seen}/{seen}", progress[-1]
     totals = json.loads((tmp_path / "out" / "_index.json").read_text())["totals"]
     assert totals["seen"] == seen and totals["written"] == 4
+
+
+def _gzipped_tar_bomb(path: str, photos: list[Image.Image]) -> None:
+    """A .tar.gz of a few KB on disk whose one member claims (and holds) 300 MB of zeros, beside
+    real photos: the member is over the per-member cap of the readers."""
+    import gzip
+
+    size = tarshards.DEFAULT_MAX_MEMBER_BYTES + 44 * 1024 * 1024
+    with gzip.open(path, "wb", compresslevel=1) as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
+        for i, im in enumerate(photos):
+            data = encode_image(im)
+            info = tarfile.TarInfo(f"ok{i}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("bomb.png")
+        info.size = size
+        tar.fileobj.write(info.tobuf(tarfile.GNU_FORMAT))  # the zeros go in pieces: never 300 MB held
+        chunk = b"\0" * (1 << 20)
+        for _ in range(size // len(chunk)):
+            tar.fileobj.write(chunk)
+        tar.offset += tarfile.BLOCKSIZE + size  # the member's bytes went straight to the stream
+
+
+def test_a_gzipped_tar_bomb_is_one_skipped_sample_through_encode_and_restore(
+    tmp_path, ray_cluster, vae_dir, diffusion_ckpt
+):
+    from pipeline.stages.encode import run_encode
+    from pipeline.stages.restore import run_restore
+
+    shard = tmp_path / "in" / "bomb.tar.gz"
+    shard.parent.mkdir()
+    _gzipped_tar_bomb(str(shard), photo_crops(2, 32))
+    assert shard.stat().st_size < 2 * 1024 * 1024
+    man = run_encode(
+        from_dict(
+            EncodeConfig, {"input": str(shard), "output": str(tmp_path / "lat"), "vae": vae_dir, "resolution": 32}
+        )
+    )
+    assert man["totals"]["written"] == 2 and man["totals"]["skipped"] == {"member_too_large": 1}
+    report = run_restore(
+        from_dict(
+            RestoreConfig,
+            {
+                "input": str(shard),
+                "output": str(tmp_path / "r"),
+                "checkpoint": diffusion_ckpt,
+                "task": "upscale2",
+                "actors": 1,
+            },
+        )
+    )
+    assert report["seen"] == 3 and report["written"] == 2, report
+    assert report["errors_by_reason"] == {"member_too_large": 1}
+
+
+def test_an_input_that_disappears_while_a_job_runs_is_an_error_row_not_a_lost_or_failed_batch(bucket, tmp_path):
+    from pipeline.stages.restore import read_files, read_shard
+
+    for i, im in enumerate(photo_crops(3, 32)):
+        storage.write_bytes(f"{bucket}/in/img{i}.png", encode_image(im))
+    write_tar(str(tmp_path / "s.tar"), [("k.png", encode_image(photo_crops(1, 32)[0]))])
+    storage.put_file(str(tmp_path / "s.tar"), f"{bucket}/shards/s.tar")
+    cfg = from_dict(RestoreConfig, {"input": f"{bucket}/in", "output": str(tmp_path / "r"), "checkpoint": "c"})
+    items, errors = list_inputs(cfg)
+    assert len(items) == 3 and errors == []
+    storage.remove(f"{bucket}/in/img1.png")  # gone after the listing, before the read stage
+    storage.write_bytes(f"{bucket}/in/img2.png", b"changed: not an image any more")
+    batch = {"url": np.array([i["url"] for i in items]), "rel": np.array([i["rel"] for i in items])}
+    out = read_files(batch, cfg, frozenset())
+    assert out["rel"] == ["img0.png", "img1.png", "img2.png"]
+    assert out["error"] == ["", "unreadable: FileNotFoundError", ""] and out["data"][0] and not out["data"][1]
+    assert out["data"][2] == b"changed: not an image any more"  # read as it is now: the actor's decode refuses it
+    storage.remove(f"{bucket}/shards/s.tar")
+    rows = read_shard({"url": f"{bucket}/shards/s.tar"}, cfg, frozenset())
+    assert [(r["rel"], r["error"]) for r in rows] == [("s", "unreadable: FileNotFoundError")]
