@@ -389,3 +389,32 @@ def test_remote_code_is_refused_before_transformers_is_asked(tmp_path, encoders,
         text.TextEncoder(str(folder))
     out, err = capfd.readouterr()
     assert "custom code" not in out + err and "[y/N]" not in out + err, out + err
+
+
+def test_a_hugging_face_cache_snapshot_loads_and_links_beyond_its_own_blobs_are_refused(tmp_path):
+    """The hub's cache keeps a snapshot's files as links into its repository's ``blobs/``: such a
+    folder loads as the library loads it; a link into another repository's blobs does not."""
+    import hashlib
+
+    made = _diffusers_vae(tmp_path / "made")
+    repo = tmp_path / "hub" / "models--org--vae"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for name in os.listdir(made):
+        data = open(os.path.join(made, name), "rb").read()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snap), snap / name)
+    loaded, plain = autoencoder.load(str(snap)), autoencoder.load(made)
+    assert loaded.weights_sha256 == plain.weights_sha256
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.encode(x).mean, plain.encode(x).mean)
+    other = tmp_path / "hub" / "models--org--other" / "blobs"
+    other.mkdir(parents=True)
+    weights = snap / "diffusion_pytorch_model.safetensors"
+    (other / "w").write_bytes(weights.read_bytes())
+    weights.unlink()
+    os.symlink(os.path.relpath(other / "w", snap), weights)
+    with pytest.raises(CheckpointError, match="is a link to a file outside the folder"):
+        autoencoder.load(str(snap))

@@ -48,6 +48,24 @@ def _inside(real: str, base: str) -> bool:
     return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
 
 
+def _hub_blobs(base: str) -> str | None:
+    """The ``blobs/`` folder of the Hugging Face cache repository whose snapshot ``base`` is (or
+    lies in): ``.../models--org--name/snapshots/<revision>[/component]``, as the hub's download
+    leaves it, keeps every file as a link into that repository's own ``blobs/``. Those links are
+    the snapshot's own files (the identity hashes their contents all the same); a link anywhere
+    else, another repository's blobs included, is still refused."""
+    parts = base.split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--")):
+            return os.sep.join([*parts[:i], "blobs"])
+    return None
+
+
+def _allowed(real: str, base: str) -> bool:
+    blobs = _hub_blobs(base)
+    return _inside(real, base) or (blobs is not None and _inside(real, blobs) and os.path.dirname(real) == blobs)
+
+
 def file(root: str, rel: str, where: str = "", *, named_by: str = "") -> str:
     """The real path of the file ``rel`` (a ``/``-separated name) in the local folder ``root``.
 
@@ -61,7 +79,7 @@ def file(root: str, rel: str, where: str = "", *, named_by: str = "") -> str:
         raise CheckpointError(f"{where}: {source} {rel!r}, which is not a file inside the folder; refused")
     base = os.path.realpath(root)
     real = os.path.realpath(os.path.join(root, *rel.split("/")))
-    if not _inside(real, base):
+    if not _allowed(real, base):
         raise CheckpointError(
             f"{where}: {rel}{f' (named by {named_by})' if named_by else ''} is a link to a file outside the "
             "folder; refused (copy the file into the folder)"
