@@ -226,6 +226,18 @@ def test_gain_zero_is_the_consistent_base_and_every_output_stays_consistent(upsc
     assert low.abs().mean() < 0.2 * r.abs().mean()
 
 
+def test_an_uncalibrated_task_model_defaults_to_its_classical_base(upscale_model):
+    model = loading.load(upscale_model)
+    assert model.info.task == "upscale2" and model.info.gain is None  # trained without --calibration-images
+    lr = photo_crops(1, 32, seed=5)[0]
+    default = Restorer(model, "upscale2", RestoreSettings(steps=2))
+    assert default.gain == 0.0
+    base = Restorer(model, "upscale2", RestoreSettings(steps=2, gain=0.0)).restore(lr)
+    assert np.array_equal(np.asarray(default.restore(lr)), np.asarray(base))
+    detailed = Restorer(model, "upscale2", RestoreSettings(steps=2, gain=1.0)).restore(lr)
+    assert not np.array_equal(np.asarray(detailed), np.asarray(base))  # the model does add something
+
+
 def test_zero_shot_inpaint_keeps_known_pixels(tmp_path):
     vae_m, _ = autoencoder.new_kl("tiny", seed=0)
     vae = autoencoder.Autoencoder(

@@ -242,6 +242,7 @@ def run_restore(cfg: RestoreConfig) -> dict:
     so = cfg.storage.options
     # the checkpoint, network or pipeline is checked first: one line, before any Ray work
     task = backends.check(cfg.checkpoint, cfg.task, so, prompt=cfg.prompt)
+    _say_if_uncalibrated(cfg, task)
     items, refused = list_inputs(cfg)
     shards = _is_shards(cfg)
     if shards:
@@ -269,6 +270,21 @@ def run_restore(cfg: RestoreConfig) -> dict:
     if todo:
         pool = _run_pool(cfg, task, todo, existing, shards, rows)
     return _finish(cfg, task, rows, pool, time.time() - t0)
+
+
+def _say_if_uncalibrated(cfg: RestoreConfig, task: str) -> None:
+    """A task model without a calibrated gain restores at the classical base by default: say so."""
+    from pipeline.models import loading
+    from pipeline.restoration import backends
+
+    if cfg.settings.gain is not None or backends.backend_for(cfg.checkpoint, cfg.storage.options).name != "checkpoint":
+        return
+    info = loading.describe(cfg.checkpoint, cfg.storage.options)
+    if info.task and info.gain is None:
+        log.warning(
+            f"[restore] {storage.redact(cfg.checkpoint)} has no calibrated gain: restoring {task} at --gain 0, "
+            "exactly the classical base; calibrate it (train --calibration-images, or eval) or pass --gain"
+        )
 
 
 def _run_pool(
