@@ -134,8 +134,8 @@ class KLAutoencoder(nn.Module):
         dec += [nn.GroupNorm(g, cin), nn.SiLU(), nn.Conv2d(cin, 3, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
-    # Convolutions run on channels-last memory (NHWC): on CPU a training step is 10% faster and
-    # the encoder's forward 1.5x; results are returned in the usual contiguous layout.
+    # Convolutions run on channels-last memory (NHWC), faster on CPU (docs/benchmarks.md); results
+    # are returned in the usual contiguous layout. train-vae keeps the parameters channels-last too.
     def encode(self, x: torch.Tensor) -> Posterior:
         mean, logvar = self.encoder(x.contiguous(memory_format=torch.channels_last)).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)

@@ -78,8 +78,8 @@ class Refiner(nn.Module):
         x = F.pad(base, (0, (-w) % u, 0, (-h) % u), mode="replicate") if (h % u or w % u) else base
         if u > 1:
             x = F.pixel_unshuffle(x, u)
-        # channels-last memory: on CPU the convolutions ran 1.35x faster (inference) and a
-        # training step 1.2x faster than on NCHW memory; results differ only by float rounding
+        # channels-last memory: faster CPU convolutions than NCHW (docs/benchmarks.md); results
+        # differ only by float rounding
         y = self.net(x.contiguous(memory_format=torch.channels_last))
         if u > 1:
             y = F.pixel_shuffle(y, u)
