@@ -152,7 +152,62 @@ def build_sdxl(path: str, seed: int = 0) -> str:
     return path
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl}
+def _t5_tokenizer():
+    """A real ``T5Tokenizer`` (Unigram on the ``tokenizers`` library) over the captions' words
+    and single characters."""
+    import transformers
+
+    words = sorted({w.strip(",").lower() for c in CAPTIONS.values() for w in c.split()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,."]
+    return transformers.T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_pixart(path: str, seed: int = 0) -> str:
+    """A tiny PixArtSigmaPipeline: a T5 encoder, a PixArt transformer (learned variance: 8 output
+    channels for 4 latent channels)."""
+    import transformers
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    tok = _t5_tokenizer()
+    torch.manual_seed(seed + 1)
+    t5 = transformers.T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        patch_size=2,
+        caption_channels=32,
+        cross_attention_dim=16,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tok,
+        text_encoder=transformers.T5EncoderModel(t5).eval(),
+        vae=_vae(0.13025, seed),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "pixart": build_pixart}
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +233,10 @@ def shard(tmp_path_factory):
     return path
 
 
+def meta_tokens(fields: dict) -> int:
+    return json.loads(fields["json"])["text"]["base"]["tokens"]
+
+
 def _diffusers_pipeline(path: str):
     from diffusers import DiffusionPipeline
 
@@ -192,6 +251,14 @@ def _reference(pipe, family: str, caption: str) -> dict[str, np.ndarray]:
         if family == "sd":
             embeds, negative = pipe.encode_prompt(caption, "cpu", 1, True)
             return {"embeds": embeds[0].numpy(), "negative": negative[0].numpy()}
+        if family == "pixart":
+            embeds, mask, negative, negative_mask = pipe.encode_prompt(caption, True, device="cpu")
+            return {
+                "embeds": embeds[0].numpy(),
+                "mask": mask[0].numpy(),
+                "negative": negative[0].numpy(),
+                "negative_mask": negative_mask[0].numpy(),
+            }
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=caption, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
         )
@@ -218,16 +285,20 @@ def test_encode_base_stores_the_pipelines_own_conditioning(family, bases, shard,
     pipe = _diffusers_pipeline(bases[family])
     assert entry["pipeline"] == type(pipe).__name__
     comps = entry["identity"]["components"]
-    assert set(comps) >= {"vae", "unet", "text_encoder", "tokenizer", "scheduler"}
-    assert comps["text_encoder"]["class"] == "CLIPTextModel" and comps["tokenizer"]["weights_sha256"] is None
+    denoiser = "transformer" if family == "pixart" else "unet"
+    assert set(comps) >= {"vae", denoiser, "text_encoder", "tokenizer", "scheduler"}
+    assert comps["text_encoder"]["class"] == ("T5EncoderModel" if family == "pixart" else "CLIPTextModel")
+    assert comps["tokenizer"]["weights_sha256"] is None and len(comps[denoiser]["weights_sha256"]) == 64
     assert all(len(c["config_sha256"]) == 64 for c in comps.values())
-    assert man["scale"] == pipe.vae.config.scaling_factor and man["captions"]["truncated"] == {"base": 1}
-    pooled = family == "sdxl"
+    assert man["scale"] == pipe.vae.config.scaling_factor
+    assert man["captions"]["truncated"] == {"base": 0 if family == "pixart" else 1}
+    pooled, masked = family == "sdxl", family == "pixart"
     assert entry["fields"] == {
         "prompt_embeds": "prompt_embeds.npy",
         "pooled_prompt_embeds": "pooled_prompt_embeds.npy" if pooled else None,
-        "prompt_attention_mask": None,
+        "prompt_attention_mask": "prompt_attention_mask.npy" if masked else None,
     }
+    assert entry["max_sequence_length"] == (300 if masked else None)
 
     with open(os.path.join(out, "s.tar"), "rb") as f:
         samples = {s.key: s.fields for s in iter_samples(f)}
@@ -236,8 +307,17 @@ def test_encode_base_stores_the_pipelines_own_conditioning(family, bases, shard,
     for key, fields in samples.items():
         ref = _reference(pipe, family, CAPTIONS[key])
         got = _npy(fields["prompt_embeds.npy"])
+        if masked:  # stripped to the real tokens: the mask rebuilt to 300 is the pipeline's
+            mask = _npy(fields["prompt_attention_mask.npy"])
+            assert mask.dtype == np.uint8 and mask.shape == (got.shape[0],)
+            rebuilt = np.zeros(entry["max_sequence_length"], np.uint8)
+            rebuilt[: len(mask)] = mask
+            np.testing.assert_array_equal(rebuilt, ref["mask"])
+            assert 1 <= mask.sum() < 300 and meta_tokens(fields) == mask.sum()
+            ref["embeds"] = ref["embeds"][: len(mask)]
+        else:
+            assert got.shape == ((77, 32) if family == "sd" else (77, 80))  # padded, as the UNet reads it
         assert got.dtype == np.float16 and got.shape == ref["embeds"].shape
-        assert got.shape == ((77, 32) if family == "sd" else (77, 80))  # padded, as the UNet reads it
         np.testing.assert_allclose(got.astype(np.float32), ref["embeds"], **FP16)
         worst = max(worst, float(np.abs(got.astype(np.float32) - ref["embeds"]).max()))
         if pooled:
@@ -247,7 +327,7 @@ def test_encode_base_stores_the_pipelines_own_conditioning(family, bases, shard,
         else:
             assert "pooled_prompt_embeds.npy" not in fields
         meta = json.loads(fields["json"])
-        assert meta["text"]["base"]["truncated"] == (key == "long")
+        assert meta["text"]["base"]["truncated"] == (key == "long" and not masked)  # T5: 300 tokens
         # the latent is the raw posterior mean of the base's own VAE on the crop
         crop = imaging.resize_center_crop(Image.open(io.BytesIO(images[key])).convert("RGB"), RESOLUTION)[0]
         with torch.no_grad():
@@ -259,6 +339,10 @@ def test_encode_base_stores_the_pipelines_own_conditioning(family, bases, shard,
     ref = _reference(pipe, family, "a cat")
     empty = entry["empty_caption"]
     stored = _npy(storage.read_bytes(os.path.join(out, empty["prompt_embeds.npy"])))
+    if masked:
+        stored_mask = _npy(storage.read_bytes(os.path.join(out, empty["prompt_attention_mask.npy"])))
+        assert stored_mask.sum() == ref["negative_mask"].sum() == len(stored_mask) == 1  # "" is "</s>"
+        ref["negative"] = ref["negative"][: len(stored_mask)]
     np.testing.assert_allclose(stored.astype(np.float32), ref["negative"], **FP16)
     if pooled:
         assert empty["zeros"] and not stored.any()
