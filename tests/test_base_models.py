@@ -76,7 +76,7 @@ def _clip(tok, width: int, seed: int, projection: int = 0):
     return cls(config).eval()
 
 
-def _vae(scaling: float, seed: int):
+def _vae(scaling: float, seed: int, shift: float | None = None):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -88,6 +88,7 @@ def _vae(scaling: float, seed: int):
         latent_channels=4,
         norm_num_groups=8,
         scaling_factor=scaling,
+        shift_factor=shift,
     )
 
 
@@ -207,7 +208,60 @@ def build_pixart(path: str, seed: int = 0) -> str:
     return path
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "pixart": build_pixart}
+def _t5(tok, width: int, seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.T5Config(
+        vocab_size=len(tok),
+        d_model=width,
+        d_kv=8,
+        d_ff=2 * width,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+    return transformers.T5EncoderModel(config).eval()
+
+
+def build_sd3(path: str, seed: int = 0) -> str:
+    """A tiny StableDiffusion3Pipeline: CLIP-L- and CLIP-G-style encoders (both with projection,
+    widths 32 and 48), a T5 of width 96 (wider than both CLIPs together), an SD3 transformer and
+    a VAE with a shift factor."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok, tok2, tok3 = _clip_tokenizer(), _clip_tokenizer(pad="!"), _t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=96,
+        caption_projection_dim=16,
+        pooled_projection_dim=16 + 24,
+        pos_embed_max_size=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(1.5305, seed, shift=0.0609),
+        text_encoder=_clip(tok, 32, seed + 1, projection=16),
+        tokenizer=tok,
+        text_encoder_2=_clip(tok2, 48, seed + 2, projection=24),
+        tokenizer_2=tok2,
+        text_encoder_3=_t5(tok3, 96, seed + 3),
+        tokenizer_3=tok3,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "pixart": build_pixart, "sd3": build_sd3}
 
 
 @pytest.fixture(scope="module")
@@ -259,9 +313,14 @@ def _reference(pipe, family: str, caption: str) -> dict[str, np.ndarray]:
                 "negative": negative[0].numpy(),
                 "negative_mask": negative_mask[0].numpy(),
             }
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=caption, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
-        )
+        if family == "sd3":
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=caption, prompt_2=None, prompt_3=None, device="cpu", do_classifier_free_guidance=True
+            )
+        else:
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=caption, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+            )
     return {
         "embeds": embeds[0].numpy(),
         "negative": negative[0].numpy(),
@@ -285,14 +344,16 @@ def test_encode_base_stores_the_pipelines_own_conditioning(family, bases, shard,
     pipe = _diffusers_pipeline(bases[family])
     assert entry["pipeline"] == type(pipe).__name__
     comps = entry["identity"]["components"]
-    denoiser = "transformer" if family == "pixart" else "unet"
+    denoiser = "transformer" if family in ("pixart", "sd3") else "unet"
     assert set(comps) >= {"vae", denoiser, "text_encoder", "tokenizer", "scheduler"}
-    assert comps["text_encoder"]["class"] == ("T5EncoderModel" if family == "pixart" else "CLIPTextModel")
+    first = {"pixart": "T5EncoderModel", "sd3": "CLIPTextModelWithProjection"}.get(family, "CLIPTextModel")
+    assert comps["text_encoder"]["class"] == first
     assert comps["tokenizer"]["weights_sha256"] is None and len(comps[denoiser]["weights_sha256"]) == 64
     assert all(len(c["config_sha256"]) == 64 for c in comps.values())
     assert man["scale"] == pipe.vae.config.scaling_factor
     assert man["captions"]["truncated"] == {"base": 0 if family == "pixart" else 1}
-    pooled, masked = family == "sdxl", family == "pixart"
+    assert man["shift"] == (pipe.vae.config.shift_factor or 0.0)
+    pooled, masked = family in ("sdxl", "sd3"), family == "pixart"
     assert entry["fields"] == {
         "prompt_embeds": "prompt_embeds.npy",
         "pooled_prompt_embeds": "pooled_prompt_embeds.npy" if pooled else None,
@@ -316,13 +377,14 @@ def test_encode_base_stores_the_pipelines_own_conditioning(family, bases, shard,
             assert 1 <= mask.sum() < 300 and meta_tokens(fields) == mask.sum()
             ref["embeds"] = ref["embeds"][: len(mask)]
         else:
-            assert got.shape == ((77, 32) if family == "sd" else (77, 80))  # padded, as the UNet reads it
+            # padded, as the denoiser reads it; SD3: 77 CLIP rows zero-padded to T5's width, then 256 T5 rows
+            assert got.shape == {"sd": (77, 32), "sdxl": (77, 80), "sd3": (77 + 256, 96)}[family]
         assert got.dtype == np.float16 and got.shape == ref["embeds"].shape
         np.testing.assert_allclose(got.astype(np.float32), ref["embeds"], **FP16)
         worst = max(worst, float(np.abs(got.astype(np.float32) - ref["embeds"]).max()))
         if pooled:
             p = _npy(fields["pooled_prompt_embeds.npy"])
-            assert p.dtype == np.float16 and p.shape == (24,)
+            assert p.dtype == np.float16 and p.shape == ((16 + 24,) if family == "sd3" else (24,))
             np.testing.assert_allclose(p.astype(np.float32), ref["pooled"], **FP16)
         else:
             assert "pooled_prompt_embeds.npy" not in fields
@@ -345,9 +407,10 @@ def test_encode_base_stores_the_pipelines_own_conditioning(family, bases, shard,
         ref["negative"] = ref["negative"][: len(stored_mask)]
     np.testing.assert_allclose(stored.astype(np.float32), ref["negative"], **FP16)
     if pooled:
-        assert empty["zeros"] and not stored.any()
         stored_pooled = _npy(storage.read_bytes(os.path.join(out, empty["pooled_prompt_embeds.npy"])))
-        np.testing.assert_array_equal(stored_pooled.astype(np.float32), ref["negative_pooled"])
+        np.testing.assert_allclose(stored_pooled.astype(np.float32), ref["negative_pooled"], **FP16)
+    if family == "sdxl":  # force_zeros_for_empty_prompt
+        assert empty["zeros"] and not stored.any() and not stored_pooled.any()
     else:
         assert not empty["zeros"] and stored.any()  # the encoded "" (not zeros)
 
