@@ -35,6 +35,7 @@ def build(
     flip: bool = False,
     text_encoders: list[dict] | None = None,
     captions: dict | None = None,
+    base: dict | None = None,
 ) -> dict[str, Any]:
     """The manifest of a finished encode run.
 
@@ -57,6 +58,8 @@ def build(
         fields += ["latent_flip.npy", "std_flip.npy"]
     for te in text_encoders or []:
         fields += [te["field"]] + ([te["pooled_field"]] if te.get("pooled_field") else [])
+    if base:
+        fields += [f for f in base["fields"].values() if f]
     extra: dict[str, Any] = {"flip": flip}
     if buckets is not None:
         counts: Counter[str] = Counter()
@@ -64,11 +67,14 @@ def build(
             counts.update(r.get("buckets", {}))
         extra["buckets"] = [{**b, "samples": counts.get(bucket_tables.name(b["size"]), 0)} for b in buckets]
         extra["max_aspect"] = max_aspect
-    if text_encoders:
+    if base:
+        extra["base"] = base
+    if text_encoders or base:
         truncated: Counter[str] = Counter()
         for r in records:
             truncated.update(r.get("captions", {}).get("truncated", {}))
-        extra["text_encoders"] = text_encoders
+        if text_encoders:
+            extra["text_encoders"] = text_encoders
         extra["captions"] = {
             **(captions or {}),
             "empty_embedded": sum(r.get("captions", {}).get("empty", 0) for r in records),

@@ -51,6 +51,7 @@ from pipeline.stages.encode_worker import (
     SETTINGS_NAME,
     EncodePlan,
     TextEncoderFacts,
+    base_empty_caption,
     check_owner,
     encode_shard,
     text_encoder_facts,
@@ -77,6 +78,12 @@ class EncodeConfig:
     input: str = option("", "input image shards: URL, brace range {000000..000127} or glob; comma-separated list")
     output: str = option("", "output folder/prefix for latent shards and _manifest.json")
     vae: str = option("", "autoencoder directory (built-in checkpoint or diffusers AutoencoderKL)")
+    base: str = option(
+        "",
+        "a diffusers pipeline folder (SD 1.x/2.x, SDXL, PixArt, SD3) as the base model: its autoencoder, text "
+        "encoders and tokenizers encode the images and captions exactly as the pipeline conditions on them "
+        "(instead of --vae and --text-encoder)",
+    )
     resolution: int = option(
         256, "square training resolution: shorter side resized, then centre-cropped", range=(8, 8192)
     )
@@ -153,12 +160,26 @@ class EncodeConfig:
     storage: StorageOptions = group(StorageOptions, private=True)
 
     def __post_init__(self) -> None:
-        require(self, "input", "output", "vae")
-        self.input, self.output, self.vae = (storage.absolute(u) for u in (self.input, self.output, self.vae))
+        if self.base:
+            for name, value in (("vae", self.vae), ("text-encoder", self.text_encoder)):
+                if value:
+                    raise ConfigError(
+                        f"option 'base' cannot be combined with {name!r}: the autoencoder, text encoders and "
+                        "tokenizers all come from the base folder"
+                    )
+            if self.text_max_tokens or self.text_hidden_layer != -1:
+                name = "text-max-tokens" if self.text_max_tokens else "text-hidden-layer"
+                raise ConfigError(f"option {name!r} cannot be combined with 'base': the pipeline decides it")
+            require(self, "input", "output", "base")
+            self.base = storage.absolute(self.base)
+        else:
+            require(self, "input", "output", "vae")
+        self.input, self.output = storage.absolute(self.input), storage.absolute(self.output)
+        self.vae = storage.absolute(self.vae) if self.vae else ""
         self.text_encoder = [storage.absolute(u) for u in self.text_encoder]
         if self.buckets not in ("", "auto"):
             self.buckets = storage.absolute(self.buckets)
-        others = {"input": self.input, "vae": self.vae}
+        others = {"input": self.input, **({"base": self.base} if self.base else {"vae": self.vae})}
         if self.buckets not in ("", "auto"):
             others["buckets"] = self.buckets
         storage.check_separate(self.output, others)
@@ -167,13 +188,18 @@ class EncodeConfig:
         check_limits(self)
         if len(set(self.text_encoder)) != len(self.text_encoder):
             raise ConfigError("option 'text-encoder' lists the same encoder twice")
-        if (self.caption_field or self.empty_caption != "embed") and not self.text_encoder:
+        if (self.caption_field or self.empty_caption != "embed") and not self.has_text:
             name = "caption-field" if self.caption_field else "empty-caption"
-            raise ConfigError(f"option {name!r} needs --text-encoder")
+            raise ConfigError(f"option {name!r} needs --text-encoder or --base")
         if self.decoder != "pil" and self.tasks:
             raise ConfigError("option 'decoder torchvision' cannot be combined with 'tasks' (views need Pillow)")
         if self.buckets and self.tasks:
             raise ConfigError("option 'buckets' cannot be combined with 'tasks' (task views are square crops)")
+
+    @property
+    def has_text(self) -> bool:
+        """Whether captions are embedded (by --text-encoder or by the --base pipeline's encoders)."""
+        return bool(self.text_encoder or self.base)
 
 
 def text_field_names(model_types: list[str]) -> list[str]:
@@ -193,7 +219,11 @@ def text_field_names(model_types: list[str]) -> list[str]:
 
 
 def settings_fingerprint(
-    cfg: EncodeConfig, identity: dict, table: list[tuple[int, int]] | None = None, text: list[dict] | None = None
+    cfg: EncodeConfig,
+    identity: dict,
+    table: list[tuple[int, int]] | None = None,
+    text: list[dict] | None = None,
+    base: dict | None = None,
 ) -> str:
     """What determines the bytes of an output shard; a re-run must match it to reuse a shard."""
     doc = {
@@ -212,9 +242,11 @@ def settings_fingerprint(
         "flip": cfg.flip,
         "buckets": {"table": [list(s) for s in table], "max_aspect": cfg.max_aspect} if table else None,
         "text": {"encoders": text, "caption_field": cfg.caption_field, "empty_caption": cfg.empty_caption}
-        if text
+        if text or base
         else None,
     }
+    if base:
+        doc["base"] = base
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -251,23 +283,33 @@ def shard_pairs(cfg: EncodeConfig) -> list[tuple[str, str]]:
 
 def run_encode(cfg: EncodeConfig) -> dict:
     """Run the whole encode job on Ray and return the manifest."""
-    from pipeline.models import autoencoder
+    from pipeline.models import autoencoder, base_model
 
     t0 = time.time()
     so = cfg.storage.options
     # pin a training output to its newest checkpoint now, so every shard uses the same weights
-    cfg = dataclasses.replace(cfg, vae=checkpoint.latest_checkpoint(cfg.vae, so))
+    if cfg.vae:
+        cfg = dataclasses.replace(cfg, vae=checkpoint.latest_checkpoint(cfg.vae, so))
     pairs = shard_pairs(cfg)
-    vae = autoencoder.load(cfg.vae, so)
+    base = base_model.inspect(cfg.base, so) if cfg.base else None  # checked here, no network loaded
+    vae = autoencoder.load(base_model.vae_url(base) if base else cfg.vae, so)
+    if base:
+        vae.source = storage.public_url(storage.join(cfg.base, "vae"))
     table = _bucket_table(cfg, vae.downsample)
     texts = _describe_text_encoders(cfg) if cfg.text_encoder else []
     text_names = text_field_names([t.model_type for t in texts])
     text_docs: list[dict[str, Any]] = [{"name": n, "identity": t.identity} for n, t in zip(text_names, texts)]
-    encode_plan = EncodePlan(settings_fingerprint(cfg, vae.identity, table, text_docs), table, text_names)
+    base_identity = base.identity if base else None
+    if base:
+        text_names = [BASE_TEXT_NAME]
+    fingerprint = settings_fingerprint(cfg, vae.identity, table, text_docs, base_identity)
+    encode_plan = EncodePlan(fingerprint, table, text_names)
+    base_empty = _describe_base(cfg) if base else None  # on a worker: the driver never loads a text encoder
     storage.probe_writable(cfg.output, so)
     storage.clean_partials(cfg.output)
     _take_output(cfg, encode_plan.fingerprint)
-    empty = _write_empty_captions(cfg, [t.empty for t in texts], text_names)
+    empty = _write_empty_captions(cfg, [t.empty for t in texts], text_names) if not base else {}
+    base_entry = _write_base_empty(cfg, base, base_identity, base_empty) if base else None
 
     done = {} if cfg.overwrite else _shards_done(cfg, pairs, encode_plan.fingerprint)
     todo = [(u, n) for u, n in pairs if n not in done]
@@ -291,7 +333,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
         }
         for doc, te in zip(text_docs, texts)
     ]
-    man = _build_manifest(cfg, vae, table, records, text_entries)
+    man = _build_manifest(cfg, vae, table, records, text_entries, base_entry)
     _write_manifest(cfg, man, records, time.time() - t0)
     return man
 
@@ -379,7 +421,12 @@ def _disk_full(exc: BaseException) -> bool:
 
 
 def _build_manifest(
-    cfg: EncodeConfig, vae: Any, table: list[tuple[int, int]] | None, records: list[dict], text_entries: list[dict]
+    cfg: EncodeConfig,
+    vae: Any,
+    table: list[tuple[int, int]] | None,
+    records: list[dict],
+    text_entries: list[dict],
+    base: dict | None = None,
 ) -> dict:
     down, ch = vae.downsample, vae.latent_channels
     return manifest.build(
@@ -404,6 +451,7 @@ def _build_manifest(
         flip=cfg.flip,
         text_encoders=text_entries,
         captions={"field": cfg.caption_field or "txt", "empty": cfg.empty_caption},
+        base=base,
     )
 
 
@@ -484,6 +532,44 @@ def _describe_text_encoders(cfg: EncodeConfig) -> list[TextEncoderFacts]:
 
 
 EMPTY_CAPTION_DIR = "_empty_caption"
+BASE_TEXT_NAME = "base"  # the captions' counts (truncated) of a --base run are kept under this name
+
+
+def _describe_base(cfg: EncodeConfig) -> Any:
+    """The base's empty-caption conditioning (a base_model.Conditioning), from a Ray task with the
+    encode tasks' resources, which loads the base's text encoders (and keeps them for its shards)."""
+    import ray
+
+    from pipeline.ray_setup import check_fits, ensure_ray
+
+    ensure_ray(cfg.ray.address)
+    check_fits(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
+    options = {**task_options(cfg), "name": "describe_base"}
+    remote = ray.remote(max_calls=0, max_retries=0)(base_empty_caption).options(**options)
+    try:
+        return ray.get(remote.remote(cfg))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (checkpoint.CheckpointError, ConfigError)):
+            raise exc.cause from None
+        raise
+
+
+def _write_base_empty(cfg: EncodeConfig, base: Any, identity: dict | None, empty: Any) -> dict:
+    """Store the base's empty caption (as its pipeline embeds it for guidance) under
+    ``_empty_caption/``; returns the manifest's ``base`` entry."""
+    files = {}
+    for name, arr in empty.arrays().items():
+        files[name] = f"{EMPTY_CAPTION_DIR}/{name}"
+        storage.write_bytes(storage.join(cfg.output, files[name]), npy_bytes(arr), cfg.storage.options)
+    return {
+        "source": storage.public_url(cfg.base),
+        "identity": identity,
+        "family": base.family.name,
+        "pipeline": base.class_name,
+        "fields": base.fields(),
+        "max_sequence_length": max(p.max_length for p in base.family.text) if base.family.stored_mask else None,
+        "empty_caption": {**files, "zeros": base.zeros_for_empty},
+    }
 
 
 def _write_empty_captions(cfg: EncodeConfig, empties: list, names: list[str]) -> dict[str, dict]:

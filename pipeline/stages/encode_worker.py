@@ -50,10 +50,35 @@ def _encoder(cfg: EncodeConfig):
     from pipeline.models import autoencoder
 
     device, dtype = _device_dtype(cfg.precision)
-    key = (cfg.vae, device, dtype)
+    key = (cfg.vae, cfg.base, device, dtype)
     if key not in _ENCODERS:
-        _ENCODERS[key] = autoencoder.load(cfg.vae, cfg.storage.options).to(device, dtype)
+        if cfg.base:
+            from pipeline.models import base_model
+
+            url = base_model.vae_url(base_model.inspect(cfg.base, cfg.storage.options))
+        else:
+            url = cfg.vae
+        _ENCODERS[key] = autoencoder.load(url, cfg.storage.options).to(device, dtype)
     return _ENCODERS[key]
+
+
+def _base_text(cfg: EncodeConfig) -> Any:
+    """The ``--base`` pipeline's text encoders (a base_model.BaseText) for this worker process,
+    loaded once; None without ``--base``."""
+    if not cfg.base:
+        return None
+    from pipeline.models.base_model import BaseText
+
+    device, dtype = _device_dtype(cfg.precision)
+    key = ("base", cfg.base, device, dtype)
+    if key not in _TEXT_ENCODERS:
+        _TEXT_ENCODERS[key] = BaseText(cfg.base, cfg.storage.options).to(device, dtype)
+    return _TEXT_ENCODERS[key]
+
+
+def base_empty_caption(cfg: EncodeConfig) -> Any:
+    """Runs on a worker: the base's empty caption as its pipeline embeds it for guidance."""
+    return _base_text(cfg).empty()
 
 
 def _text_encoders(cfg: EncodeConfig) -> list:
@@ -176,7 +201,7 @@ def prepare_sample(sample: Sample, cfg: EncodeConfig, table: list[tuple[int, int
             meta = loaded if isinstance(loaded, dict) else {"source_json": loaded}
         except (UnicodeDecodeError, json.JSONDecodeError):
             meta = {"source_json_invalid": True}
-    caption = _caption(sample, meta, cfg) if cfg.text_encoder else None
+    caption = _caption(sample, meta, cfg) if cfg.has_text else None
     meta.update(key=sample.key, original_size=[w, h], crop_box=list(box), resolution=cfg.resolution, image_ext=img_ext)
     if table:
         meta["bucket"] = list(size)
@@ -336,6 +361,15 @@ def _text_arrays(encoders: list, names: list[str], batch: list[_Prepared]) -> li
     return rows
 
 
+def _base_arrays(base: Any, name: str, batch: list[_Prepared]) -> list[tuple[dict[str, np.ndarray], dict]]:
+    """Per sample, the base pipeline's conditioning by field name and its counts for the .json."""
+    rows: list[tuple[dict[str, np.ndarray], dict]] = []
+    for emb in base.encode([p.caption or "" for p in batch]):
+        tokens = int(emb.mask.sum()) if emb.mask is not None else int(emb.prompt_embeds.shape[0])
+        rows.append((emb.arrays(), {name: {"tokens": tokens, "truncated": emb.truncated}}))
+    return rows
+
+
 def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: str, plan: EncodePlan) -> dict:
     """Encode one shard end to end and commit it; returns the shard record."""
     import torch
@@ -343,7 +377,8 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
     t0 = time.time()
     torch.set_num_threads(max(1, int(cfg.num_cpus)))
     vae = _encoder(cfg)
-    texts = _text_encoders(cfg)
+    texts = _text_encoders(cfg) if cfg.text_encoder else []
+    base = _base_text(cfg)
     np_dtype = np.float16 if cfg.latent_dtype == "float16" else np.float32
     skips: list[dict] = []
     sizes: Counter[str] = Counter()
@@ -368,7 +403,10 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
                         continue
                 latents, non_finite = _latent_arrays(vae, item, np_dtype, cfg.flip)
                 batch = item.items
-                text = _text_arrays(texts, plan.text_names, batch) if texts else [({}, {})] * len(batch)
+                if base is not None:
+                    text = _base_arrays(base, plan.text_names[0], batch)
+                else:
+                    text = _text_arrays(texts, plan.text_names, batch) if texts else [({}, {})] * len(batch)
                 for p, arrays, bad, (text_arrays, text_info) in zip(batch, latents, non_finite, text):
                     bad_text = next((k for k, a in text_arrays.items() if not np.isfinite(a).all()), None)
                     if bad or bad_text:
@@ -378,7 +416,7 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
                     fields = {k: npy_bytes(a) for k, a in {**arrays, **text_arrays}.items()}
                     fields.update(p.passthrough)
                     meta = dict(p.meta)
-                    if texts:
+                    if cfg.has_text:
                         meta["text"] = text_info
                         empty_captions += not p.caption
                         truncated.update({name: int(info["truncated"]) for name, info in text_info.items()})
@@ -414,7 +452,7 @@ def encode_shard(cfg: EncodeConfig, shard_url: str, out_url: str, record_url: st
     }
     if plan.buckets:
         record["buckets"] = dict(sorted(sizes.items()))
-    if texts:
+    if cfg.has_text:
         record["captions"] = {"empty": empty_captions, "truncated": {n: truncated[n] for n in plan.text_names}}
     storage.write_json(record_url, record, cfg.storage.options)
     return record
