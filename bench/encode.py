@@ -133,7 +133,7 @@ def data_path(root: str, images: int, rounds: int, threads_list: tuple[int, ...]
     """(4) and (5): images/s of one encode task with a free encoder, and draft decode speed.
 
     The task runs as ``run_encode`` runs it: a Ray task with the job's options (resources and
-    worker environment, :func:`pipeline.stages.encode.task_options`); ``_omp_default`` rows run
+    worker environment, :func:`pipeline.stages.encode_worker.task_options`); ``_omp_default`` rows run
     it without that environment; ``no_ray`` rows run the same task body in a fresh process with
     no Ray running. Each setting's rate is the best of ``rounds`` runs, taken in turns so that a
     slow spell of the machine does not fall on one setting only; the 2-vs-1 ratios are given
@@ -189,7 +189,7 @@ def data_path(root: str, images: int, rounds: int, threads_list: tuple[int, ...]
 def _rates_without_ray(src: str, rounds: int, threads_list: tuple[int, ...]) -> dict[str, list[float]]:
     """The same task body in a fresh process with no Ray running (and the tasks' environment):
     what the data path gives on these cores without Ray's own processes and threads beside it."""
-    env = {**os.environ, **encode_stage.TASK_ENV_VARS}
+    env = {**os.environ, **encode_worker.TASK_ENV_VARS}
     cmd = [sys.executable, __file__, "--no-ray-shard", src, "--datapath-rounds", str(rounds)]
     cmd += ["--threads", ",".join(map(str, threads_list))]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)

@@ -25,7 +25,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -45,16 +44,22 @@ from pipeline.config import (
 from pipeline.console import Progress, format_seconds
 from pipeline.errors import UserError
 from pipeline.io import buckets, checkpoint, imaging, manifest, storage
-from pipeline.io.tarshards import expand_shards, npy_bytes
+from pipeline.io.tarshards import expand_shards
 from pipeline.models.degrade import TASKS
+from pipeline.stages.encode_captions import (
+    BASE_TEXT_NAME,
+    describe_base,
+    describe_text_encoders,
+    text_field_names,
+    write_base_empty,
+    write_empty_captions,
+)
 from pipeline.stages.encode_worker import (
     SETTINGS_NAME,
     EncodePlan,
-    TextEncoderFacts,
-    base_empty_caption,
     check_owner,
     encode_shard,
-    text_encoder_facts,
+    task_options,
 )
 
 log = logging.getLogger("pipeline.encode")
@@ -63,11 +68,6 @@ SHARD_RECORDS = "_shards"
 PRECISIONS = ("fp32", "fp16", "bf16")
 CROPS = ("center",)
 DECODERS = ("pil", "torchvision")
-# Environment of the encode tasks' worker processes. OpenMP threads that spin-wait after each
-# parallel region (libgomp's default) take the cores the decode threads need, while a real
-# encoder's forward is as fast without spinning (bench/encode.py measures both; the figures are
-# in docs/benchmarks.md). A variable set in the driver's environment is left to the user.
-TASK_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Memory order of the encoder's input batch. Convolutions give results that differ in the last
 # bits between orders, so it is part of the settings fingerprint.
 INPUT_LAYOUT = "channels_last"
@@ -202,22 +202,6 @@ class EncodeConfig:
         return bool(self.text_encoder or self.base)
 
 
-def text_field_names(model_types: list[str]) -> list[str]:
-    """A short unique name per text encoder (``clip``, ``t5``, ``clip2``, ...): its fields are
-    ``text_<name>.npy`` (hidden states) and ``pooled_<name>.npy``."""
-    from pipeline.models.text import short_name
-
-    names: list[str] = []
-    for mt in model_types:
-        base = short_name(mt)
-        name, n = base, 1
-        while name in names:
-            n += 1
-            name = f"{base}{n}"
-        names.append(name)
-    return names
-
-
 def settings_fingerprint(
     cfg: EncodeConfig,
     identity: dict,
@@ -251,15 +235,6 @@ def settings_fingerprint(
 
 
 # --------------------------------------------------------------------------- driver side
-
-
-def task_options(cfg: EncodeConfig) -> dict[str, Any]:
-    """Ray options of an encode task: its resources, and :data:`TASK_ENV_VARS` not set by the user."""
-    env = {k: v for k, v in TASK_ENV_VARS.items() if k not in os.environ}
-    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "name": "encode_shard"}
-    if env:
-        options["runtime_env"] = {"env_vars": env}
-    return options
 
 
 def output_name(shard_url: str) -> str:
@@ -296,7 +271,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
     if base:
         vae.source = storage.public_url(storage.join(cfg.base, "vae"))
     table = _bucket_table(cfg, vae.downsample)
-    texts = _describe_text_encoders(cfg) if cfg.text_encoder else []
+    texts = describe_text_encoders(cfg) if cfg.text_encoder else []
     text_names = text_field_names([t.model_type for t in texts])
     text_docs: list[dict[str, Any]] = [{"name": n, "identity": t.identity} for n, t in zip(text_names, texts)]
     base_identity = base.identity if base else None
@@ -304,12 +279,12 @@ def run_encode(cfg: EncodeConfig) -> dict:
         text_names = [BASE_TEXT_NAME]
     fingerprint = settings_fingerprint(cfg, vae.identity, table, text_docs, base_identity)
     encode_plan = EncodePlan(fingerprint, table, text_names)
-    base_empty = _describe_base(cfg) if base else None  # on a worker: the driver never loads a text encoder
+    base_empty = describe_base(cfg) if base else None  # on a worker: the driver never loads a text encoder
     storage.probe_writable(cfg.output, so)
     storage.clean_partials(cfg.output)
     _take_output(cfg, encode_plan.fingerprint)
-    empty = _write_empty_captions(cfg, [t.empty for t in texts], text_names) if not base else {}
-    base_entry = _write_base_empty(cfg, base, base_identity, base_empty) if base else None
+    empty = write_empty_captions(cfg, [t.empty for t in texts], text_names) if not base else {}
+    base_entry = write_base_empty(cfg, base, base_identity, base_empty) if base else None
 
     done = {} if cfg.overwrite else _shards_done(cfg, pairs, encode_plan.fingerprint)
     todo = [(u, n) for u, n in pairs if n not in done]
@@ -507,83 +482,6 @@ def _bucket_table(cfg: EncodeConfig, downsample: int) -> list[tuple[int, int]] |
         raise ConfigError(
             f"option 'buckets': cannot read {storage.redact(cfg.buckets)} ({type(exc).__name__})"
         ) from None
-
-
-def _describe_text_encoders(cfg: EncodeConfig) -> list[TextEncoderFacts]:
-    """The text encoders' facts, from a Ray task with the encode tasks' resources: the driver
-    never holds a text encoder (a T5-XXL is tens of GB), and a wrong folder still fails in one
-    line before any shard starts."""
-    import ray
-
-    from pipeline.ray_setup import check_fits, ensure_ray
-
-    ensure_ray(cfg.ray.address)
-    check_fits(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
-    # the encode tasks' own options, environment included: the same worker pool, so the worker
-    # that loaded the encoders here keeps them for its shards
-    options = {**task_options(cfg), "name": "describe_text_encoders"}
-    remote = ray.remote(max_calls=0, max_retries=0)(text_encoder_facts).options(**options)
-    try:
-        return ray.get(remote.remote(cfg))
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, (checkpoint.CheckpointError, ConfigError)):  # a wrong folder or option: one line
-            raise exc.cause from None
-        raise
-
-
-EMPTY_CAPTION_DIR = "_empty_caption"
-BASE_TEXT_NAME = "base"  # the captions' counts (truncated) of a --base run are kept under this name
-
-
-def _describe_base(cfg: EncodeConfig) -> Any:
-    """The base's empty-caption conditioning (a base_model.Conditioning), from a Ray task with the
-    encode tasks' resources, which loads the base's text encoders (and keeps them for its shards)."""
-    import ray
-
-    from pipeline.ray_setup import check_fits, ensure_ray
-
-    ensure_ray(cfg.ray.address)
-    check_fits(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
-    options = {**task_options(cfg), "name": "describe_base"}
-    remote = ray.remote(max_calls=0, max_retries=0)(base_empty_caption).options(**options)
-    try:
-        return ray.get(remote.remote(cfg))
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, (checkpoint.CheckpointError, ConfigError)):
-            raise exc.cause from None
-        raise
-
-
-def _write_base_empty(cfg: EncodeConfig, base: Any, identity: dict | None, empty: Any) -> dict:
-    """Store the base's empty caption (as its pipeline embeds it for guidance) under
-    ``_empty_caption/``; returns the manifest's ``base`` entry."""
-    files = {}
-    for name, arr in empty.arrays().items():
-        files[name] = f"{EMPTY_CAPTION_DIR}/{name}"
-        storage.write_bytes(storage.join(cfg.output, files[name]), npy_bytes(arr), cfg.storage.options)
-    return {
-        "source": storage.public_url(cfg.base),
-        "identity": identity,
-        "family": base.family.name,
-        "pipeline": base.class_name,
-        "fields": base.fields(),
-        "max_sequence_length": max(p.max_length for p in base.family.text) if base.family.stored_mask else None,
-        "empty_caption": {**files, "zeros": base.zeros_for_empty},
-    }
-
-
-def _write_empty_captions(cfg: EncodeConfig, empties: list, names: list[str]) -> dict[str, dict]:
-    """Store each encoder's empty-caption embedding (what classifier-free guidance trains the
-    unconditional case on) under ``_empty_caption/``; returns the file names per encoder."""
-    out: dict[str, dict] = {}
-    for emb, name in zip(empties, names):
-        files: dict[str, Any] = {"hidden": f"{EMPTY_CAPTION_DIR}/text_{name}.npy", "tokens": int(emb.hidden.shape[0])}
-        storage.write_bytes(storage.join(cfg.output, files["hidden"]), npy_bytes(emb.hidden), cfg.storage.options)
-        if emb.pooled is not None:
-            files["pooled"] = f"{EMPTY_CAPTION_DIR}/pooled_{name}.npy"
-            storage.write_bytes(storage.join(cfg.output, files["pooled"]), npy_bytes(emb.pooled), cfg.storage.options)
-        out[name] = files
-    return out
 
 
 def _take_output(cfg: EncodeConfig, fingerprint: str) -> None:
