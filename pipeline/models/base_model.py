@@ -44,6 +44,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.io import folders, storage
 from pipeline.io.checkpoint import CheckpointError
+from pipeline.models import text
 from pipeline.models.text import TOKENIZER_FILES
 
 INDEX_NAME = "model_index.json"
@@ -389,12 +390,7 @@ class BaseText:
             except (OSError, ValueError, KeyError, AttributeError, TypeError, ImportError, SafetensorError) as exc:
                 detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
                 raise CheckpointError(f"{where}: cannot load {part.encoder} ({detail})") from None
-            missing = list(loading.get("missing_keys") or []) + list(loading.get("mismatched_keys") or [])
-            if missing:
-                raise CheckpointError(
-                    f"{where}: {part.encoder}'s weights do not match {b.classes[part.encoder]} "
-                    f"({len(missing)} missing or mismatched, e.g. {missing[0]})"
-                )
+            text.refuse_missing_weights(loading, f"{where}: {part.encoder}'s weights", b.classes[part.encoder])
             self.encoders.append(model.eval())
             self.tokenizers.append(tok)
 

@@ -113,13 +113,7 @@ class TextEncoder:
                 )
         except (OSError, ValueError, KeyError, AttributeError, TypeError, ImportError, SafetensorError) as exc:
             raise CheckpointError(f"{where}: cannot load the text encoder ({str(exc).splitlines()[0][:160]})") from None
-        # transformers fills weights it cannot find with random values and only warns: refuse instead
-        missing = list(loading.get("missing_keys") or []) + list(loading.get("mismatched_keys") or [])
-        if missing:
-            raise CheckpointError(
-                f"{where}: the weights do not match {cls_name} ({len(missing)} missing or mismatched, "
-                f"e.g. {missing[0]}); is config.json the model's own?"
-            )
+        refuse_missing_weights(loading, f"{where}: the weights", cls_name)
         tokenizer.padding_side = "right"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -410,3 +404,14 @@ def condition(
     tokens, mask = pad_tokens([t for t, _ in joined])
     pooled = torch.from_numpy(np.stack([p for _, p in joined if p is not None])) if spec.pooled_dim else None
     return {"text": torch.from_numpy(tokens), "text_mask": torch.from_numpy(mask), "pooled": pooled}
+
+
+def refuse_missing_weights(loading_info: dict, what: str, cls_name: str) -> None:
+    """transformers fills weights it cannot find with random values and only warns: refuse
+    instead (``loading_info`` from ``from_pretrained(..., output_loading_info=True)``)."""
+    missing = list(loading_info.get("missing_keys") or []) + list(loading_info.get("mismatched_keys") or [])
+    if missing:
+        raise CheckpointError(
+            f"{what} do not match {cls_name} ({len(missing)} missing or mismatched, e.g. {missing[0]}); "
+            "is config.json the model's own?"
+        )
