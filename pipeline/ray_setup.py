@@ -29,7 +29,7 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     if local and num_cpus:
         kwargs["num_cpus"] = num_cpus
     if not _job_has_setup_hook():
-        kwargs["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.{point_state_api_here.__name__}"}
+        kwargs["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.{setup_worker.__name__}"}
     # "local" starts this run's own Ray: never Ray's auto-detection, which joins whatever local
     # Ray runs (or once ran: a crashed head leaves its record behind) on the machine
     ray.init(
@@ -41,9 +41,21 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     quiet_libraries(verbose)
 
 
+def setup_worker() -> None:
+    """Worker set-up hook (every worker process of this run's jobs): redact every log record
+    the worker makes, as the driver does (:func:`console.install_redaction`; the AWS
+    environment's long credentials registered), and point Ray's own look-ups at this cluster
+    (:func:`point_state_api_here`)."""
+    from pipeline.console import install_redaction
+    from pipeline.redaction import register_secrets
+
+    register_secrets({})
+    install_redaction()
+    point_state_api_here()
+
+
 def point_state_api_here() -> None:
-    """Worker set-up hook (every worker process of this run's jobs): make Ray's own "which
-    cluster?" look-ups find the cluster this worker belongs to.
+    """Make Ray's own "which cluster?" look-ups in a worker find the cluster it belongs to.
 
     Ray Train v2's placement-group cleaner (a detached actor) asks the State API about the
     controller with no address, and the State API then auto-detects a cluster from the

@@ -241,3 +241,21 @@ def test_a_remote_checkpoint_replaced_between_runs_is_downloaded_again(bucket, t
     assert open(os.path.join(second, "weights.safetensors"), "rb").read() == b"B" * 1000
     assert open(os.path.join(second, "config.json"), "rb").read() == b'{"v": 2}'
     assert storage.download_dir(ck, cache_root=str(tmp_path)) == second  # unchanged: served from the cache
+
+
+def test_ray_workers_redact_their_log_records_as_the_driver_does(ray_cluster):
+    """A worker's own log lines (a library's warning naming a URL with its password) reach the
+    console through Ray's log forwarding, not the driver's handlers: the worker redacts them."""
+    import ray
+
+    @ray.remote
+    def log_line() -> str:
+        import logging
+
+        record = logging.getLogger("some.library").makeRecord(
+            "some.library", logging.WARNING, __file__, 1, "cannot reach %s", ("https://user:hunter2-pw@host/x",), None
+        )
+        return record.getMessage()
+
+    line = ray.get(log_line.remote())
+    assert "hunter2-pw" not in line and "host/x" in line, line
