@@ -14,8 +14,13 @@ Part ``t2i`` (text-to-image on captioned photo crops, a tiny stand-in text encod
 (e) a transformer vs a U-Net of similar parameter count (the U-Net ``tiny`` with text
     cross-attention vs a DiT of hidden 96, depth 4), one process, the same wall-clock budget:
     step time and the flow-matching loss on fixed held-out batches (same t and noise) after it.
+Part ``finetune`` (``finetune``'s step on a small SDXL-architecture UNet, random weights):
+(f) full fine-tune vs LoRA (rank 8 on the attention projections), each with and without
+    gradient checkpointing, one process each (a fresh spawned process, so the peak RSS is its
+    own): median step time and the peak resident memory the step adds over the built model
+    (weights, gradients, AdamW state, activations); ratios against the full fine-tune.
 Prints samples/s, the ratio (a)/(b) and the data-wait shares as JSON.
-Usage: python bench/train.py [--parts cache,t2i --images 384 --resolution 128 --steps 60]
+Usage: python bench/train.py [--parts cache,t2i,finetune --images 384 --resolution 128 --steps 60]
 """
 
 from __future__ import annotations
@@ -79,9 +84,104 @@ def main() -> None:
         print(json.dumps(result["t2i"], indent=2), flush=True)
     if "cache" in parts:
         result.update(cache(args))
+    if "finetune" in parts:
+        result["finetune"] = finetune_parts(args)
+        print(json.dumps(result["finetune"], indent=2), flush=True)
     print(json.dumps(result, indent=2))
     if args.json:
         storage.write_json(args.json, result)
+
+
+def _sdxl_unet():
+    """A small UNet of SDXL's architecture: DownBlock + two cross-attention levels with more
+    transformer layers deeper, text_time added conditioning (pooled text + 6 time ids)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 4),
+        attention_head_dim=(2, 4, 8),
+        cross_attention_dim=256,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=32,
+        projection_class_embeddings_input_dim=128 + 6 * 32,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+
+
+def _finetune_step_probe(lora: bool, checkpointing: bool, steps: int, batch: int, out) -> None:
+    """In a fresh process: build, then time ``steps`` finetune steps; peak RSS over the build."""
+    import resource
+
+    from pipeline.models import objectives
+    from pipeline.train.finetune import FinetuneConfig, add_lora
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    unet = _sdxl_unet().train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    trained = (
+        add_lora(unet, FinetuneConfig(latents="x", base="y", output="/tmp/x", lora_rank=8).lora()) if lora else unet
+    )
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-4)
+    obj = objectives.from_scheduler_config({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear"})
+    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps + 1):
+        x, n = torch.randn(batch, 4, 32, 32, generator=g), torch.randn(batch, 4, 32, 32, generator=g)
+        t = objectives.sample_timesteps(obj, batch, g)
+        cond = {
+            "text_embeds": torch.randn(batch, 128),
+            "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * batch),
+        }
+        t0 = time.perf_counter()
+        out_ = unet(
+            objectives.noisy_latents(obj, x, n, t),
+            t,
+            encoder_hidden_states=torch.randn(batch, 77, 256),
+            added_cond_kwargs=cond,
+        ).sample
+        objectives.loss(obj, out_, x, n, t).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out.put(
+        {
+            "trained_params": sum(p.numel() for p in trained.parameters()),
+            "step_s": float(np.median(times[1:])),
+            "peak_added_mb": (peak - built) / 1024,
+        }
+    )
+
+
+def finetune_parts(args, steps: int = 5, batch: int = 4) -> dict:
+    """(f): full vs LoRA, with and without gradient checkpointing, each in its own process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rows = {}
+    for lora in (False, True):
+        for ckpt in (False, True):
+            q = ctx.Queue()
+            p = ctx.Process(target=_finetune_step_probe, args=(lora, ckpt, steps, batch, q))
+            p.start()
+            rows[f"{'lora' if lora else 'full'}{'+checkpointing' if ckpt else ''}"] = q.get()
+            p.join()
+    full = rows["full"]
+    for row in rows.values():
+        row["step_time_vs_full"] = row["step_s"] / full["step_s"]
+        row["peak_memory_vs_full"] = row["peak_added_mb"] / max(full["peak_added_mb"], 1e-9)
+    return {"unet": "SDXL architecture, 64/128/256 channels", "batch": batch, "latent": [4, 32, 32], **rows}
 
 
 def text_to_image(args) -> dict:

@@ -87,6 +87,18 @@ VERBS = [
         "stages.train:run_train",
     ),
     Verb(
+        "finetune",
+        "fine-tune a pretrained diffusers base's denoiser (LoRA or full) on its latent cache with Ray Train",
+        "train.finetune:FinetuneConfig",
+        "train.finetune:run_finetune",
+    ),
+    Verb(
+        "export",
+        "export a finetune checkpoint: LoRA weights for load_lora_weights, or a complete pipeline folder",
+        "stages.export:ExportConfig",
+        "stages.export:run_export",
+    ),
+    Verb(
         "sample",
         "draw samples from a diffusion checkpoint into a PNG grid",
         "stages.sample:SampleConfig",

@@ -1,7 +1,8 @@
 """Self-describing checkpoint directories: ``config.json`` (a :class:`CheckpointInfo`) plus
 safetensors weights.
 
-Every kind of checkpoint (``autoencoder``, ``diffusion``, ``refiner``) uses the same tensor names:
+Every kind of checkpoint (``autoencoder``, ``diffusion``, ``refiner``, ``finetune``) uses the same
+tensor names (a LoRA ``finetune`` holds only its adapter tensors; ``base`` records its base):
 
 * ``model.safetensors``: the raw training weights (what a resumed run continues from);
 * ``ema.safetensors``: the EMA weights (what inference and ``--init-from`` load);
@@ -36,7 +37,7 @@ from pipeline.io import folders, storage
 FORMAT = "latent-pipeline-checkpoint/2"
 CONFIG_NAME = "config.json"
 RUN_NAME = "run"  # a training output keeps its checkpoints in <output>/run/checkpoint_<step>/
-KINDS = ("autoencoder", "diffusion", "refiner")
+KINDS = ("autoencoder", "diffusion", "refiner", "finetune")
 VAE_DIR = "vae"  # where a diffusion checkpoint keeps its autoencoder
 REFINER_DIR = "refiner"  # where a task checkpoint keeps its pixel refiner (train --refiner)
 
@@ -65,6 +66,9 @@ class CheckpointInfo:
     # cached embeddings it was trained on, and the latent shapes of the dataset's buckets
     text_encoders: list[dict[str, Any]] = field(default_factory=list)
     buckets: list[list[int]] = field(default_factory=list)
+    # fine-tunes of a diffusers base (``finetune``): the base (url, family, class, identity of
+    # each component), the objective it was trained with, and the LoRA config ({} = full fine-tune)
+    base: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
 
     def __post_init__(self) -> None:

@@ -1,0 +1,109 @@
+"""``latent-pipeline export``: a ``finetune`` checkpoint as what diffusers users load.
+
+* a LoRA run -> ``OUTPUT/pytorch_lora_weights.safetensors`` (diffusers' own LoRA format, written
+  by the base pipeline class's ``save_lora_weights`` from peft's state dict, with the adapter
+  config as metadata), which ``pipe.load_lora_weights(OUTPUT)`` loads onto the base;
+* a full fine-tune -> a complete pipeline folder: the base's other components (exactly the
+  files a pipeline loads, copied) and the trained denoiser, which
+  ``DiffusionPipeline.from_pretrained(OUTPUT)`` loads.
+
+The base is the one the checkpoint records (``--base`` names another copy of it); a folder whose
+components differ from the recorded identity is refused in one line. ``--weights ema`` (the
+default) exports the EMA weights, ``raw`` the last optimizer step's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from pipeline.config import StorageOptions, check_limits, group, option, require
+from pipeline.io import checkpoint, folders, storage
+from pipeline.io.checkpoint import CheckpointError
+from pipeline.models import base as basemod
+
+log = logging.getLogger("pipeline.export")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = option("", "a finetune checkpoint, or a finetune output (its latest checkpoint)")
+    output: str = option("", "output folder: the LoRA file, or a complete pipeline folder")
+    weights: str = option("ema", "which weights to export", choices=("ema", "raw"))
+    base: str = option("", "the base pipeline folder (default: the one the checkpoint records)")
+    storage: StorageOptions = group(StorageOptions, private=True)
+
+    def __post_init__(self) -> None:
+        require(self, "checkpoint", "output")
+        self.checkpoint, self.output = storage.absolute(self.checkpoint), storage.absolute(self.output)
+        self.base = storage.absolute(self.base)
+        check_limits(self)
+        storage.check_separate(self.output, {"checkpoint": self.checkpoint, "base": self.base})
+
+
+def run_export(cfg: ExportConfig) -> str:
+    """Write the export; returns the output URL."""
+    import torch
+
+    so = cfg.storage.options
+    local, info = checkpoint.load(cfg.checkpoint, "finetune", so)
+    url = cfg.base or info.base.get("url", "")
+    if not url:
+        raise CheckpointError(f"{storage.redact(cfg.checkpoint)} records no base: pass --base")
+    base = basemod.open_base(url, so)
+    if base.identity() != info.base.get("identity"):
+        raise CheckpointError(
+            f"option 'base': {storage.redact(url)} is not the base {storage.redact(cfg.checkpoint)} was trained on "
+            "(its components differ from the recorded identity)"
+        )
+    tensors = checkpoint.load_tensors(local, "ema" if cfg.weights == "ema" else "model")
+    unet = base.load_denoiser()
+    with tempfile.TemporaryDirectory() as out:
+        if info.base.get("lora"):
+            _export_lora(base, unet, info.base["lora"], tensors, out, storage.redact(cfg.checkpoint))
+        else:
+            _load(unet, tensors, storage.redact(cfg.checkpoint))
+            _copy_files(base, base.pipeline_files(skip=(base.denoiser,)), out)
+            with torch.no_grad():
+                unet.save_pretrained(os.path.join(out, base.denoiser), safe_serialization=True)
+        storage.upload_dir(out, cfg.output, so, commit_last="")
+    what = "LoRA adapters" if info.base.get("lora") else "pipeline folder"
+    log.info(f"[export] step {info.step} {cfg.weights} weights as a {what} -> {storage.redact(cfg.output)}")
+    return cfg.output
+
+
+def _load(module, tensors: dict, where: str) -> None:
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{where}: weights do not fit the base's denoiser ({str(exc).splitlines()[0][:160]})"
+        ) from None
+
+
+def _export_lora(base: basemod.Base, unet, lora: dict, tensors: dict, out: str, where: str) -> None:
+    import diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from pipeline.train.finetune import add_lora
+
+    adapters = add_lora(unet, lora)
+    _load(adapters, tensors, where)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    metadata = unet.peft_config["default"].to_dict()
+    getattr(diffusers, base.class_name).save_lora_weights(
+        out, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
+    )
+
+
+def _copy_files(base: basemod.Base, rels: list[str], out: str) -> None:
+    """Copy exactly ``rels`` of the base (each checked to lie inside it) into ``out``."""
+    for rel in rels:
+        dest = os.path.join(out, *rel.split("/"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(folders.file(base.local, rel, base.where), dest)

@@ -1,0 +1,333 @@
+"""``latent-pipeline finetune``: fine-tune a pretrained diffusers base model's denoiser on a
+latent cache of that base (``encode --base``), with the base's own objective, fully or with LoRA.
+
+The loop in :func:`finetune_loop` is the whole algorithm, top to bottom: a batch of cached
+latents (scaled with the manifest's scale/shift) and the pipeline's own prompt embeddings,
+caption dropout to the cached empty caption, the objective read from the base's scheduler
+config (:mod:`pipeline.models.objectives`), the UNet called exactly as the pipeline calls it at
+inference (SDXL: pooled ``text_embeds`` and ``time_ids`` = original size, crop top-left, target
+size). Ray only places it (``prepare_model``, ``report``); resume, learning rate, gradient sync,
+the optimizer step and checkpoints come from :mod:`pipeline.train.loop`.
+
+LoRA (``--lora-rank`` > 0): the base is frozen, peft adapters are added as diffusers' training
+examples add them (``LoraConfig`` + ``unet.add_adapter``) on the ``--lora-targets`` projections;
+only the adapters train, are all-reduced by DDP, averaged by the EMA and written to checkpoints
+(:class:`Trained`). ``export`` turns a checkpoint into what diffusers loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError, option, public_dict, redefault, require
+from pipeline.io import checkpoint, manifest, storage
+from pipeline.io.checkpoint import CheckpointError, CheckpointInfo
+from pipeline.io.tarshards import load_npy
+from pipeline.models import base as basemod
+from pipeline.models import objectives
+from pipeline.models.autoencoder import scale_latents
+from pipeline.train.loop import (
+    LoopConfig,
+    MetricsLog,
+    StepWindow,
+    fit,
+    grad_sync,
+    new_optimizer,
+    optimizer_step,
+    resume_or_init,
+    save_checkpoint,
+    set_lr,
+    worker_setup,
+)
+from pipeline.train.streams import BatchStream, _bucket_key
+
+log = logging.getLogger("pipeline.train")
+
+TRAINED_FAMILIES = ("sd", "sdxl")  # UNet2DConditionModel bases
+EMPTY_DIR = "_empty_caption"
+DEFAULT_TARGETS = "to_q,to_k,to_v,to_out.0"  # the attention projections, as diffusers' LoRA examples
+
+
+@dataclass
+class FinetuneConfig(LoopConfig):
+    latents: str = option("", "latent cache of the base (output of `encode --base`, with _manifest.json)")
+    base: str = option("", "the pretrained diffusers pipeline folder whose denoiser is fine-tuned")
+    lora_rank: int = option(
+        8, "LoRA rank of the adapters (0: full fine-tune of every denoiser weight)", range=(0, None)
+    )
+    lora_alpha: float = option(0.0, "LoRA alpha (0: the rank, a scale of 1)", range=(0, None))
+    lora_dropout: float = option(0.0, "dropout on the LoRA path", range=(0, 1), hi_open=True)
+    lora_targets: str = option(DEFAULT_TARGETS, "comma-separated module names the adapters wrap")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
+    timestep_sampling: str = option("uniform", "how training timesteps are drawn", choices=objectives.SAMPLINGS)
+    min_snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (0: off; 5 is the paper's value)", range=(0, None))
+    noise_offset: float = option(0.0, "noise offset (per-channel constant added to the noise)", range=(0, 1))
+    caption_dropout: float = option(
+        0.1,
+        "probability of training a sample on the empty caption (classifier-free guidance)",
+        range=(0, 1),
+        hi_open=True,
+    )
+    shuffle_buffer: int = option(1000, "samples in each rank's shuffle buffer", range=(1, None))
+    lr: float = redefault(LoopConfig, "lr", 1e-4)
+    warmup_steps: int = redefault(LoopConfig, "warmup_steps", 0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "latents", "base")
+        self.latents, self.base = storage.absolute(self.latents), storage.absolute(self.base)
+        if self.lora_rank and not self.targets():
+            raise ConfigError("option 'lora-targets': no module names")
+        storage.check_separate(self.output, {"latents": self.latents, "base": self.base, "init_from": self.init_from})
+
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def lora(self) -> dict:
+        """The adapter config (peft ``LoraConfig`` fields) this run trains; {} for a full fine-tune."""
+        if not self.lora_rank:
+            return {}
+        return {
+            "r": self.lora_rank,
+            "lora_alpha": self.lora_alpha or float(self.lora_rank),
+            "lora_dropout": self.lora_dropout,
+            "init_lora_weights": "gaussian",
+            "target_modules": self.targets(),
+        }
+
+
+class Trained(torch.nn.Module):
+    """The parameters a LoRA run trains (the adapters of ``model``), as a module of their own:
+    what the optimizer steps, the EMA averages and a checkpoint holds. It shares the tensors
+    with ``model`` (no copy); names are the model's with ``.`` written as ``/``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.register_parameter(name.replace(".", "/"), p)
+
+
+def add_lora(unet: Any, lora: dict) -> torch.nn.Module:
+    """Freeze ``unet`` (a diffusers model) and add trainable peft adapters (as diffusers' LoRA training examples do);
+    returns the module of the trained adapter tensors."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(**lora))
+    for name, p in unet.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return Trained(unet)
+
+
+@dataclass
+class FinetuneBatch:
+    latents: torch.Tensor  # scaled (B, C, h, w)
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    pooled: torch.Tensor | None  # SDXL (B, P)
+    time_ids: torch.Tensor | None  # SDXL (B, 6)
+
+    def unet_kwargs(self, device) -> dict:
+        kw: dict = {"encoder_hidden_states": self.prompt_embeds.to(device)}
+        if self.pooled is not None and self.time_ids is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": self.pooled.to(device), "time_ids": self.time_ids.to(device)}
+        return kw
+
+
+def time_ids(meta: dict, latent_hw: tuple[int, int], vae_factor: int) -> list[float]:
+    """SDXL's ``add_time_ids``: (original h, w, crop top, left, target h, w); ``original_size``
+    is [w, h] and ``crop_box`` [left, top, right, bottom] as the cache records them."""
+    ow, oh = meta["original_size"]
+    left, top = meta["crop_box"][0], meta["crop_box"][1]
+    return [oh, ow, top, left, latent_hw[0] * vae_factor, latent_hw[1] * vae_factor]
+
+
+def cache_stream(cfg: FinetuneConfig, man: dict, family: str, vae_factor: int, rank: int, world: int, seed: int):
+    """An endless stream of :class:`FinetuneBatch` for one rank."""
+    so = cfg.storage.options
+    scale, shift = float(man["scale"]), float(man["shift"])
+    sdxl = family == "sdxl"
+    empty = load_npy(storage.read_bytes(storage.join(cfg.latents, EMPTY_DIR, "prompt_embeds.npy"), so))
+    empty_pooled: np.ndarray | None = (
+        load_npy(storage.read_bytes(storage.join(cfg.latents, EMPTY_DIR, "pooled_prompt_embeds.npy"), so))
+        if sdxl
+        else None
+    )
+
+    def collate(items: list[dict[str, bytes]], rng: np.random.Generator) -> FinetuneBatch:
+        # numpy only on the stream's thread (see train/streams.py)
+        raw = np.stack([load_npy(s["latent.npy"]) for s in items]).astype(np.float32)
+        drops = rng.random(len(items)) < cfg.caption_dropout
+        embeds = np.stack([empty if d else load_npy(s["prompt_embeds.npy"]) for s, d in zip(items, drops)])
+        batch = FinetuneBatch(
+            torch.from_numpy(scale_latents(raw, scale, shift)), torch.from_numpy(embeds.astype(np.float32)), None, None
+        )
+        if sdxl:
+            pooled = np.stack(
+                [
+                    load_npy(s["pooled_prompt_embeds.npy"]) if empty_pooled is None or not d else empty_pooled
+                    for s, d in zip(items, drops)
+                ]
+            )
+            ids = [time_ids(json.loads(s["json"]), raw.shape[-2:], vae_factor) for s in items]
+            batch.pooled = torch.from_numpy(pooled.astype(np.float32))
+            batch.time_ids = torch.from_numpy(np.asarray(ids, np.float32))
+        return batch
+
+    return BatchStream(
+        manifest.shard_urls(cfg.latents, man),
+        collate,
+        batch_size=cfg.batch_size,
+        rank=rank,
+        world=world,
+        seed=seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        storage_options=so,
+        group_key=_bucket_key if man["latent_shape"] is None else None,
+    )
+
+
+def finetune_loop(loop_config: dict) -> None:
+    """One DDP rank. Runs on a Ray Train worker."""
+    import ray.train.torch
+
+    cfg: FinetuneConfig = loop_config["cfg"]
+    so = cfg.storage.options
+    rank, world, dev = worker_setup()
+    torch.manual_seed(cfg.seed + rank)
+
+    # ---- the base, its objective, what trains
+    man = manifest.load(cfg.latents, so)
+    base = basemod.open_base(cfg.base, so)
+    identity = base.identity()
+    objective = objectives.from_scheduler_config(base.scheduler_config(), f"{base.where}: scheduler")
+    unet = base.load_denoiser().to(dev).train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    lora = cfg.lora()
+    trained = add_lora(unet, lora) if lora else unet  # LoRA: the adapters only; else every weight
+    ema = copy.deepcopy(trained).requires_grad_(False)
+    opt = new_optimizer(trained, cfg)
+
+    # ---- resume (restart or re-run) or warm start; never over another base
+    start, resumed = resume_or_init(trained, ema, opt, cfg, "finetune")
+    if resumed is not None and resumed.base.get("identity") != identity:
+        raise CheckpointError(f"{storage.redact(cfg.output)}: the run's checkpoint is a fine-tune of another base")
+    ddp = ray.train.torch.prepare_model(unet)
+
+    stream = iter(cache_stream(cfg, man, base.family, base.vae_scale_factor(), rank, world, cfg.seed + start))
+    metrics_log = MetricsLog(cfg.output, start, so) if rank == 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank + start)
+    window = StepWindow(cfg.batch_size * cfg.grad_accum * world)
+    info = CheckpointInfo(
+        kind="finetune",
+        model={"denoiser": base.denoiser, "class": type(unet).__name__},
+        train=public_dict(cfg),
+        scale=man["scale"],
+        shift=man["shift"],
+        latents=storage.public_url(cfg.latents),
+        base={
+            "url": storage.public_url(cfg.base),
+            "family": base.family,
+            "class": base.class_name,
+            "identity": identity,
+            "objective": objective.to_dict(),
+            "lora": lora,
+        },
+    )
+
+    # ---- the loop
+    for step in range(start, cfg.steps):
+        t_step = time.perf_counter()
+        lr = set_lr(opt, step, cfg)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            t_wait = time.perf_counter()
+            batch = next(stream)
+            window.waited(time.perf_counter() - t_wait)
+            latents = batch.latents.to(dev)
+            noise = objectives.sample_noise(latents.shape, gen, cfg.noise_offset).to(dev)
+            t = objectives.sample_timesteps(objective, latents.shape[0], gen, cfg.timestep_sampling).to(dev)
+            noisy = objectives.noisy_latents(objective, latents, noise, t)
+            with grad_sync(ddp, micro, cfg, world), autocast:
+                out = ddp(noisy, t, **batch.unet_kwargs(dev), return_dict=False)[0]
+                loss = objectives.loss(objective, out, latents, noise, t, cfg.min_snr_gamma)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+        grad_norm = optimizer_step(trained, opt, ema, step, cfg)  # clips and averages only what trains
+
+        window.step(time.perf_counter() - t_step, loss=loss_sum, grad_norm=grad_norm)
+        done = step + 1
+        metrics = {}
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            metrics = window.flush(lr=lr)
+            if metrics_log is not None:
+                metrics_log.log(done, metrics)
+                log.info(
+                    f"[finetune] step {done}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                    f"{metrics['samples_per_s']:.1f} samples/s"
+                )
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(done, {"step": done, **metrics}, info, trained, ema, opt)
+            if metrics_log is not None:
+                metrics_log.sync()
+    stream.close()
+
+
+def check_run(cfg: FinetuneConfig, base: basemod.Base) -> None:
+    """Refuse, on the driver, resuming an output (or warm-starting from a checkpoint) that is a
+    fine-tune of another base or with another adapter config."""
+    so = cfg.storage.options
+    sources = [("output", cfg.output)] + ([("init-from", cfg.init_from)] if cfg.init_from else [])
+    for name, url in sources:
+        try:
+            latest = checkpoint.latest_checkpoint(url, so)
+        except (CheckpointError, FileNotFoundError):
+            if name == "output":
+                continue  # a new run
+            raise
+        _, info = checkpoint.load(latest, "finetune", so)
+        if info.base.get("identity") != base.identity():
+            raise CheckpointError(
+                f"option '{name}': {storage.redact(url)} holds a fine-tune of another base than "
+                f"{storage.redact(cfg.base)} ({info.base.get('url')}); use another --output or the same --base"
+            )
+        if info.base.get("lora") != cfg.lora():
+            raise CheckpointError(
+                f"option '{name}': {storage.redact(url)} was trained with another adapter config "
+                f"({info.base.get('lora') or 'full fine-tune'}); set the same --lora-* options"
+            )
+
+
+def run_finetune(cfg: FinetuneConfig):
+    """Check the inputs on the driver, then run the loop on Ray Train; returns Ray's Result."""
+    so = cfg.storage.options
+    man = manifest.load(cfg.latents, so)
+    base = basemod.open_base(cfg.base, so)
+    if base.family not in TRAINED_FAMILIES:
+        raise ConfigError(f"option 'base': {base.class_name} bases are not trained yet (supported: SD 1.x/2.x, SDXL)")
+    basemod.check_cache(base, man, f"option 'latents': {storage.redact(cfg.latents)}")
+    objective = objectives.from_scheduler_config(base.scheduler_config(), f"{base.where}: scheduler")
+    if cfg.min_snr_gamma and objective.kind == "flow":
+        raise ConfigError("option 'min-snr-gamma': the base is a flow model; Min-SNR weighs DDPM objectives")
+    check_run(cfg, base)
+    log.info(
+        f"[finetune] {base.class_name} ({objective.kind} objective), "
+        f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tune'}, {cfg.workers} worker(s), "
+        f"{man['totals']['written']} latents -> {storage.redact(cfg.output)}"
+    )
+    t0 = time.time()
+    result = fit(finetune_loop, {"cfg": cfg}, cfg)
+    if result.error:
+        raise result.error
+    log.info(f"[finetune] finished step {result.metrics.get('step')} in {time.time() - t0:.0f}s")
+    return result
