@@ -195,7 +195,7 @@ def test_an_sdxl_base_trains_with_pooled_text_and_time_ids(tmp_path):
     base_dir = save(pipe, tmp_path / "xl")
     cache = write_cache(pipe, base_dir, str(tmp_path / "xlcache"), n=4, per_shard=4, size=32)
     base = basemod.open_base(base_dir)
-    assert base.family == "sdxl" and "text_encoder_2" in base.cache_identity()
+    assert base.family == "sdxl" and "text_encoder_2" in base.identity()
     man = json.load(open(os.path.join(cache, "_manifest.json")))
     basemod.check_cache(base, man, "cache")
     cfg = FinetuneConfig(latents=cache, base=base_dir, output=str(tmp_path / "o"), batch_size=2, lora_rank=2)
@@ -212,3 +212,36 @@ def test_an_sdxl_base_trains_with_pooled_text_and_time_ids(tmp_path):
     out = unet(objectives.noisy_latents(obj, batch.latents, noise, t), t, **batch.unet_kwargs("cpu")).sample
     objectives.loss(obj, out, batch.latents, noise, t).backward()
     assert all(p.grad is not None for p in trained.parameters() if p.requires_grad)
+
+
+def test_encode_base_then_finetune_then_export_loads_in_diffusers(sd, tmp_path, ray_cluster):
+    """The whole loop on real parts: `encode --base` caches photos with the base's own VAE and
+    conditioning, `finetune` trains LoRA adapters on that cache with the base's objective, and
+    `export` gives a file that diffusers' load_lora_weights takes."""
+    from diffusers import StableDiffusionPipeline
+
+    from helpers import encode_image, photo_crops, write_tar
+    from pipeline.stages.encode import EncodeConfig, run_encode
+
+    members = []
+    for i, im in enumerate(photo_crops(8, 48)):
+        members += [(f"p{i}.png", encode_image(im)), (f"p{i}.txt", f"a photo number {i}".encode())]
+    write_tar(str(tmp_path / "photos.tar"), members)
+    lat = str(tmp_path / "lat")
+    man = run_encode(EncodeConfig(input=str(tmp_path / "photos.tar"), output=lat, base=sd["base"], resolution=32))
+    assert man["totals"]["written"] == 8 and man["base"]["family"] == "sd"
+    out = tmp_path / "ft"
+    result = run_finetune(_cfg(sd, out, latents=lat, lora_rank=4, steps=4))
+    assert result.metrics["step"] == 4 and np.isfinite(result.metrics["loss"])
+    lora_dir = tmp_path / "lora"
+    assert cli.main(["export", "--checkpoint", str(out), "--output", str(lora_dir)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(sd["base"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    plain = _draw(pipe)
+    pipe.load_lora_weights(str(lora_dir))
+    assert np.abs(_draw(pipe) - plain).mean() > 1e-3
+    # the cache of the other base (another VAE and text encoder) is refused for this base's run
+    other = str(tmp_path / "lat-other")
+    run_encode(EncodeConfig(input=str(tmp_path / "photos.tar"), output=other, base=sd["other"], resolution=32))
+    with pytest.raises(Exception, match="made with another"):
+        run_finetune(_cfg(sd, tmp_path / "ft2", latents=other, lora_rank=4, steps=2))

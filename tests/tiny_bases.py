@@ -215,6 +215,6 @@ def write_cache(pipe, base_dir: str, out: str, n: int = 12, per_shard: int = 4, 
     man["fields"] = ["latent.npy", "prompt_embeds.npy", "json"] + (
         ["pooled_prompt_embeds.npy"] if family == "sdxl" else []
     )
-    man["base"] = {"identity": base.cache_identity(), "family": family}
+    man["base"] = {"identity": base.folder.identity, "family": family}
     manifest.write(out, man, records)
     return out

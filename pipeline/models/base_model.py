@@ -54,8 +54,11 @@ PROMPT_EMBEDS = "prompt_embeds.npy"
 POOLED = "pooled_prompt_embeds.npy"
 MASK = "prompt_attention_mask.npy"
 
-CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "PreTrainedTokenizerFast")
-T5_TOKENIZERS = ("T5Tokenizer", "T5TokenizerFast", "PreTrainedTokenizerFast")
+# transformers' own tokenizer classes (TokenizersBackend: transformers 5's name for a tokenizer
+# read from a tokenizers tokenizer.json, what AutoTokenizer gives such a folder)
+GENERIC_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+CLIP_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", *GENERIC_TOKENIZERS)
+T5_TOKENIZERS = ("T5Tokenizer", "T5TokenizerFast", *GENERIC_TOKENIZERS)
 VAE_CLASSES = ("AutoencoderKL",)
 # components a pipeline may name that encoding never loads (absent or one of these classes)
 IGNORED = {

@@ -14,6 +14,7 @@ default) exports the EMA weights, ``raw`` the last optimizer step's.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -67,7 +68,9 @@ def run_export(cfg: ExportConfig) -> str:
             _export_lora(base, unet, info.base["lora"], tensors, out, storage.redact(cfg.checkpoint))
         else:
             _load(unet, tensors, storage.redact(cfg.checkpoint))
-            _copy_files(base, base.pipeline_files(skip=(base.denoiser,)), out)
+            _copy_files(base, [r for r in base.pipeline_files(skip=(base.denoiser,)) if r != basemod.INDEX_NAME], out)
+            with open(os.path.join(out, basemod.INDEX_NAME), "w") as f:  # only the components copied
+                json.dump(base.exported_index(), f, indent=2)
             with torch.no_grad():
                 unet.save_pretrained(os.path.join(out, base.denoiser), safe_serialization=True)
         storage.upload_dir(out, cfg.output, so, commit_last="")
