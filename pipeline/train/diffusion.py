@@ -3,7 +3,7 @@
 The loop in :func:`train_loop` is the whole algorithm, top to bottom; Ray only places it
 (``prepare_model`` for DDP, ``report`` for checkpoints). Each rank streams its own shards.
 The steps both training loops share (resume, learning rate, gradient sync, optimizer step,
-checkpoint) come from :mod:`pipeline.train.loop`, so the two loops cannot drift apart.
+checkpoint, metric lines) come from :mod:`pipeline.train.loop`, so the loops cannot drift apart.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pipeline.train.loop import (
     StepWindow,
     fit,
     grad_sync,
+    log_step,
     new_optimizer,
     optimizer_step,
     resume_or_init,
@@ -210,15 +211,7 @@ def train_loop(loop_config: dict) -> None:
 
         window.step(time.perf_counter() - t_step, loss=loss_sum, grad_norm=grad_norm)
         done = step + 1
-        metrics = {}
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics = window.flush(lr=lr)
-            if metrics_log is not None:
-                metrics_log.log(done, metrics)
-                log.info(
-                    f"[train] step {done}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
-                    f"{metrics['samples_per_s']:.1f} samples/s data-wait {100 * metrics['data_wait_share']:.1f}%"
-                )
+        metrics = log_step(done, cfg, window, lr, metrics_log, "train")
         if rank == 0 and not cfg.task and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps):
             images = generate(
                 DiffusionModel(ema.eval(), vae, info),

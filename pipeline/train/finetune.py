@@ -40,6 +40,7 @@ from pipeline.train.loop import (
     StepWindow,
     fit,
     grad_sync,
+    log_step,
     new_optimizer,
     optimizer_step,
     resume_or_init,
@@ -267,15 +268,7 @@ def finetune_loop(loop_config: dict) -> None:
 
         window.step(time.perf_counter() - t_step, loss=loss_sum, grad_norm=grad_norm)
         done = step + 1
-        metrics = {}
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics = window.flush(lr=lr)
-            if metrics_log is not None:
-                metrics_log.log(done, metrics)
-                log.info(
-                    f"[finetune] step {done}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
-                    f"{metrics['samples_per_s']:.1f} samples/s"
-                )
+        metrics = log_step(done, cfg, window, lr, metrics_log, "finetune")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(done, {"step": done, **metrics}, info, trained, ema, opt)
             if metrics_log is not None:

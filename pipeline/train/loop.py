@@ -131,6 +131,23 @@ class StepWindow:
         return out
 
 
+def log_step(
+    done: int, cfg: LoopConfig, window: StepWindow, lr: float, metrics_log: MetricsLog | None, verb: str
+) -> dict[str, float]:
+    """At a metrics step (every ``--log-every`` and the last): the window's metrics, written to
+    ``metrics.jsonl`` and printed as one line on rank 0; ``{}`` at any other step."""
+    if not (done % cfg.log_every == 0 or done == cfg.steps):
+        return {}
+    metrics = window.flush(lr=lr)
+    if metrics_log is not None:
+        metrics_log.log(done, metrics)
+        logging.getLogger(f"pipeline.{verb.replace('-', '_')}").info(
+            f"[{verb}] step {done}/{cfg.steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
+            f"{metrics['samples_per_s']:.1f} samples/s data-wait {100 * metrics['data_wait_share']:.1f}%"
+        )
+    return metrics
+
+
 def loss_text(metrics: dict[str, float]) -> str:
     """``"loss 0.1234 "`` when this step closed a metrics window (a checkpoint step may not)."""
     return f"loss {metrics['loss']:.4f} " if "loss" in metrics else ""
