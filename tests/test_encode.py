@@ -446,3 +446,19 @@ def test_a_full_disk_ends_the_job_in_one_line_saying_so(tmp_path, ray_cluster, t
     lines = [ln for ln in err.splitlines() if ": error: " in ln]
     assert rc == 1 and len(lines) == 1 and "no space left on the device" in lines[0], err
     assert "Traceback" not in err and "RayTaskError" not in err and "re-run the same command" not in err
+
+
+def test_a_run_whose_output_another_run_took_over_stops_with_that_one_line(tmp_path, ray_cluster, tiny_vae, capsys):
+    """Every task of a run that lost its output to another run's settings refuses to commit; the
+    driver then ends with that refusal (exit 2), not with Ray's fragments and a re-run advice."""
+    from pipeline.stages import encode
+    from pipeline.stages.encode_worker import EncodePlan
+
+    for s in range(2):
+        write_tar(str(tmp_path / f"in-{s}.tar"), [(f"k{s}.png", encode_image(photo_crops(1, 32, seed=s)[0]))])
+    cfg = EncodeConfig(input=str(tmp_path / "in-*.tar"), output=str(tmp_path / "lat"), vae=tiny_vae, resolution=32)
+    storage.write_json(str(tmp_path / "lat" / encode.SETTINGS_NAME), {"fingerprint": "the-other-run"})
+    todo = encode.shard_pairs(cfg)
+    with pytest.raises(ConfigError, match="taken over by an encode run with other settings"):
+        encode._encode_shards(cfg, todo, len(todo), 0, EncodePlan("this-run", None, []))
+    assert not (tmp_path / "lat" / "in-0.tar").exists() and not (tmp_path / "lat" / "in-1.tar").exists()
