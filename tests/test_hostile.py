@@ -524,7 +524,9 @@ def test_long_names_bracketed_folders_formats_and_leftover_parts(tmp_path):
     folder.mkdir()
     photo_crops(1, 32)[0].save(folder / "a.png")
     assert [r for _, r in storage.list_files(str(folder))] == ["a.png"]
-    assert output_name("scan.tif", "same") == ("scan.png", "PNG")
+    assert output_name("scan.tif", "same") == ("scan.tif", "TIFF")  # archives stay TIFF
+    assert output_name("old.BMP", "same") == ("old.bmp", "BMP")
+    assert output_name("noext", "same") == ("noext.png", "PNG")
     assert output_name("a/b.JPEG", "same") == ("a/b.jpeg", "JPEG")
     assert output_name("x.bmp", "webp") == ("x.webp", "WEBP")
     out = tmp_path / "out"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -153,6 +154,27 @@ def test_restore_job_reads_image_shards(upscale_model, tmp_path, ray_cluster):
     assert Image.open(tmp_path / "o" / outs[0]).size == (64, 64)
 
 
+def test_format_same_keeps_tiff_and_bmp_inputs_as_tiff_and_bmp(upscale_model, tmp_path, ray_cluster):
+    (tmp_path / "in").mkdir()
+    a, b = photo_crops(2, 32, seed=6)
+    a.save(tmp_path / "in" / "scan.tif")
+    b.save(tmp_path / "in" / "old.bmp")
+    report = run_restore(
+        RestoreConfig(
+            input=str(tmp_path / "in"),
+            output=str(tmp_path / "o"),
+            checkpoint=upscale_model,
+            settings=RestoreSettings(steps=2),
+            format="same",
+        )
+    )
+    assert report["written"] == 2 and report["errors"] == 0
+    assert sorted(os.listdir(tmp_path / "o")) == ["_report.json", "old.bmp", "scan.tif"]
+    assert Image.open(tmp_path / "o" / "scan.tif").format == "TIFF"
+    assert Image.open(tmp_path / "o" / "old.bmp").format == "BMP"
+    assert Image.open(tmp_path / "o" / "scan.tif").size == (64, 64)
+
+
 def test_a_rerun_with_nothing_left_to_do_starts_no_actor(upscale_model, tmp_path, ray_cluster):
     (tmp_path / "in").mkdir()
     for i, im in enumerate(photo_crops(2, 32, seed=3)):
@@ -285,9 +307,10 @@ def test_fidelity_mode_is_one_model_evaluation_and_detail_mode_samples(upscale_m
     calls = []
     hook = model.denoiser.register_forward_hook(lambda *_: calls.append(1))
     lr = photo_crops(1, 32, seed=6)[0]
-    fidelity = Restorer(model, "upscale2", RestoreSettings(mode="fidelity", steps=7)).restore(lr)
+    # at gain 1 (this model is uncalibrated: its default, gain 0, is the base in both modes)
+    fidelity = Restorer(model, "upscale2", RestoreSettings(mode="fidelity", steps=7, gain=1.0)).restore(lr)
     n_fidelity = len(calls)
-    detail = Restorer(model, "upscale2", RestoreSettings(mode="detail", steps=7)).restore(lr)
+    detail = Restorer(model, "upscale2", RestoreSettings(mode="detail", steps=7, gain=1.0)).restore(lr)
     hook.remove()
     assert (n_fidelity, len(calls) - n_fidelity) == (1, 7)  # one tile: one call per step
     assert fidelity.size == detail.size == (64, 64)

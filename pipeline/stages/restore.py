@@ -65,7 +65,7 @@ class RestoreConfig:
         "inpainting masks: 'alpha' (the input's transparency) or a folder of masks "
         "with the inputs' relative paths (white = fill)",
     )
-    format: str = option("png", "output format (same: png/jpg/webp kept, others become png)", choices=FORMATS)
+    format: str = option("png", "output format (same: the input's own, TIFF and BMP included; 8-bit)", choices=FORMATS)
     batch_size: int = option(8, "images per actor batch (same-size images share model calls)", range=(1, 4096))
     actors: int = option(0, "actor pool size (0: as many as the cluster fits, leaving room for reads)", range=(0, None))
     cpus_per_actor: float = option(1.0, "CPUs per actor", range=(0, 1024), lo_open=True)

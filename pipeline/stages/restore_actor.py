@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from pipeline.stages.restore import RestoreConfig
 
 FORMATS = ("png", "jpg", "webp", "same")
-_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-_SAME_EXT = {"png": "png", "jpg": "jpg", "jpeg": "jpeg", "webp": "webp"}  # kept as is by --format same
+_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP"}
+# kept as they are by --format same: every allowed input format (archives and scans are TIFF)
+_SAME_EXT = {ext: ext for ext in ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp")}
 EXISTS = "exists"  # read-stage marker: the output is already there (a re-run skips it)
 NO_SPACE = "no_space_left"  # error reason of a write that found the output's device full
 
@@ -32,8 +33,9 @@ NO_SPACE = "no_space_left"  # error reason of a write that found the output's de
 def output_name(rel: str, fmt: str) -> tuple[str, str]:
     """The one place that decides an output: (relative output path, Pillow format name).
 
-    ``same`` keeps png/jpg/jpeg/webp; any other input format (tif, bmp, ...) is written as PNG
-    and named ``.png``, so a file's name always matches its bytes.
+    ``same`` keeps the input's format and extension (png, jpg/jpeg, webp, tif/tiff, bmp); a name
+    without a known extension is written as PNG and named ``.png``, so a file's name always
+    matches its bytes.
     """
     head, _, base = rel.rpartition("/")
     stem, dot, ext = base.rpartition(".")
@@ -42,7 +44,7 @@ def output_name(rel: str, fmt: str) -> tuple[str, str]:
     ext = ext.lower()
     out_ext = _SAME_EXT.get(ext, "png") if fmt == "same" else fmt
     name = f"{stem}.{out_ext}"
-    return (f"{head}/{name}" if head else name), _PIL_FORMAT["jpg" if out_ext == "jpeg" else out_ext]
+    return (f"{head}/{name}" if head else name), _PIL_FORMAT[out_ext]
 
 
 class RestoreActor:
