@@ -19,8 +19,9 @@ from pipeline import cli
 from pipeline.io import checkpoint
 from pipeline.models import base as basemod
 from pipeline.models import objectives
+from pipeline.models.base_model import sdxl_time_ids
 from pipeline.stages.export import ExportConfig, run_export
-from pipeline.train.finetune import FinetuneConfig, add_lora, cache_stream, run_finetune, time_ids
+from pipeline.train.finetune import FinetuneConfig, add_lora, cache_stream, run_finetune
 from pipeline.train.loop import LoopConfig, new_optimizer
 
 
@@ -84,8 +85,7 @@ def _sd_scheduler():
 
 def test_the_stream_gives_the_pipelines_conditioning(sd, tmp_path):
     man = json.load(open(os.path.join(sd["cache"], "_manifest.json")))
-    base = basemod.open_base(sd["base"])
-    stream = cache_stream(_cfg(sd, tmp_path / "o", caption_dropout=0.0), man, "sd", base.vae_scale_factor(), 0, 1, 0)
+    stream = cache_stream(_cfg(sd, tmp_path / "o", caption_dropout=0.0), man, "sd", 0, 1, 0)
     batch = next(iter(stream))
     stream.close()
     assert batch.latents.shape == (2, 4, 8, 8) and batch.prompt_embeds.shape == (2, 16, 32)
@@ -93,8 +93,8 @@ def test_the_stream_gives_the_pipelines_conditioning(sd, tmp_path):
     # scaled as the manifest says: raw posterior mean * scaling_factor
     assert abs(man["scale"] - 0.18215) < 1e-6
     # SDXL's time ids: original (h, w), crop (top, left), target (h, w) from [w, h] and [l, t, r, b]
-    meta = {"original_size": [48, 40], "crop_box": [8, 4, 40, 36]}
-    assert time_ids(meta, (8, 8), 4) == [40, 48, 4, 8, 32, 32]
+    meta = {"original_size": [48, 40], "crop_box": [8, 4, 40, 36], "bucket": [32, 32]}
+    assert list(sdxl_time_ids(meta)) == [40, 48, 4, 8, 32, 32]
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -199,7 +199,7 @@ def test_an_sdxl_base_trains_with_pooled_text_and_time_ids(tmp_path):
     man = json.load(open(os.path.join(cache, "_manifest.json")))
     basemod.check_cache(base, man, "cache")
     cfg = FinetuneConfig(latents=cache, base=base_dir, output=str(tmp_path / "o"), batch_size=2, lora_rank=2)
-    stream = cache_stream(cfg, man, "sdxl", base.vae_scale_factor(), 0, 1, 0)
+    stream = cache_stream(cfg, man, "sdxl", 0, 1, 0)
     batch = next(iter(stream))
     stream.close()
     assert batch.pooled is not None and batch.pooled.shape == (2, 32) and batch.prompt_embeds.shape[-1] == 64

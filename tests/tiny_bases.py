@@ -215,6 +215,9 @@ def write_cache(pipe, base_dir: str, out: str, n: int = 12, per_shard: int = 4, 
     man["fields"] = ["latent.npy", "prompt_embeds.npy", "json"] + (
         ["pooled_prompt_embeds.npy"] if family == "sdxl" else []
     )
-    man["base"] = {"identity": base.folder.identity, "family": family}
+    empty_files = {"prompt_embeds.npy": "_empty_caption/prompt_embeds.npy"}
+    if empty_pooled is not None:
+        empty_files["pooled_prompt_embeds.npy"] = "_empty_caption/pooled_prompt_embeds.npy"
+    man["base"] = {"identity": base.folder.identity, "family": family, "empty_caption": empty_files}
     manifest.write(out, man, records)
     return out

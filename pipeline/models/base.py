@@ -73,10 +73,6 @@ class Base:
     def scheduler_config(self) -> dict[str, Any]:
         return self.config("scheduler", "scheduler_config.json")
 
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (``2 ** (levels - 1)``, as the pipelines compute it)."""
-        return 2 ** (len(self.config("vae")["block_out_channels"]) - 1)
-
     def load_denoiser(self):
         """The denoiser (UNet or transformer), loaded from a view of exactly its files."""
         import diffusers

@@ -34,6 +34,7 @@ from pipeline.io.tarshards import load_npy
 from pipeline.models import base as basemod
 from pipeline.models import objectives
 from pipeline.models.autoencoder import scale_latents
+from pipeline.models.base_model import POOLED, PROMPT_EMBEDS, sdxl_time_ids
 from pipeline.train.loop import (
     LoopConfig,
     MetricsLog,
@@ -53,7 +54,6 @@ from pipeline.train.streams import BatchStream, _bucket_key
 log = logging.getLogger("pipeline.train")
 
 TRAINED_FAMILIES = ("sd", "sdxl")  # UNet2DConditionModel bases
-EMPTY_DIR = "_empty_caption"
 DEFAULT_TARGETS = "to_q,to_k,to_v,to_out.0"  # the attention projections, as diffusers' LoRA examples
 
 
@@ -143,42 +143,29 @@ class FinetuneBatch:
         return kw
 
 
-def time_ids(meta: dict, latent_hw: tuple[int, int], vae_factor: int) -> list[float]:
-    """SDXL's ``add_time_ids``: (original h, w, crop top, left, target h, w); ``original_size``
-    is [w, h] and ``crop_box`` [left, top, right, bottom] as the cache records them."""
-    ow, oh = meta["original_size"]
-    left, top = meta["crop_box"][0], meta["crop_box"][1]
-    return [oh, ow, top, left, latent_hw[0] * vae_factor, latent_hw[1] * vae_factor]
-
-
-def cache_stream(cfg: FinetuneConfig, man: dict, family: str, vae_factor: int, rank: int, world: int, seed: int):
+def cache_stream(cfg: FinetuneConfig, man: dict, family: str, rank: int, world: int, seed: int):
     """An endless stream of :class:`FinetuneBatch` for one rank."""
     so = cfg.storage.options
     scale, shift = float(man["scale"]), float(man["shift"])
-    sdxl = family == "sdxl"
-    empty = load_npy(storage.read_bytes(storage.join(cfg.latents, EMPTY_DIR, "prompt_embeds.npy"), so))
-    empty_pooled: np.ndarray | None = (
-        load_npy(storage.read_bytes(storage.join(cfg.latents, EMPTY_DIR, "pooled_prompt_embeds.npy"), so))
-        if sdxl
-        else None
-    )
+    empty_files = man["base"]["empty_caption"]  # as `encode --base` stored the empty caption
+
+    def empty_field(name: str) -> np.ndarray:
+        return load_npy(storage.read_bytes(storage.join(cfg.latents, empty_files[name]), so))
+
+    empty = empty_field(PROMPT_EMBEDS)
+    empty_pooled = empty_field(POOLED) if family == "sdxl" else None
 
     def collate(items: list[dict[str, bytes]], rng: np.random.Generator) -> FinetuneBatch:
         # numpy only on the stream's thread (see train/streams.py)
         raw = np.stack([load_npy(s["latent.npy"]) for s in items]).astype(np.float32)
         drops = rng.random(len(items)) < cfg.caption_dropout
-        embeds = np.stack([empty if d else load_npy(s["prompt_embeds.npy"]) for s, d in zip(items, drops)])
+        embeds = np.stack([empty if d else load_npy(s[PROMPT_EMBEDS]) for s, d in zip(items, drops)])
         batch = FinetuneBatch(
             torch.from_numpy(scale_latents(raw, scale, shift)), torch.from_numpy(embeds.astype(np.float32)), None, None
         )
-        if sdxl:
-            pooled = np.stack(
-                [
-                    load_npy(s["pooled_prompt_embeds.npy"]) if empty_pooled is None or not d else empty_pooled
-                    for s, d in zip(items, drops)
-                ]
-            )
-            ids = [time_ids(json.loads(s["json"]), raw.shape[-2:], vae_factor) for s in items]
+        if empty_pooled is not None:  # SDXL
+            pooled = np.stack([empty_pooled if d else load_npy(s[POOLED]) for s, d in zip(items, drops)])
+            ids = [sdxl_time_ids(json.loads(s["json"])) for s in items]
             batch.pooled = torch.from_numpy(pooled.astype(np.float32))
             batch.time_ids = torch.from_numpy(np.asarray(ids, np.float32))
         return batch
@@ -224,7 +211,7 @@ def finetune_loop(loop_config: dict) -> None:
         raise CheckpointError(f"{storage.redact(cfg.output)}: the run's checkpoint is a fine-tune of another base")
     ddp = ray.train.torch.prepare_model(unet)
 
-    stream = iter(cache_stream(cfg, man, base.family, base.vae_scale_factor(), rank, world, cfg.seed + start))
+    stream = iter(cache_stream(cfg, man, base.family, rank, world, cfg.seed + start))
     metrics_log = MetricsLog(cfg.output, start, so) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank + start)
