@@ -90,10 +90,13 @@ def option(
     hi_open: bool = False,
     choices: typing.Iterable[Any] | None = None,
     noun: str = "value",
+    split: bool = True,
     **kw: Any,
 ) -> Any:
     """A dataclass field with help text (shown by ``--help``); ``flag`` overrides the flag name
     (``storage_options`` for ``--storage-options``), ``short`` adds a one-letter flag (``-n``).
+    A list option is repeatable and each value is split at commas (``--tasks a,b``) unless
+    ``split=False`` (free text such as a prompt, which keeps its commas).
 
     ``range=(lo, hi)`` (either end None for unbounded; ``lo_open``/``hi_open`` exclude an end)
     and ``choices`` declare the allowed values: ``--help`` shows them and :func:`check_limits`
@@ -101,6 +104,8 @@ def option(
     meta: dict[str, Any] = {"help": help, "flag": flag} if flag else {"help": help}
     if short:
         meta["short"] = (short,)
+    if not split:
+        meta["split"] = False
     if range is not None or choices is not None:
         lo, hi = range if range is not None else (None, None)
         meta["limits"] = Limits(lo, hi, lo_open, hi_open, tuple(choices) if choices is not None else None, noun)
@@ -263,8 +268,9 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def coerce(name: str, tp: Any, value: Any) -> Any:
-    """Convert ``value`` (from YAML or a CLI string) to type ``tp``, or raise ConfigError."""
+def coerce(name: str, tp: Any, value: Any, split: bool = True) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to type ``tp``, or raise ConfigError;
+    ``split``: a list of strings is also split at commas."""
     tp, optional = _strip_optional(tp)
     if value is None:
         if optional:
@@ -296,7 +302,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             (item_tp, *_rest) = typing.get_args(tp) or (str,)
             if isinstance(value, str):
                 value = [value]
-            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            if split and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
                 # `--tasks a,b`, a repeated flag `--text-encoder A --text-encoder B`, or both
                 value = [part.strip() for v in value for part in v.split(",") if part.strip()]
             if not isinstance(value, (list, tuple)):
@@ -318,7 +324,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
 def from_dict(cls: type[C], values: dict[str, Any], *, section: str = "") -> C:
     """Build ``cls`` from a flat mapping (group options by their flat names, or nested under
     the group's field name); unknown keys raise ConfigError listing the valid ones."""
-    flat = {_key(f): (path, tp) for path, f, tp in _flat_fields(cls)}
+    flat = {_key(f): (path, tp, f.metadata.get("split", True)) for path, f, tp in _flat_fields(cls)}
     groups = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if _is_group(f)}
     pairs: list[tuple[str, Any]] = []
     for key, value in values.items():
@@ -336,11 +342,11 @@ def from_dict(cls: type[C], values: dict[str, Any], *, section: str = "") -> C:
         raise ConfigError(f"unknown option {flag_of(unknown[0])!r}{where}; valid options: {valid}")
     nested: dict[str, Any] = {}
     for key, value in pairs:
-        path, tp = flat[key]
+        path, tp, split = flat[key]
         target = nested
         for part in path[:-1]:
             target = target.setdefault(part, {})
-        target[path[-1]] = coerce(key, tp, value)
+        target[path[-1]] = coerce(key, tp, value, split)
     return _build(cls, nested)
 
 
@@ -442,7 +448,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         flags = ["--" + flag_of(key)] + [f"-{s}" for s in f.metadata.get("short", ())]
         if tp is bool:
             parser.add_argument(*flags, dest=key, default=None, action=argparse.BooleanOptionalAction, help=help_text)
-        elif typing.get_origin(tp) is list:  # repeatable, and each value may be a comma-separated list
+        elif typing.get_origin(tp) is list:  # repeatable; each value may be a comma-separated list (split=True)
             parser.add_argument(*flags, dest=key, default=None, action="append", metavar=key.upper(), help=help_text)
         else:
             parser.add_argument(*flags, dest=key, default=None, metavar=key.rstrip("_").upper(), help=help_text)

@@ -36,21 +36,22 @@ STAGES = {
     "train": "train",
     "restore": "restore",
 }
+JOBS = {**STAGES, "finetune": "finetune"}  # Ray job entrypoints: the stages with a RayJob, and finetune
 
 
 # --------------------------------------------------------------------------- jobs/
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("stage", sorted(JOBS))
 def test_job_entrypoint_and_config_exist_and_load(stage):
     entry = os.path.join(ROOT, "jobs", f"{stage}.py")
     conf = os.path.join(ROOT, "jobs", "configs", f"{stage}.yaml")
     assert os.path.exists(entry) and os.path.exists(conf)
-    verb = next(v for v in VERBS if v.name == STAGES[stage])
+    verb = next(v for v in VERBS if v.name == JOBS[stage])
     cfg = config.from_dict(verb.config_cls(), yaml.safe_load(open(conf)), section=stage)  # every key is valid
     assert cfg is not None
     out = subprocess.run([sys.executable, entry, "--help"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and f"latent-pipeline {STAGES[stage]}" in out.stdout
+    assert out.returncode == 0 and f"latent-pipeline {JOBS[stage]}" in out.stdout
 
 
 # --------------------------------------------------------------------------- cluster/

@@ -90,15 +90,39 @@ class Base:
                 out += self.files(name)
         return out
 
-    def exported_index(self) -> dict[str, Any]:
-        """The base's ``model_index.json`` with only the components an export copies (optional
-        ones such as a safety checker, which are not checked nor copied, set absent)."""
+    def index(self) -> dict[str, Any]:
+        """The base's ``model_index.json``."""
         with open(folders.file(self.local, INDEX_NAME, self.where), "rb") as f:
-            index = json.loads(f.read())
-        for name, value in index.items():
-            if isinstance(value, list) and not name.startswith("_") and name not in self.folder.files:
-                index[name] = [None, None]
-        return index
+            return json.loads(f.read())
+
+    def unchecked(self) -> list[str]:
+        """The optional components ``model_index.json`` names that are neither checked nor loaded
+        (a safety checker, a feature extractor, ...)."""
+        return [
+            n
+            for n, v in self.index().items()
+            if isinstance(v, list) and not n.startswith("_") and n not in self.folder.files
+        ]
+
+    def exported_index(self) -> dict[str, Any]:
+        """The base's ``model_index.json`` with only the components an export copies (the
+        :meth:`unchecked` ones set absent)."""
+        return {**self.index(), **{name: [None, None] for name in self.unchecked()}}
+
+    def load_pipeline(self, **given: Any):
+        """The base's diffusers pipeline, loaded from a view of exactly the checked files.
+        ``given`` components replace the base's own (a module already in memory, such as a
+        fine-tuned denoiser, or None to leave one out, such as the text encoders when the prompt
+        embeddings are given); the :meth:`unchecked` components are left out."""
+        import diffusers
+
+        absent: dict[str, Any] = dict.fromkeys(self.unchecked())
+        with folders.view(self.local, self.pipeline_files(skip=tuple(given)), self.where) as view:
+            pipe = getattr(diffusers, self.class_name).from_pretrained(
+                view, **absent, **given, use_safetensors=True, local_files_only=True
+            )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
 
 def open_base(url: str, storage_options: dict | None = None, option: str = "base") -> Base:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError
+from pipeline.io import storage
 from pipeline.io.imaging import from_tensor_array
 from pipeline.models import flow
 from pipeline.models.loading import DiffusionModel
@@ -66,3 +68,12 @@ def grid(images: torch.Tensor, cols: int | None = None) -> Image.Image:
     for i in range(n):
         out.paste(from_tensor_array(images[i].numpy()), ((i % cols) * w, (i // cols) * h))
     return out
+
+
+def save_grid(images: torch.Tensor, url: str, storage_options: dict | None = None) -> Image.Image:
+    """Write the :func:`grid` of ``images`` (B, 3, H, W) in [-1, 1] to ``url`` as a PNG; returns it."""
+    img = grid(images)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    storage.write_bytes(url, buf.getvalue(), storage_options)
+    return img

@@ -9,7 +9,8 @@
 
 The base is the one the checkpoint records (``--base`` names another copy of it); a folder whose
 components differ from the recorded identity is refused in one line. ``--weights ema`` (the
-default) exports the EMA weights, ``raw`` the last optimizer step's.
+default) exports the EMA weights, ``raw`` the last optimizer step's. The checkpoint is read onto
+its base by :func:`pipeline.train.finetuned.load`, as ``sample --checkpoint`` reads it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import tempfile
 from dataclasses import dataclass
 
 from pipeline.config import StorageOptions, check_limits, group, option, require
-from pipeline.io import checkpoint, folders, storage
-from pipeline.io.checkpoint import CheckpointError
+from pipeline.io import folders, storage
 from pipeline.models import base as basemod
+from pipeline.train import finetuned
 
 log = logging.getLogger("pipeline.export")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -51,55 +52,32 @@ def run_export(cfg: ExportConfig) -> str:
     import torch
 
     so = cfg.storage.options
-    local, info = checkpoint.load(cfg.checkpoint, "finetune", so)
-    url = cfg.base or info.base.get("url", "")
-    if not url:
-        raise CheckpointError(f"{storage.redact(cfg.checkpoint)} records no base: pass --base")
-    base = basemod.open_base(url, so)
-    if base.identity() != info.base.get("identity"):
-        raise CheckpointError(
-            f"option 'base': {storage.redact(url)} is not the base {storage.redact(cfg.checkpoint)} was trained on "
-            "(its components differ from the recorded identity)"
-        )
-    tensors = checkpoint.load_tensors(local, "ema" if cfg.weights == "ema" else "model")
-    unet = base.load_denoiser()
+    tuned = finetuned.load(cfg.checkpoint, cfg.base, cfg.weights, so)
+    base = tuned.base
     with tempfile.TemporaryDirectory() as out:
-        if info.base.get("lora"):
-            _export_lora(base, unet, info.base["lora"], tensors, out, storage.redact(cfg.checkpoint))
+        if tuned.lora:
+            _export_lora(tuned, out)
         else:
-            _load(unet, tensors, storage.redact(cfg.checkpoint))
             _copy_files(base, [r for r in base.pipeline_files(skip=(base.denoiser,)) if r != basemod.INDEX_NAME], out)
             with open(os.path.join(out, basemod.INDEX_NAME), "w") as f:  # only the components copied
                 json.dump(base.exported_index(), f, indent=2)
             with torch.no_grad():
-                unet.save_pretrained(os.path.join(out, base.denoiser), safe_serialization=True)
+                tuned.denoiser.save_pretrained(os.path.join(out, base.denoiser), safe_serialization=True)
         storage.upload_dir(out, cfg.output, so, commit_last="")
-    what = "LoRA adapters" if info.base.get("lora") else "pipeline folder"
-    log.info(f"[export] step {info.step} {cfg.weights} weights as a {what} -> {storage.redact(cfg.output)}")
+    what = "LoRA adapters" if tuned.lora else "pipeline folder"
+    log.info(f"[export] step {tuned.info.step} {cfg.weights} weights as a {what} -> {storage.redact(cfg.output)}")
     return cfg.output
 
 
-def _load(module, tensors: dict, where: str) -> None:
-    try:
-        module.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{where}: weights do not fit the base's denoiser ({str(exc).splitlines()[0][:160]})"
-        ) from None
-
-
-def _export_lora(base: basemod.Base, unet, lora: dict, tensors: dict, out: str, where: str) -> None:
+def _export_lora(tuned: finetuned.Finetuned, out: str) -> None:
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from pipeline.train.finetune import add_lora
-
-    adapters = add_lora(unet, lora)
-    _load(adapters, tensors, where)
+    unet = tuned.denoiser
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     metadata = unet.peft_config["default"].to_dict()
-    getattr(diffusers, base.class_name).save_lora_weights(
+    getattr(diffusers, tuned.base.class_name).save_lora_weights(
         out, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
     )
 

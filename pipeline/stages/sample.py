@@ -1,17 +1,24 @@
-"""``latent-pipeline sample``: draw samples from a diffusion checkpoint into a PNG grid."""
+"""``latent-pipeline sample``: draw samples from a checkpoint into a PNG grid.
+
+A ``train`` checkpoint is drawn by this project's own samplers (:func:`generate`). A
+``finetune`` checkpoint is drawn by its base's own diffusers pipeline and scheduler with the
+trained weights or adapters (:func:`pipeline.train.finetuned.load`, what ``export`` reads): the
+grid holds the images ``export`` + diffusers give for the same prompt, steps, guidance and seed.
+"""
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 
+import torch
 from PIL import Image
 
 from pipeline.config import ConfigError, StorageOptions, check_limits, group, option, require
-from pipeline.io import storage
+from pipeline.io import checkpoint, storage
 from pipeline.models import denoiser, flow, loading, text
-from pipeline.models.generate import generate, grid
+from pipeline.models.generate import generate, save_grid
+from pipeline.train import finetuned
 
 log = logging.getLogger("pipeline.sample")
 MAX_AREA_OVER_TRAINED = 16  # a larger canvas than this is refused (a model does not extrapolate that far)
@@ -19,12 +26,18 @@ MAX_AREA_OVER_TRAINED = 16  # a larger canvas than this is refused (a model does
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = option("", "diffusion checkpoint directory, or a training output (latest checkpoint)")
+    checkpoint: str = option(
+        "", "diffusion or finetune checkpoint directory, or a training output (its latest checkpoint)"
+    )
     out: str = option("samples.png", "output PNG (a grid of the samples)")
     n: int = option(16, "number of samples", short="n", range=(1, 4096))
     steps: int = option(30, "sampler steps", range=(1, 10000))
-    sampler: str = option("euler", "sampler", choices=flow.SAMPLERS)
-    cfg_scale: float = option(1.0, "classifier-free guidance scale (1: off)", range=(-1000, 1000))
+    sampler: str = option("euler", "sampler (a fine-tune uses its pipeline's own scheduler)", choices=flow.SAMPLERS)
+    cfg_scale: float = option(
+        1.0,
+        "classifier-free guidance scale (1: off); a fine-tune's pipeline guidance_scale (SD uses 7.5, SDXL 5)",
+        range=(-1000, 1000),
+    )
     class_: list[int] = option([], "class ids to condition on (cycled over the samples)")
     prompt: str = option(
         "", "text-to-image checkpoints: the caption to draw (empty: the unconditional model, no text encoder loaded)"
@@ -40,6 +53,7 @@ class SampleConfig:
         "only a checkpoint without null_text.safetensors (older) needs them",
     )
     seed: int = option(0, "random seed")
+    base: str = option("", "fine-tunes: the base pipeline folder (default: the one the checkpoint records)")
     storage: StorageOptions = group(StorageOptions, private=True)
 
     def __post_init__(self) -> None:
@@ -53,6 +67,7 @@ class SampleConfig:
             name = "height" if self.width else "width"
             raise ConfigError(f"option {name!r} is needed with --{'width' if self.width else 'height'} (or neither)")
         self.text_encoder = [storage.absolute(u) for u in self.text_encoder]
+        self.base = storage.absolute(self.base)
         try:
             self.prompt.encode("utf-8")
         except UnicodeEncodeError as exc:  # an undecodable byte in argv arrives as a lone surrogate
@@ -97,6 +112,10 @@ def latent_shape(cfg: SampleConfig, info) -> list[int] | None:
 
 def run_sample(cfg: SampleConfig) -> Image.Image:
     so = cfg.storage.options
+    if checkpoint.read_raw_config(checkpoint.local_copy(cfg.checkpoint, so)).get("kind") == "finetune":
+        return sample_finetune(cfg)
+    if cfg.base:
+        raise ConfigError("option 'base': only a finetune checkpoint is drawn with a base pipeline")
     info = loading.describe(cfg.checkpoint, so)  # refuse a wrong checkpoint before loading weights
     classes = cfg.class_ or None
     num_classes = int(info.model.get("num_classes", 0))
@@ -137,13 +156,42 @@ def run_sample(cfg: SampleConfig) -> Image.Image:
         seed=cfg.seed,
         **text_kw,
     )
-    img = grid(images)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    storage.write_bytes(cfg.out, buf.getvalue(), so)
+    return _write(cfg, images, model.info.step)
+
+
+def sample_finetune(cfg: SampleConfig) -> Image.Image:
+    """A fine-tune's grid: its base pipeline with the trained EMA weights or adapters, its own
+    scheduler, ``--steps``, ``--cfg-scale`` as ``guidance_scale``, the prompt ``-n`` times drawn
+    in one batch from one CPU generator seeded with ``--seed``."""
+    if cfg.class_ or cfg.text_encoder:
+        raise ConfigError(
+            "options 'class'/'text-encoder': a fine-tune draws the prompt with its base's own text encoders"
+        )
+    so = cfg.storage.options
+    tuned = finetuned.load(cfg.checkpoint, cfg.base, "ema", so)
+    down = 2 ** (len(tuned.base.config("vae")["block_out_channels"]) - 1)
+    if cfg.width % down or cfg.height % down:
+        raise ConfigError(
+            f"options 'width'/'height': {cfg.width}x{cfg.height} must be multiples of {down} (the VAE's downsampling)"
+        )
+    check_out(cfg)
+    pipe = tuned.pipeline().to("cuda" if torch.cuda.is_available() else "cpu")
+    images = finetuned.draw(
+        pipe,
+        prompts=[cfg.prompt] * cfg.n,
+        steps=cfg.steps,
+        guidance=cfg.cfg_scale,
+        seed=cfg.seed,
+        width=cfg.width,
+        height=cfg.height,
+    )
+    return _write(cfg, images, tuned.info.step)
+
+
+def _write(cfg: SampleConfig, images, step: int) -> Image.Image:
+    img = save_grid(images, cfg.out, cfg.storage.options)
     what = f" of {cfg.prompt[:80]!r}{'...' if len(cfg.prompt) > 80 else ''}" if cfg.prompt else ""
     log.info(
-        f"[sample] {cfg.n} samples{what} ({img.width}x{img.height} grid, step {model.info.step}) "
-        f"-> {storage.redact(cfg.out)}"
+        f"[sample] {cfg.n} samples{what} ({img.width}x{img.height} grid, step {step}) -> {storage.redact(cfg.out)}"
     )
     return img

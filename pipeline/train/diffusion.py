@@ -9,7 +9,6 @@ checkpoint, metric lines) come from :mod:`pipeline.train.loop`, so the loops can
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 import time
@@ -115,7 +114,7 @@ def train_loop(loop_config: dict) -> None:
     """One DDP rank. Runs on a Ray Train worker."""
     import ray.train.torch
 
-    from pipeline.models.generate import generate, grid
+    from pipeline.models.generate import generate, save_grid
     from pipeline.models.loading import DiffusionModel
 
     cfg: TrainConfig = loop_config["cfg"]
@@ -212,7 +211,7 @@ def train_loop(loop_config: dict) -> None:
         window.step(time.perf_counter() - t_step, loss=loss_sum, grad_norm=grad_norm)
         done = step + 1
         metrics = log_step(done, cfg, window, lr, metrics_log, "train")
-        if rank == 0 and not cfg.task and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps):
+        if rank == 0 and not cfg.task and cfg.sample_due(done):
             images = generate(
                 DiffusionModel(ema.eval(), vae, info),
                 16,
@@ -221,9 +220,7 @@ def train_loop(loop_config: dict) -> None:
                 text=text.repeat(null_text, 16) if null_text else None,  # unconditional: the empty caption
                 seed=cfg.seed,
             )
-            buf = io.BytesIO()
-            grid(images).save(buf, format="PNG")
-            storage.write_bytes(storage.join(cfg.output, "samples", f"step_{done:08d}.png"), buf.getvalue(), so)
+            save_grid(images, cfg.sample_url(done), so)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(
                 done, {"step": done, **metrics}, info, ddp, ema, opt, extra_dirs=extra_dirs, extra_tensors=null_tensors

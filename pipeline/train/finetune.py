@@ -35,6 +35,8 @@ from pipeline.models import base as basemod
 from pipeline.models import objectives
 from pipeline.models.autoencoder import scale_latents
 from pipeline.models.base_model import POOLED, PROMPT_EMBEDS, sdxl_time_ids
+from pipeline.train.diffusion import TrainConfig
+from pipeline.train.finetuned import ValidationGrids
 from pipeline.train.loop import (
     LoopConfig,
     MetricsLog,
@@ -78,6 +80,10 @@ class FinetuneConfig(LoopConfig):
         hi_open=True,
     )
     shuffle_buffer: int = option(1000, "samples in each rank's shuffle buffer", range=(1, None))
+    validation_prompt: list[str] = option(
+        [], "a prompt drawn into the sample grids (repeatable; commas are kept), with the EMA weights", split=False
+    )
+    sample_steps: int = redefault(TrainConfig, "sample_steps", 30)
     lr: float = redefault(LoopConfig, "lr", 1e-4)
     warmup_steps: int = redefault(LoopConfig, "warmup_steps", 0)
 
@@ -214,6 +220,9 @@ def finetune_loop(loop_config: dict) -> None:
     stream = iter(cache_stream(cfg, man, base.family, rank, world, cfg.seed + start))
     metrics_log = MetricsLog(cfg.output, start, so) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
+    grids = (
+        ValidationGrids(cfg, base, unet, trained, ema, dev, autocast) if rank == 0 and cfg.validation_prompt else None
+    )
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank + start)
     window = StepWindow(cfg.batch_size * cfg.grad_accum * world)
     info = CheckpointInfo(
@@ -256,6 +265,8 @@ def finetune_loop(loop_config: dict) -> None:
         window.step(time.perf_counter() - t_step, loss=loss_sum, grad_norm=grad_norm)
         done = step + 1
         metrics = log_step(done, cfg, window, lr, metrics_log, "finetune")
+        if grids is not None:
+            grids(done)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(done, {"step": done, **metrics}, info, trained, ema, opt)
             if metrics_log is not None:

@@ -69,6 +69,14 @@ class LoopConfig:
         self.output, self.init_from = storage.absolute(self.output), storage.absolute(self.init_from)
         check_limits(self)
 
+    def sample_due(self, done: int) -> bool:
+        """Whether a sample grid is drawn after step ``done``: every ``--sample-every`` and at the end."""
+        return bool(self.sample_every and done % self.sample_every == 0) or done == self.steps
+
+    def sample_url(self, done: int) -> str:
+        """Where the grid of step ``done`` goes: ``OUTPUT/samples/step_<step>.png``."""
+        return storage.join(self.output, "samples", f"step_{done:08d}.png")
+
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
     """Linear warmup, then cosine decay to 10% of the peak at ``cfg.steps``."""
