@@ -191,7 +191,7 @@ def test_prompt_embeddings_draw_what_the_prompts_draw(family, tmp_path):
     text = BaseText(folder)
     prompts = ["a cat on a tree", "a dog"]
     embeddings = finetuned.embeds(text.encode(prompts), text.empty())
-    no_text = {name: None for part in base.folder.family.text for name in (part.encoder, part.tokenizer)}
+    no_text = finetuned.without_text(base)
     kw: dict = {"steps": 2, "guidance": 4.0, "seed": 1}
     if family == "pixart":
         kw["use_resolution_binning"] = False  # its bins are for the real sample sizes, not this tiny one

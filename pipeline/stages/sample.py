@@ -61,13 +61,13 @@ class SampleConfig:
         if self.out.endswith("/"):
             raise ConfigError(f"option 'out': {storage.redact(self.out)} names a folder; give the PNG file to write")
         self.checkpoint, self.out = storage.absolute(self.checkpoint), storage.absolute(self.out)
-        storage.check_separate(self.out, {"checkpoint": self.checkpoint}, option="out")
+        self.base = storage.absolute(self.base)
+        storage.check_separate(self.out, {"checkpoint": self.checkpoint, "base": self.base}, option="out")
         check_limits(self)
         if (self.width == 0) != (self.height == 0):
             name = "height" if self.width else "width"
             raise ConfigError(f"option {name!r} is needed with --{'width' if self.width else 'height'} (or neither)")
         self.text_encoder = [storage.absolute(u) for u in self.text_encoder]
-        self.base = storage.absolute(self.base)
         try:
             self.prompt.encode("utf-8")
         except UnicodeEncodeError as exc:  # an undecodable byte in argv arrives as a lone surrogate

@@ -102,6 +102,12 @@ def embeds(prompts: list[Conditioning], empty: Conditioning) -> dict[str, torch.
     return out
 
 
+def without_text(base: basemod.Base) -> dict[str, None]:
+    """The components to leave out of a pipeline that gets prompt embeddings: its text encoders
+    and tokenizers."""
+    return {name: None for part in base.folder.family.text for name in (part.encoder, part.tokenizer)}
+
+
 @torch.no_grad()
 def draw(
     pipe: Any,
@@ -156,11 +162,11 @@ class ValidationGrids:
         self.embeddings = embeds(text.encode(list(cfg.validation_prompt)), text.empty())
         del text
         # a full fine-tune's EMA copy is a whole denoiser; a LoRA run's EMA holds only the adapters,
-        # swapped into the training denoiser while drawing
-        self.swap = (trained, ema) if trained is not unet else None
-        self.denoiser = unet if self.swap else ema
-        no_text = {name: None for part in base.folder.family.text for name in (part.encoder, part.tokenizer)}
-        self.pipe = base.load_pipeline(**{base.denoiser: self.denoiser}, **no_text).to(device)
+        # copied into the training denoiser's adapters while drawing
+        lora = trained is not unet
+        self.denoiser = unet if lora else ema
+        self.pairs = list(zip(trained.parameters(), ema.parameters())) if lora else []
+        self.pipe = base.load_pipeline(**{base.denoiser: self.denoiser}, **without_text(base)).to(device)
 
     def __call__(self, done: int) -> None:
         """Draw and write the grid if step ``done`` is a sampling step."""
@@ -176,19 +182,15 @@ class ValidationGrids:
     def _ema(self) -> Iterator[None]:
         """The EMA weights in the pipeline's denoiser, in eval mode, for the duration."""
         was_training = self.denoiser.training
+        with torch.no_grad():
+            saved = [p.detach().clone() for p, _ in self.pairs]
+            for p, e in self.pairs:
+                p.copy_(e)
         self.denoiser.eval()
-        saved = None
-        if self.swap is not None:
-            trained, ema = self.swap
-            with torch.no_grad():
-                saved = [p.detach().clone() for p in trained.parameters()]
-                for p, e in zip(trained.parameters(), ema.parameters()):
-                    p.copy_(e)
         try:
             yield
         finally:
-            if self.swap is not None and saved is not None:
-                with torch.no_grad():
-                    for p, s in zip(self.swap[0].parameters(), saved):
-                        p.copy_(s)
+            with torch.no_grad():
+                for (p, _), s in zip(self.pairs, saved):
+                    p.copy_(s)
             self.denoiser.train(was_training)
