@@ -1,10 +1,20 @@
 """``latent-pipeline export``: a ``finetune`` checkpoint as what diffusers users load.
 
-* a LoRA run -> ``OUTPUT/pytorch_lora_weights.safetensors`` (diffusers' own LoRA format, written
-  by the base pipeline class's ``save_lora_weights`` from peft's state dict, with the adapter
-  config as metadata), which ``pipe.load_lora_weights(OUTPUT)`` loads onto the base;
+* a LoRA run of a base whose pipeline class has diffusers' LoRA loader (SD 1.x/2.x, SDXL,
+  SD3/3.5) -> ``OUTPUT/pytorch_lora_weights.safetensors`` (diffusers' own LoRA format, written by
+  the base pipeline class's ``save_lora_weights`` from peft's state dict (peft's key names), as
+  ``unet_lora_layers`` or ``transformer_lora_layers``, with the adapter config as metadata),
+  which ``pipe.load_lora_weights(OUTPUT)`` loads onto the base;
+* a LoRA run of a PixArt-α/Σ base (diffusers 0.42.1 has no LoRA loader for PixArt pipelines,
+  and ``PixArtTransformer2DModel`` has no ``load_lora_adapter``) -> a peft adapter folder,
+  ``OUTPUT/adapter_config.json`` + ``OUTPUT/adapter_model.safetensors``, as PixArt's own LoRA
+  scripts save it, which peft loads onto the base's transformer::
+
+      from peft import PeftModel
+      pipe.transformer = PeftModel.from_pretrained(pipe.transformer, OUTPUT).merge_and_unload()
+
 * a full fine-tune -> a complete pipeline folder: the base's other components (exactly the
-  files a pipeline loads, copied) and the trained denoiser, which
+  files a pipeline loads, copied) and the trained denoiser (UNet or transformer), which
   ``DiffusionPipeline.from_pretrained(OUTPUT)`` loads.
 
 The base is the one the checkpoint records (``--base`` names another copy of it); a folder whose
@@ -62,20 +72,20 @@ def run_export(cfg: ExportConfig) -> str:
             "(its components differ from the recorded identity)"
         )
     tensors = checkpoint.load_tensors(local, "ema" if cfg.weights == "ema" else "model")
-    unet = base.load_denoiser()
+    denoiser = base.load_denoiser()
     with tempfile.TemporaryDirectory() as out:
         if info.base.get("lora"):
-            _export_lora(base, unet, info.base["lora"], tensors, out, storage.redact(cfg.checkpoint))
+            what = _export_lora(base, denoiser, info.base["lora"], tensors, out, storage.redact(cfg.checkpoint))
         else:
-            _load(unet, tensors, storage.redact(cfg.checkpoint))
+            _load(denoiser, tensors, storage.redact(cfg.checkpoint))
             _copy_files(base, [r for r in base.pipeline_files(skip=(base.denoiser,)) if r != basemod.INDEX_NAME], out)
             with open(os.path.join(out, basemod.INDEX_NAME), "w") as f:  # only the components copied
                 json.dump(base.exported_index(), f, indent=2)
             with torch.no_grad():
-                unet.save_pretrained(os.path.join(out, base.denoiser), safe_serialization=True)
+                denoiser.save_pretrained(os.path.join(out, base.denoiser), safe_serialization=True)
+            what = "a pipeline folder"
         storage.upload_dir(out, cfg.output, so, commit_last="")
-    what = "LoRA adapters" if info.base.get("lora") else "pipeline folder"
-    log.info(f"[export] step {info.step} {cfg.weights} weights as a {what} -> {storage.redact(cfg.output)}")
+    log.info(f"[export] step {info.step} {cfg.weights} weights as {what} -> {storage.redact(cfg.output)}")
     return cfg.output
 
 
@@ -88,20 +98,31 @@ def _load(module, tensors: dict, where: str) -> None:
         ) from None
 
 
-def _export_lora(base: basemod.Base, unet, lora: dict, tensors: dict, out: str, where: str) -> None:
+def _export_lora(base: basemod.Base, denoiser, lora: dict, tensors: dict, out: str, where: str) -> str:
+    """Write the adapters into ``out``; returns what was written, for the log line."""
     import diffusers
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
-    from pipeline.train.finetune import add_lora
+    from pipeline.train.finetune import Trained, add_lora
 
-    adapters = add_lora(unet, lora)
+    pipeline = getattr(diffusers, base.class_name)
+    if not hasattr(pipeline, "save_lora_weights"):  # no LoRA loader in diffusers (PixArt): peft's folder
+        model = get_peft_model(denoiser, LoraConfig(**lora))
+        _load(Trained(model.get_base_model()), tensors, where)  # the parameter names training gave them
+        model.save_pretrained(out, safe_serialization=True)
+        os.remove(os.path.join(out, "README.md"))  # peft's model card template, no information
+        return "a peft adapter folder"
+    adapters = add_lora(denoiser, lora)
     _load(adapters, tensors, where)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    metadata = unet.peft_config["default"].to_dict()
-    getattr(diffusers, base.class_name).save_lora_weights(
-        out, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
-    )
+    # peft's own key names (``lora_A``/``lora_B``), as diffusers' SD3 example saves them: every
+    # loader takes them, where ``convert_state_dict_to_diffusers`` renames only the to_q/k/v/out
+    # keys (``lora.down``), which SD3's loader then drops
+    state = get_peft_model_state_dict(denoiser)
+    metadata = denoiser.peft_config["default"].to_dict()
+    layers = {f"{base.denoiser}_lora_layers": state, f"{base.denoiser}_lora_adapter_metadata": metadata}
+    pipeline.save_lora_weights(out, **layers, safe_serialization=True)
+    return "LoRA weights"
 
 
 def _copy_files(base: basemod.Base, rels: list[str], out: str) -> None:
