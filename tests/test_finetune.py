@@ -22,7 +22,7 @@ from pipeline import cli
 from pipeline.io import checkpoint
 from pipeline.models import base as basemod
 from pipeline.models import objectives
-from pipeline.models.base_model import sdxl_time_ids
+from pipeline.models.base_model import FAMILIES, sdxl_time_ids
 from pipeline.stages.export import ExportConfig, run_export
 from pipeline.train.finetune import FinetuneConfig, add_lora, cache_stream, run_finetune
 from pipeline.train.loop import LoopConfig, new_optimizer
@@ -444,3 +444,47 @@ def test_encode_base_then_lora_finetune_then_export_loads_in_diffusers(
         assert exported.transformer.state_dict().keys() == raw.keys()
         assert all(torch.equal(v, raw[k]) for k, v in exported.transformer.state_dict().items())
         assert np.isfinite(_draw_transformer(exported, family)).all()
+
+
+def test_pixart_alpha_1024_models_get_the_image_size_as_their_pipeline_gives_it():
+    """PixArtAlphaPipeline gives a transformer of ``sample_size`` 128 (the 1024-px models) the
+    image's [height, width] in pixels and height / width; a batch's bucket is that size. Smaller
+    PixArt-α models and every PixArt-Σ get None, as their pipelines give."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=3,  # a width of 3 x 8: the size embeddings take a third each
+        patch_size=2,
+        caption_channels=32,
+        cross_attention_dim=24,
+        norm_type="ada_norm_single",
+    )
+    assert model.use_additional_conditions
+    size = torch.tensor([[32.0, 48.0], [32.0, 48.0]])  # a 48 x 32 bucket: (height, width)
+    embeds, mask = torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    prompts = basemod.Prompts(embeds, None, mask, torch.zeros(2, 6), size)
+    kwargs = basemod.TRAINING["PixArtAlphaPipeline"].call(prompts, model.config)
+    want = {
+        "resolution": torch.tensor([[32.0, 48.0]]).repeat(2, 1),
+        "aspect_ratio": torch.tensor([[32 / 48]]).repeat(2, 1),
+    }
+    for name, value in want.items():
+        torch.testing.assert_close(kwargs["added_cond_kwargs"][name], value)
+    x, t = torch.randn(2, 4, 8, 12), torch.tensor([10, 500])
+    with torch.no_grad():
+        got = model(x, timestep=t, **kwargs).sample
+        ref = model(
+            x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=want
+        ).sample
+    torch.testing.assert_close(got, ref)
+    none = {"resolution": None, "aspect_ratio": None}
+    assert basemod.TRAINING["PixArtSigmaPipeline"].call(prompts, model.config)["added_cond_kwargs"] == none
+    small = PixArtTransformer2DModel(sample_size=64, num_layers=1, attention_head_dim=8, num_attention_heads=2)
+    assert basemod.TRAINING["PixArtAlphaPipeline"].call(prompts, small.config)["added_cond_kwargs"] == none
+    assert set(basemod.TRAINING) == set(FAMILIES)  # every family the encoder caches also trains
