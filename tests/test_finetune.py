@@ -192,6 +192,11 @@ def test_a_cache_of_another_base_is_refused_in_one_line(sd, tmp_path, capsys):
         cli.main(["finetune", "--latents", str(man_path), "--base", sd["base"], "--output", str(tmp_path / "p")]) == 2
     )
     assert "records no base model" in capsys.readouterr().err
+    # SD3's loss weighting on an epsilon base
+    argv = ["finetune", "--latents", sd["cache"], "--base", sd["base"], "--output", str(tmp_path / "w")]
+    assert cli.main([*argv, "--loss-weighting", "cosmap"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "option 'loss-weighting'" in err and "epsilon" in err, err
 
 
 def test_an_sdxl_base_trains_with_pooled_text_and_time_ids(tmp_path):

@@ -68,13 +68,35 @@ def test_flow_timesteps_are_shifted_as_the_scheduler_shifts_its_own():
         objectives.loss(obj, x, x, n, t, min_snr_gamma=5.0)
 
 
-def test_logit_normal_sampling_favours_the_middle_and_noise_offset_shifts_means():
+def test_sd3s_mode_sampling_and_loss_weightings_are_diffusers_own():
+    import math
+
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    obj = objectives.from_scheduler_config(SD3)
+    t = objectives.sample_timesteps(obj, 8, torch.Generator().manual_seed(3), "mode")
+    u = compute_density_for_timestep_sampling("mode", 8, mode_scale=1.29, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(t, objectives.timesteps_at(obj, u))
+    x, n, out = torch.randn(8, 4, 4, 4), torch.randn(8, 4, 4, 4), torch.randn(8, 4, 4, 4)
+    sigmas = (t / 1000).reshape(-1, 1, 1, 1)
+    for scheme in ("sigma_sqrt", "cosmap"):  # the SD3 example's loss, as it computes it
+        w = compute_loss_weighting_for_sd3(scheme, sigmas)
+        want = torch.mean((w * (out - (n - x)) ** 2).reshape(8, -1), 1).mean()
+        torch.testing.assert_close(objectives.loss(obj, out, x, n, t, weighting=scheme), want)
+    assert math.isclose(float(objectives.loss(obj, out, x, n, t)), float(((out - (n - x)) ** 2).mean()), rel_tol=1e-6)
+    with pytest.raises(ConfigError, match="weighs a flow model"):
+        eps = objectives.from_scheduler_config(SD_SCHEDULER)
+        objectives.loss(eps, out, x, n, torch.zeros(8, dtype=torch.long), weighting="cosmap")
+
+
+def test_logit_normal_and_mode_sampling_favour_the_middle_and_noise_offset_shifts_means():
     obj = objectives.from_scheduler_config(SD_SCHEDULER)
     g = torch.Generator().manual_seed(1)
     uni = objectives.sample_timesteps(obj, 4000, g, "uniform").float()
     mid = objectives.sample_timesteps(obj, 4000, g, "logit-normal").float()
+    mode = objectives.sample_timesteps(obj, 4000, g, "mode").float()
     share = lambda t: ((t > 250) & (t < 750)).float().mean()
-    assert share(mid) > share(uni) + 0.15
+    assert share(mid) > share(uni) + 0.15 and share(mode) > share(uni) + 0.1
     plain = objectives.sample_noise((64, 4, 8, 8), torch.Generator().manual_seed(2))
     offset = objectives.sample_noise((64, 4, 8, 8), torch.Generator().manual_seed(2), offset=0.5)
     assert plain.mean(dim=(2, 3)).std() < 0.2 < offset.mean(dim=(2, 3)).std()

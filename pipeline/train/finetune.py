@@ -79,6 +79,9 @@ class FinetuneConfig(LoopConfig):
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
     timestep_sampling: str = option("uniform", "how training timesteps are drawn", choices=objectives.SAMPLINGS)
     min_snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (0: off; 5 is the paper's value)", range=(0, None))
+    loss_weighting: str = option(
+        "none", "flow bases (SD3): loss weights over sigma, as diffusers' SD3 example", choices=objectives.WEIGHTINGS
+    )
     noise_offset: float = option(0.0, "noise offset (per-channel constant added to the noise)", range=(0, 1))
     caption_dropout: float = option(
         0.1,
@@ -259,7 +262,7 @@ def finetune_loop(loop_config: dict) -> None:
             with grad_sync(ddp, micro, cfg, world), autocast:
                 kwargs = training.call(batch.prompts.to(dev), unet.config)
                 out = training.prediction(ddp(noisy, timestep=t, **kwargs, return_dict=False)[0], latents)
-                loss = objectives.loss(objective, out, latents, noise, t, cfg.min_snr_gamma)
+                loss = objectives.loss(objective, out, latents, noise, t, cfg.min_snr_gamma, cfg.loss_weighting)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
         grad_norm = optimizer_step(trained, opt, ema, step, cfg)  # clips and averages only what trains
@@ -310,6 +313,8 @@ def run_finetune(cfg: FinetuneConfig):
     objective = objectives.from_scheduler_config(base.scheduler_config(), f"{base.where}: scheduler")
     if cfg.min_snr_gamma and objective.kind == "flow":
         raise ConfigError("option 'min-snr-gamma': the base is a flow model; Min-SNR weighs DDPM objectives")
+    if cfg.loss_weighting != "none" and objective.kind != "flow":
+        raise ConfigError(f"option 'loss-weighting': the base's objective is {objective.kind}; it weighs flow models")
     check_run(cfg, base)
     log.info(
         f"[finetune] {base.class_name} ({objective.kind} objective), "
