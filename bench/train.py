@@ -122,6 +122,7 @@ def _finetune_step_probe(lora: bool, checkpointing: bool, steps: int, batch: int
     import resource
 
     from pipeline.models import objectives
+    from pipeline.models.base import ATTENTION
     from pipeline.train.finetune import FinetuneConfig, add_lora
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -129,7 +130,11 @@ def _finetune_step_probe(lora: bool, checkpointing: bool, steps: int, batch: int
     if checkpointing:
         unet.enable_gradient_checkpointing()
     trained = (
-        add_lora(unet, FinetuneConfig(latents="x", base="y", output="/tmp/x", lora_rank=8).lora()) if lora else unet
+        add_lora(
+            unet, FinetuneConfig(latents="x", base="y", output="/tmp/x", lora_rank=8, lora_targets=ATTENTION).lora()
+        )
+        if lora
+        else unet
     )
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-4)
     obj = objectives.from_scheduler_config({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear"})

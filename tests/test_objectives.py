@@ -1,7 +1,8 @@
 """A base model's own objective (pipeline.models.objectives): the math is diffusers' own, read
 from the scheduler config; and on a tiny SD-architecture UNet first trained on epsilon
 ("pretrained"), fine-tuning with its own objective keeps lowering its epsilon loss while a
-wrong one (v-prediction, flow matching) raises it."""
+wrong one (v-prediction, flow matching) raises it; likewise a tiny SD3 transformer on its
+rectified flow against epsilon."""
 
 from __future__ import annotations
 
@@ -67,13 +68,35 @@ def test_flow_timesteps_are_shifted_as_the_scheduler_shifts_its_own():
         objectives.loss(obj, x, x, n, t, min_snr_gamma=5.0)
 
 
-def test_logit_normal_sampling_favours_the_middle_and_noise_offset_shifts_means():
+def test_sd3s_mode_sampling_and_loss_weightings_are_diffusers_own():
+    import math
+
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    obj = objectives.from_scheduler_config(SD3)
+    t = objectives.sample_timesteps(obj, 8, torch.Generator().manual_seed(3), "mode")
+    u = compute_density_for_timestep_sampling("mode", 8, mode_scale=1.29, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(t, objectives.timesteps_at(obj, u))
+    x, n, out = torch.randn(8, 4, 4, 4), torch.randn(8, 4, 4, 4), torch.randn(8, 4, 4, 4)
+    sigmas = (t / 1000).reshape(-1, 1, 1, 1)
+    for scheme in ("sigma_sqrt", "cosmap"):  # the SD3 example's loss, as it computes it
+        w = compute_loss_weighting_for_sd3(scheme, sigmas)
+        want = torch.mean((w * (out - (n - x)) ** 2).reshape(8, -1), 1).mean()
+        torch.testing.assert_close(objectives.loss(obj, out, x, n, t, weighting=scheme), want)
+    assert math.isclose(float(objectives.loss(obj, out, x, n, t)), float(((out - (n - x)) ** 2).mean()), rel_tol=1e-6)
+    with pytest.raises(ConfigError, match="weighs a flow model"):
+        eps = objectives.from_scheduler_config(SD_SCHEDULER)
+        objectives.loss(eps, out, x, n, torch.zeros(8, dtype=torch.long), weighting="cosmap")
+
+
+def test_logit_normal_and_mode_sampling_favour_the_middle_and_noise_offset_shifts_means():
     obj = objectives.from_scheduler_config(SD_SCHEDULER)
     g = torch.Generator().manual_seed(1)
     uni = objectives.sample_timesteps(obj, 4000, g, "uniform").float()
     mid = objectives.sample_timesteps(obj, 4000, g, "logit-normal").float()
+    mode = objectives.sample_timesteps(obj, 4000, g, "mode").float()
     share = lambda t: ((t > 250) & (t < 750)).float().mean()
-    assert share(mid) > share(uni) + 0.15
+    assert share(mid) > share(uni) + 0.15 and share(mode) > share(uni) + 0.1
     plain = objectives.sample_noise((64, 4, 8, 8), torch.Generator().manual_seed(2))
     offset = objectives.sample_noise((64, 4, 8, 8), torch.Generator().manual_seed(2), offset=0.5)
     assert plain.mean(dim=(2, 3)).std() < 0.2 < offset.mean(dim=(2, 3)).std()
@@ -97,30 +120,31 @@ def _data(n: int = 32):
     return x, text
 
 
-def _eps_loss(unet, obj, x, text) -> float:
-    """The model's epsilon loss on a fixed set of (noise, t) per sample."""
+def _loss(model, obj, x, cond) -> float:
+    """The model's loss under ``obj`` on a fixed set of (noise, t) per sample; ``cond(idx)`` gives
+    its conditioning keyword arguments for the samples ``idx``."""
     g = torch.Generator().manual_seed(123)
     losses = []
     with torch.no_grad():
         for _ in range(4):
             n = torch.randn(x.shape, generator=g)
             t = objectives.sample_timesteps(obj, x.shape[0], g)
-            out = unet(objectives.noisy_latents(obj, x, n, t), t, encoder_hidden_states=text).sample
-            losses.append(float(((out - n) ** 2).mean()))
+            out = model(objectives.noisy_latents(obj, x, n, t), timestep=t, **cond(slice(None))).sample
+            losses.append(float(objectives.loss(obj, out, x, n, t)))
     return sum(losses) / len(losses)
 
 
-def _train(unet, obj, x, text, steps: int, lr: float, seed: int):
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+def _train(model, obj, x, cond, steps: int, lr: float, seed: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (8,), generator=g)
-        x0, c = x[idx], text[idx]
+        x0 = x[idx]
         n = objectives.sample_noise(x0.shape, g)
         t = objectives.sample_timesteps(obj, 8, g)
-        out = unet(objectives.noisy_latents(obj, x0, n, t), t, encoder_hidden_states=c).sample
+        out = model(objectives.noisy_latents(obj, x0, n, t), timestep=t, **cond(idx)).sample
         objectives.loss(obj, out, x0, n, t).backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -130,15 +154,54 @@ def test_the_right_objective_improves_a_pretrained_model_and_wrong_ones_damage_i
 
     torch.manual_seed(0)
     x, text = _data()
+
+    def cond(idx):
+        return {"encoder_hidden_states": text[idx]}
+
     eps = objectives.from_scheduler_config(SD_SCHEDULER)
     pretrained = tiny_unet("sd")
-    _train(pretrained, eps, x, text, steps=120, lr=1e-3, seed=1)
-    before = _eps_loss(pretrained, eps, x, text)
+    _train(pretrained, eps, x, cond, steps=120, lr=1e-3, seed=1)
+    before = _loss(pretrained, eps, x, cond)
     after = {}
     for name, config in (("epsilon", SD_SCHEDULER), ("v_prediction", SD2_V), ("flow", SD3)):
         model = copy.deepcopy(pretrained)
-        _train(model, objectives.from_scheduler_config(config), x, text, steps=40, lr=2e-4, seed=2)
-        after[name] = _eps_loss(model, eps, x, text)
+        _train(model, objectives.from_scheduler_config(config), x, cond, steps=40, lr=2e-4, seed=2)
+        after[name] = _loss(model, eps, x, cond)
     print({"pretrained": before, **after})
     assert after["epsilon"] < before
     assert after["v_prediction"] > before * 1.2 and after["flow"] > before * 1.05
+
+
+def test_sd3s_own_flow_objective_improves_a_pretrained_model_and_a_wrong_one_damages_it(tmp_path):
+    """The same on a tiny SD3 transformer, called through its family's TRAINING entry: first
+    trained on its own rectified flow (its base's scheduler: shift 3), fine-tuning on flow keeps
+    lowering its flow loss, epsilon prediction raises it."""
+    import copy
+
+    from test_base_models import build_sd3
+
+    from pipeline.models import base as basemod
+
+    base = basemod.open_base(build_sd3(str(tmp_path / "sd3")))
+    flow = objectives.from_scheduler_config(base.scheduler_config())
+    assert (flow.kind, flow.shift) == ("flow", 3.0)
+    torch.manual_seed(0)
+    x, _ = _data()
+    g = torch.Generator().manual_seed(0)
+    text, pooled = torch.randn(len(x), 6, 96, generator=g), torch.randn(len(x), 40, generator=g)
+
+    def cond(idx):
+        n = len(text[idx])
+        prompts = basemod.Prompts(text[idx], pooled[idx], None, torch.zeros(n, 6), torch.zeros(n, 2))
+        return base.training.call(prompts, None)
+
+    pretrained = base.load_denoiser().train()
+    _train(pretrained, flow, x, cond, steps=300, lr=2e-3, seed=1)
+    before = _loss(pretrained, flow, x, cond)
+    after = {}
+    for name, obj in (("flow", flow), ("epsilon", objectives.from_scheduler_config(SD_SCHEDULER))):
+        model = copy.deepcopy(pretrained)
+        _train(model, obj, x, cond, steps=40, lr=3e-4, seed=2)
+        after[name] = _loss(model, flow, x, cond)
+    print({"pretrained": before, **after})
+    assert after["flow"] < before and after["epsilon"] > before * 1.08

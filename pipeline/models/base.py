@@ -12,13 +12,38 @@ computes (class, config and weights digests), the one a latent cache records in 
 manifest's ``base``. A fine-tune checkpoint records the whole of it (denoiser included); a cache
 is checked on the components that made it (:data:`CONDITIONING`), so training on a cache of
 another base, and resuming or exporting over another base, are refused in one line.
+
+Training: :data:`TRAINING` is the one table of what differs between the families when their
+denoiser trains, one :class:`Training` entry per pipeline class, each read from that pipeline's
+``__call__`` in diffusers 0.42.1 (the fine-tuning loop itself has no family branches):
+
+* the keyword arguments the pipeline passes its denoiser besides the noisy latents and the
+  timestep, built from a batch's cached conditioning (:class:`Prompts`): SD 1.x/2.x
+  ``encoder_hidden_states``; SDXL also ``added_cond_kwargs`` = pooled ``text_embeds`` and
+  ``time_ids``; PixArt ``encoder_attention_mask`` (the cached T5 tokens, stripped, padded back
+  with zero rows and a zero mask: the pipeline's padding positions get a -10000 attention bias,
+  so they add exactly nothing) and ``added_cond_kwargs`` ``resolution``/``aspect_ratio``: None
+  (PixArt-Σ always; PixArt-α unless its transformer's ``sample_size`` is 128, the 1024-px models,
+  which get the target height and width in pixels and their ratio); SD3 ``pooled_projections``
+  and the joined CLIP+T5 embeddings as cached. The timestep goes in as the objective gives it
+  (integers under DDPM betas; ``sigma * 1000`` for flow, as SD3's pipeline passes it);
+* which output channels train: PixArt predicts a learned variance in its second half of the
+  channels (``out_channels`` = 2 x latent channels); its pipeline reads only the first half, and
+  the loss is taken on that half (``model_pred.chunk(2, dim=1)[0]``), as PixArt's diffusers
+  training scripts do, so the variance channels get no gradient;
+* the default ``--lora-targets``: the attention projections (SD3: those of both streams of its
+  joint attention, as diffusers' ``train_dreambooth_lora_sd3.py``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import torch
 
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.io import folders, storage
@@ -51,6 +76,10 @@ class Base:
     @property
     def denoiser(self) -> str:
         return self.folder.family.denoiser
+
+    @property
+    def training(self) -> Training:
+        return TRAINING[self.class_name]
 
     def files(self, name: str) -> list[str]:
         """Exactly the files a library loads for component ``name``: its configs and tokenizer
@@ -155,3 +184,94 @@ def check_cache(base: Base, man: dict, where: str) -> None:
             f"{where}: the latent cache was made with another {', '.join(differ)} than {named}'s "
             "(re-encode with `encode --base` of this base)"
         )
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class Prompts:
+    """A batch's cached conditioning, as tensors (B, ...): the prompt embeddings (B, L, D), the
+    pooled embedding (B, P) and the attention mask (B, L) where the family caches them, and from
+    each sample's ``.json`` SDXL's ``add_time_ids`` (B, 6) and the target (height, width) in
+    pixels (B, 2)."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None
+    mask: torch.Tensor | None
+    time_ids: torch.Tensor
+    size: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Prompts:
+        pooled, mask = (None if v is None else v.to(device) for v in (self.pooled, self.mask))
+        return Prompts(self.embeds.to(device), pooled, mask, self.time_ids.to(device), self.size.to(device))
+
+
+def pad_tokens(embeds: list[np.ndarray], masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Stripped token embeddings (L_i, D) and their masks (L_i,) as one padded batch: zero rows
+    and a zero mask after each caption's tokens, up to the batch's longest (numpy only: it runs
+    on the stream's collating thread)."""
+    n = max(len(e) for e in embeds)
+    out = np.zeros((len(embeds), n, embeds[0].shape[-1]), np.float32)
+    mask = np.zeros((len(embeds), n), np.int64)
+    for i, (e, m) in enumerate(zip(embeds, masks)):
+        out[i, : len(e)] = e
+        mask[i, : len(m)] = m
+    return out, mask
+
+
+def _unet_call(p: Prompts, config: Any) -> dict[str, Any]:
+    return {"encoder_hidden_states": p.embeds}
+
+
+def _unet_text_time_call(p: Prompts, config: Any) -> dict[str, Any]:
+    return {"encoder_hidden_states": p.embeds, "added_cond_kwargs": {"text_embeds": p.pooled, "time_ids": p.time_ids}}
+
+
+def _pixart_sigma_call(p: Prompts, config: Any) -> dict[str, Any]:
+    return {
+        "encoder_hidden_states": p.embeds,
+        "encoder_attention_mask": p.mask,
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+
+
+def _pixart_alpha_call(p: Prompts, config: Any) -> dict[str, Any]:
+    kw = _pixart_sigma_call(p, config)
+    if config.sample_size == 128:  # PixArtAlphaPipeline: the 1024-px models take the image size
+        size = p.size.to(p.embeds.dtype)
+        kw["added_cond_kwargs"] = {"resolution": size, "aspect_ratio": size[:, :1] / size[:, 1:]}
+    return kw
+
+
+def _sd3_call(p: Prompts, config: Any) -> dict[str, Any]:
+    return {"encoder_hidden_states": p.embeds, "pooled_projections": p.pooled}
+
+
+@dataclass(frozen=True)
+class Training:
+    """How one pipeline class's denoiser trains (see the module docstring)."""
+
+    call: Callable[[Prompts, Any], dict[str, Any]]  # (prompts, denoiser config) -> its keyword arguments
+    lora_targets: str  # the default --lora-targets
+    learned_variance: bool = False  # the second half of the output channels is a variance
+
+    def prediction(self, output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The output channels the objective's loss is taken on (the pipeline's own rule: the
+        first half where the denoiser has twice the latent channels)."""
+        if self.learned_variance and output.shape[1] == 2 * latents.shape[1]:
+            return output.chunk(2, dim=1)[0]
+        return output
+
+
+ATTENTION = "to_q,to_k,to_v,to_out.0"
+SD3_ATTENTION = (
+    "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
+)
+TRAINING: dict[str, Training] = {  # pipeline class -> how its denoiser trains
+    "StableDiffusionPipeline": Training(_unet_call, ATTENTION),
+    "StableDiffusionXLPipeline": Training(_unet_text_time_call, ATTENTION),
+    "PixArtAlphaPipeline": Training(_pixart_alpha_call, ATTENTION, learned_variance=True),
+    "PixArtSigmaPipeline": Training(_pixart_sigma_call, ATTENTION, learned_variance=True),
+    "StableDiffusion3Pipeline": Training(_sd3_call, SD3_ATTENTION),
+}

@@ -14,14 +14,21 @@ says which:
 
 Everything after :func:`from_scheduler_config` is a pure function of (model output, latents,
 noise, timesteps): :func:`noisy_latents`, :func:`target`, :func:`loss`, with the options
-diffusers' training scripts have: :func:`sample_timesteps` (uniform or logit-normal),
-``min_snr_gamma`` (Min-SNR weighting exactly as ``diffusers.training_utils.compute_snr`` and the
-text-to-image examples weigh epsilon and v-prediction) and :func:`sample_noise`'s
-``noise_offset``.
+diffusers' training scripts have: :func:`sample_timesteps` (uniform, logit-normal, or SD3's
+"mode" density; ``diffusers.training_utils.compute_density_for_timestep_sampling`` with the SD3
+example's defaults), ``min_snr_gamma`` (Min-SNR weighting exactly as
+``diffusers.training_utils.compute_snr`` and the text-to-image examples weigh epsilon and
+v-prediction), ``weighting`` (flow: SD3's ``sigma_sqrt`` / ``cosmap`` loss weights over sigma,
+exactly as ``compute_loss_weighting_for_sd3``) and :func:`sample_noise`'s ``noise_offset``.
+
+Flow timesteps: SD3's example draws ``u`` and takes the scheduler's ``timesteps[u * T]``, a
+descending table, so its sigma is the shifted ``1 - u``; here it is the shifted ``u``. The three
+densities of ``u`` are symmetric about 1/2, so both give the same distribution of sigma.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +37,9 @@ import torch
 from pipeline.errors import ConfigError
 
 KINDS = ("epsilon", "v_prediction", "sample", "flow")
-SAMPLINGS = ("uniform", "logit-normal")
+SAMPLINGS = ("uniform", "logit-normal", "mode")
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")  # flow loss weights over sigma (SD3's --weighting_scheme)
+MODE_SCALE = 1.29  # the SD3 example's --mode_scale
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
@@ -81,13 +90,16 @@ def sample_timesteps(
     ``[0, num_train_timesteps]`` (the shifted sigma times the count) for flow.
 
     ``uniform``: u ~ U(0, 1); ``logit-normal``: u = sigmoid(N(0, 1)) (SD3's default), which
-    favours the middle of the schedule."""
+    favours the middle of the schedule; ``mode``: u = 1 - v - 1.29 (cos^2(pi v / 2) - 1 + v),
+    v ~ U(0, 1) (SD3's mode density, which also favours the middle)."""
     if sampling not in SAMPLINGS:
         raise ConfigError(f"timestep sampling {sampling!r}; expected one of {SAMPLINGS}")
-    if sampling == "uniform":
-        u = torch.rand(n, generator=generator)
-    else:
+    if sampling == "logit-normal":
         u = torch.sigmoid(torch.randn(n, generator=generator))
+    else:
+        u = torch.rand(n, generator=generator)
+    if sampling == "mode":
+        u = 1 - u - MODE_SCALE * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     return timesteps_at(obj, u)
 
 
@@ -167,6 +179,21 @@ def snr_weights(obj: Objective, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return w
 
 
+def flow_weights(obj: Objective, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """SD3's loss weights per sample at ``t`` (``compute_loss_weighting_for_sd3``): ``sigma_sqrt``
+    sigma^-2, ``cosmap`` 2 / (pi (1 - 2 sigma + 2 sigma^2)), ``none`` 1."""
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    if obj.kind != "flow" and weighting != "none":
+        raise ConfigError(f"loss weighting {weighting!r} weighs a flow model's loss; this model is {obj.kind}")
+    s = t.double().cpu() / obj.num_train_timesteps
+    if weighting == "sigma_sqrt":
+        return (s**-2.0).float().to(t.device)
+    if weighting == "cosmap":
+        return (2 / (math.pi * (1 - 2 * s + 2 * s**2))).float().to(t.device)
+    return torch.ones_like(s).float().to(t.device)
+
+
 def loss(
     obj: Objective,
     output: torch.Tensor,
@@ -174,11 +201,16 @@ def loss(
     noise: torch.Tensor,
     t: torch.Tensor,
     min_snr_gamma: float = 0.0,
+    weighting: str = "none",
 ) -> torch.Tensor:
     """The mean squared error of ``output`` against the objective's target (in float32),
-    Min-SNR weighted per sample when ``min_snr_gamma`` > 0."""
+    weighted per sample by Min-SNR when ``min_snr_gamma`` > 0 or by a flow ``weighting``."""
     err = (output.float() - target(obj, latents, noise, t).float()) ** 2
-    if not min_snr_gamma:
+    if not min_snr_gamma and weighting == "none":
         return err.mean()
     per_sample = err.mean(dim=tuple(range(1, err.ndim)))
-    return (per_sample * snr_weights(obj, t, min_snr_gamma).to(per_sample.device)).mean()
+    if min_snr_gamma:
+        per_sample = per_sample * snr_weights(obj, t, min_snr_gamma).to(per_sample.device)
+    if weighting != "none":
+        per_sample = per_sample * flow_weights(obj, t, weighting).to(per_sample.device)
+    return per_sample.mean()

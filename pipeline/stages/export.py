@@ -1,10 +1,20 @@
 """``latent-pipeline export``: a ``finetune`` checkpoint as what diffusers users load.
 
-* a LoRA run -> ``OUTPUT/pytorch_lora_weights.safetensors`` (diffusers' own LoRA format, written
-  by the base pipeline class's ``save_lora_weights`` from peft's state dict, with the adapter
-  config as metadata), which ``pipe.load_lora_weights(OUTPUT)`` loads onto the base;
+* a LoRA run of a base whose pipeline class has diffusers' LoRA loader (SD 1.x/2.x, SDXL,
+  SD3/3.5) -> ``OUTPUT/pytorch_lora_weights.safetensors`` (diffusers' own LoRA format, written by
+  the base pipeline class's ``save_lora_weights`` from peft's state dict (peft's key names), as
+  ``unet_lora_layers`` or ``transformer_lora_layers``, with the adapter config as metadata),
+  which ``pipe.load_lora_weights(OUTPUT)`` loads onto the base;
+* a LoRA run of a PixArt-α/Σ base (diffusers 0.42.1 has no LoRA loader for PixArt pipelines,
+  and ``PixArtTransformer2DModel`` has no ``load_lora_adapter``) -> a peft adapter folder,
+  ``OUTPUT/adapter_config.json`` + ``OUTPUT/adapter_model.safetensors``, as PixArt's own LoRA
+  scripts save it, which peft loads onto the base's transformer::
+
+      from peft import PeftModel
+      pipe.transformer = PeftModel.from_pretrained(pipe.transformer, OUTPUT).merge_and_unload()
+
 * a full fine-tune -> a complete pipeline folder: the base's other components (exactly the
-  files a pipeline loads, copied) and the trained denoiser, which
+  files a pipeline loads, copied) and the trained denoiser (UNet or transformer), which
   ``DiffusionPipeline.from_pretrained(OUTPUT)`` loads.
 
 The base is the one the checkpoint records (``--base`` names another copy of it); a folder whose
@@ -24,6 +34,7 @@ from dataclasses import dataclass
 
 from pipeline.config import StorageOptions, check_limits, group, option, require
 from pipeline.io import folders, storage
+from pipeline.io.checkpoint import CheckpointError
 from pipeline.models import base as basemod
 from pipeline.train import finetuned
 
@@ -56,30 +67,43 @@ def run_export(cfg: ExportConfig) -> str:
     base = tuned.base
     with tempfile.TemporaryDirectory() as out:
         if tuned.lora:
-            _export_lora(tuned, out)
+            what = _export_lora(tuned, out)
         else:
             _copy_files(base, [r for r in base.pipeline_files(skip=(base.denoiser,)) if r != basemod.INDEX_NAME], out)
             with open(os.path.join(out, basemod.INDEX_NAME), "w") as f:  # only the components copied
                 json.dump(base.exported_index(), f, indent=2)
             with torch.no_grad():
                 tuned.denoiser.save_pretrained(os.path.join(out, base.denoiser), safe_serialization=True)
+            what = "a pipeline folder"
         storage.upload_dir(out, cfg.output, so, commit_last="")
-    what = "LoRA adapters" if tuned.lora else "pipeline folder"
-    log.info(f"[export] step {tuned.info.step} {cfg.weights} weights as a {what} -> {storage.redact(cfg.output)}")
+    log.info(f"[export] step {tuned.info.step} {cfg.weights} weights as {what} -> {storage.redact(cfg.output)}")
     return cfg.output
 
 
-def _export_lora(tuned: finetuned.Finetuned, out: str) -> None:
+def _export_lora(tuned: finetuned.Finetuned, out: str) -> str:
+    """Write the run's adapters into ``out``; returns what was written, for the log line."""
     import diffusers
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
 
-    unet = tuned.denoiser
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    metadata = unet.peft_config["default"].to_dict()
-    getattr(diffusers, tuned.base.class_name).save_lora_weights(
-        out, unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
-    )
+    base, denoiser = tuned.base, tuned.denoiser
+    # peft's own key names (``lora_A``/``lora_B``), as diffusers' SD3 example saves them: every
+    # loader takes them, where ``convert_state_dict_to_diffusers`` renames only the to_q/k/v/out
+    # keys (``lora.down``), which SD3's loader then drops
+    state = get_peft_model_state_dict(denoiser)
+    pipeline = getattr(diffusers, base.class_name)
+    if not hasattr(pipeline, "save_lora_weights"):  # no LoRA loader in diffusers (PixArt): peft's folder
+        model = get_peft_model(base.load_denoiser(), LoraConfig(**tuned.lora))
+        unexpected = list(getattr(set_peft_model_state_dict(model, state), "unexpected_keys", []))
+        if unexpected:
+            raise CheckpointError(f"adapter tensors do not fit the base's denoiser: {unexpected[:3]}")
+        model.save_pretrained(out, safe_serialization=True)
+        os.remove(os.path.join(out, "README.md"))  # peft's model card template, no information
+        return "a peft adapter folder"
+    metadata = denoiser.peft_config["default"].to_dict()
+    layers = {f"{base.denoiser}_lora_layers": state, f"{base.denoiser}_lora_adapter_metadata": metadata}
+    pipeline.save_lora_weights(out, **layers, safe_serialization=True)
+    return "LoRA weights"
 
 
 def _copy_files(base: basemod.Base, rels: list[str], out: str) -> None:

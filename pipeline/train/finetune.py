@@ -1,18 +1,27 @@
 """``latent-pipeline finetune``: fine-tune a pretrained diffusers base model's denoiser on a
 latent cache of that base (``encode --base``), with the base's own objective, fully or with LoRA.
 
+Families: SD 1.x/2.x and SDXL (``UNet2DConditionModel``), PixArt-α/Σ
+(``PixArtTransformer2DModel``) and SD3/3.5 (``SD3Transformer2DModel``).
+
 The loop in :func:`finetune_loop` is the whole algorithm, top to bottom: a batch of cached
-latents (scaled with the manifest's scale/shift) and the pipeline's own prompt embeddings,
-caption dropout to the cached empty caption, the objective read from the base's scheduler
-config (:mod:`pipeline.models.objectives`), the UNet called exactly as the pipeline calls it at
-inference (SDXL: pooled ``text_embeds`` and ``time_ids`` = original size, crop top-left, target
-size). Ray only places it (``prepare_model``, ``report``); resume, learning rate, gradient sync,
-the optimizer step and checkpoints come from :mod:`pipeline.train.loop`.
+latents (scaled with the manifest's scale/shift) and the pipeline's own prompt embeddings
+(PixArt's stripped T5 tokens padded back with zero rows and a zero mask), caption dropout to the
+cached empty caption, the objective read from the base's scheduler config
+(:mod:`pipeline.models.objectives`), the denoiser called exactly as the pipeline calls it at
+inference, and the loss on the output channels the pipeline reads (PixArt's learned-variance
+half is left out, as its diffusers training scripts do). What differs between the families is
+data, one entry of :data:`pipeline.models.base.TRAINING` per pipeline class (the denoiser's
+keyword arguments from a batch, the trained channels, the default LoRA targets); the loop has no
+family branches. Ray only places it (``prepare_model``, ``report``); resume, learning rate,
+gradient sync, the optimizer step and checkpoints come from :mod:`pipeline.train.loop`.
 
 LoRA (``--lora-rank`` > 0): the base is frozen, peft adapters are added as diffusers' training
-examples add them (``LoraConfig`` + ``unet.add_adapter``) on the ``--lora-targets`` projections;
-only the adapters train, are all-reduced by DDP, averaged by the EMA and written to checkpoints
-(:class:`Trained`). ``export`` turns a checkpoint into what diffusers loads.
+examples add them (``LoraConfig`` + ``add_adapter``; PixArt's transformer has no ``add_adapter``,
+so peft's ``inject_adapter_in_model``, which ``add_adapter`` calls) on the ``--lora-targets``
+modules (empty: the family's default); only the adapters train, are all-reduced by DDP, averaged
+by the EMA and written to checkpoints (:class:`Trained`). ``export`` turns a checkpoint into what
+diffusers loads.
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from pipeline.io.tarshards import load_npy
 from pipeline.models import base as basemod
 from pipeline.models import objectives
 from pipeline.models.autoencoder import scale_latents
-from pipeline.models.base_model import POOLED, PROMPT_EMBEDS, sdxl_time_ids
+from pipeline.models.base import Prompts, pad_tokens
+from pipeline.models.base_model import MASK, POOLED, PROMPT_EMBEDS, sdxl_time_ids
 from pipeline.train.diffusion import TrainConfig
 from pipeline.train.finetuned import ValidationGrids
 from pipeline.train.loop import (
@@ -55,9 +65,6 @@ from pipeline.train.streams import BatchStream, _bucket_key
 
 log = logging.getLogger("pipeline.train")
 
-TRAINED_FAMILIES = ("sd", "sdxl")  # UNet2DConditionModel bases
-DEFAULT_TARGETS = "to_q,to_k,to_v,to_out.0"  # the attention projections, as diffusers' LoRA examples
-
 
 @dataclass
 class FinetuneConfig(LoopConfig):
@@ -68,10 +75,15 @@ class FinetuneConfig(LoopConfig):
     )
     lora_alpha: float = option(0.0, "LoRA alpha (0: the rank, a scale of 1)", range=(0, None))
     lora_dropout: float = option(0.0, "dropout on the LoRA path", range=(0, 1), hi_open=True)
-    lora_targets: str = option(DEFAULT_TARGETS, "comma-separated module names the adapters wrap")
+    lora_targets: str = option(
+        "", "comma-separated module names the adapters wrap (empty: the family's attention projections)"
+    )
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
     timestep_sampling: str = option("uniform", "how training timesteps are drawn", choices=objectives.SAMPLINGS)
     min_snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (0: off; 5 is the paper's value)", range=(0, None))
+    loss_weighting: str = option(
+        "none", "flow bases (SD3): loss weights over sigma, as diffusers' SD3 example", choices=objectives.WEIGHTINGS
+    )
     noise_offset: float = option(0.0, "noise offset (per-channel constant added to the noise)", range=(0, 1))
     caption_dropout: float = option(
         0.1,
@@ -91,7 +103,7 @@ class FinetuneConfig(LoopConfig):
         super().__post_init__()
         require(self, "latents", "base")
         self.latents, self.base = storage.absolute(self.latents), storage.absolute(self.base)
-        if self.lora_rank and not self.targets():
+        if self.lora_rank and self.lora_targets and not self.targets():
             raise ConfigError("option 'lora-targets': no module names")
         storage.check_separate(self.output, {"latents": self.latents, "base": self.base, "init_from": self.init_from})
 
@@ -123,58 +135,58 @@ class Trained(torch.nn.Module):
                 self.register_parameter(name.replace(".", "/"), p)
 
 
-def add_lora(unet: Any, lora: dict) -> torch.nn.Module:
-    """Freeze ``unet`` (a diffusers model) and add trainable peft adapters (as diffusers' LoRA training examples do);
-    returns the module of the trained adapter tensors."""
-    from peft import LoraConfig
+def add_lora(model: Any, lora: dict) -> torch.nn.Module:
+    """Freeze ``model`` (a diffusers denoiser) and add trainable peft adapters (as diffusers' LoRA
+    training examples do: ``add_adapter``, or for a model without it, such as PixArt's
+    transformer, peft's ``inject_adapter_in_model``, which ``add_adapter`` calls; the parameter
+    names are the same); returns the module of the trained adapter tensors."""
+    from peft import LoraConfig, inject_adapter_in_model
 
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(**lora))
-    for name, p in unet.named_parameters():
+    model.requires_grad_(False)
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(LoraConfig(**lora))
+    else:
+        inject_adapter_in_model(LoraConfig(**lora), model)
+    for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
-    return Trained(unet)
+    return Trained(model)
 
 
 @dataclass
 class FinetuneBatch:
     latents: torch.Tensor  # scaled (B, C, h, w)
-    prompt_embeds: torch.Tensor  # (B, L, D)
-    pooled: torch.Tensor | None  # SDXL (B, P)
-    time_ids: torch.Tensor | None  # SDXL (B, 6)
-
-    def unet_kwargs(self, device) -> dict:
-        kw: dict = {"encoder_hidden_states": self.prompt_embeds.to(device)}
-        if self.pooled is not None and self.time_ids is not None:
-            kw["added_cond_kwargs"] = {"text_embeds": self.pooled.to(device), "time_ids": self.time_ids.to(device)}
-        return kw
+    prompts: Prompts  # the cached conditioning, as the base's TRAINING entry turns it into the denoiser's call
 
 
-def cache_stream(cfg: FinetuneConfig, man: dict, family: str, rank: int, world: int, seed: int):
-    """An endless stream of :class:`FinetuneBatch` for one rank."""
+def cache_stream(cfg: FinetuneConfig, man: dict, rank: int, world: int, seed: int):
+    """An endless stream of :class:`FinetuneBatch` for one rank. The fields read per sample are
+    the family's, those ``encode --base`` stored the empty caption with (embeddings, and the
+    pooled embedding and attention mask where the family has them)."""
     so = cfg.storage.options
     scale, shift = float(man["scale"]), float(man["shift"])
     empty_files = man["base"]["empty_caption"]  # as `encode --base` stored the empty caption
-
-    def empty_field(name: str) -> np.ndarray:
-        return load_npy(storage.read_bytes(storage.join(cfg.latents, empty_files[name]), so))
-
-    empty = empty_field(PROMPT_EMBEDS)
-    empty_pooled = empty_field(POOLED) if family == "sdxl" else None
+    names = [f for f in (PROMPT_EMBEDS, POOLED, MASK) if f in empty_files]
+    empty = {f: load_npy(storage.read_bytes(storage.join(cfg.latents, empty_files[f]), so)) for f in names}
 
     def collate(items: list[dict[str, bytes]], rng: np.random.Generator) -> FinetuneBatch:
         # numpy only on the stream's thread (see train/streams.py)
         raw = np.stack([load_npy(s["latent.npy"]) for s in items]).astype(np.float32)
         drops = rng.random(len(items)) < cfg.caption_dropout
-        embeds = np.stack([empty if d else load_npy(s[PROMPT_EMBEDS]) for s, d in zip(items, drops)])
-        batch = FinetuneBatch(
-            torch.from_numpy(scale_latents(raw, scale, shift)), torch.from_numpy(embeds.astype(np.float32)), None, None
+        got = {f: [empty[f] if d else load_npy(s[f]) for s, d in zip(items, drops)] for f in names}
+        if MASK in got:  # stripped T5 tokens (PixArt): zero rows and a zero mask up to the longest
+            embeds, mask = pad_tokens(got[PROMPT_EMBEDS], got[MASK])
+        else:
+            embeds, mask = np.stack(got[PROMPT_EMBEDS]).astype(np.float32), None
+        metas = [json.loads(s["json"]) for s in items]
+        ids = np.asarray([sdxl_time_ids(m) for m in metas], np.float32)
+        prompts = Prompts(
+            torch.from_numpy(embeds),
+            torch.from_numpy(np.stack(got[POOLED]).astype(np.float32)) if POOLED in got else None,
+            None if mask is None else torch.from_numpy(mask),
+            torch.from_numpy(ids),
+            torch.from_numpy(ids[:, 4:6].copy()),  # the target (height, width): the bucket
         )
-        if empty_pooled is not None:  # SDXL
-            pooled = np.stack([empty_pooled if d else load_npy(s[POOLED]) for s, d in zip(items, drops)])
-            ids = [sdxl_time_ids(json.loads(s["json"])) for s in items]
-            batch.pooled = torch.from_numpy(pooled.astype(np.float32))
-            batch.time_ids = torch.from_numpy(np.asarray(ids, np.float32))
-        return batch
+        return FinetuneBatch(torch.from_numpy(scale_latents(raw, scale, shift)), prompts)
 
     return BatchStream(
         manifest.shard_urls(cfg.latents, man),
@@ -203,6 +215,7 @@ def finetune_loop(loop_config: dict) -> None:
     base = basemod.open_base(cfg.base, so)
     identity = base.identity()
     objective = objectives.from_scheduler_config(base.scheduler_config(), f"{base.where}: scheduler")
+    training = base.training  # how this family's pipeline calls its denoiser, which channels train
     unet = base.load_denoiser().to(dev).train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -217,7 +230,7 @@ def finetune_loop(loop_config: dict) -> None:
         raise CheckpointError(f"{storage.redact(cfg.output)}: the run's checkpoint is a fine-tune of another base")
     ddp = ray.train.torch.prepare_model(unet)
 
-    stream = iter(cache_stream(cfg, man, base.family, rank, world, cfg.seed + start))
+    stream = iter(cache_stream(cfg, man, rank, world, cfg.seed + start))
     metrics_log = MetricsLog(cfg.output, start, so) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and cfg.bf16)
     grids = (
@@ -256,8 +269,9 @@ def finetune_loop(loop_config: dict) -> None:
             t = objectives.sample_timesteps(objective, latents.shape[0], gen, cfg.timestep_sampling).to(dev)
             noisy = objectives.noisy_latents(objective, latents, noise, t)
             with grad_sync(ddp, micro, cfg, world), autocast:
-                out = ddp(noisy, t, **batch.unet_kwargs(dev), return_dict=False)[0]
-                loss = objectives.loss(objective, out, latents, noise, t, cfg.min_snr_gamma)
+                kwargs = training.call(batch.prompts.to(dev), unet.config)
+                out = training.prediction(ddp(noisy, timestep=t, **kwargs, return_dict=False)[0], latents)
+                loss = objectives.loss(objective, out, latents, noise, t, cfg.min_snr_gamma, cfg.loss_weighting)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
         grad_norm = optimizer_step(trained, opt, ema, step, cfg)  # clips and averages only what trains
@@ -304,12 +318,14 @@ def run_finetune(cfg: FinetuneConfig):
     so = cfg.storage.options
     man = manifest.load(cfg.latents, so)
     base = basemod.open_base(cfg.base, so)
-    if base.family not in TRAINED_FAMILIES:
-        raise ConfigError(f"option 'base': {base.class_name} bases are not trained yet (supported: SD 1.x/2.x, SDXL)")
+    if cfg.lora_rank and not cfg.lora_targets:  # the family's default, recorded as resolved
+        cfg.lora_targets = base.training.lora_targets
     basemod.check_cache(base, man, f"option 'latents': {storage.redact(cfg.latents)}")
     objective = objectives.from_scheduler_config(base.scheduler_config(), f"{base.where}: scheduler")
     if cfg.min_snr_gamma and objective.kind == "flow":
         raise ConfigError("option 'min-snr-gamma': the base is a flow model; Min-SNR weighs DDPM objectives")
+    if cfg.loss_weighting != "none" and objective.kind != "flow":
+        raise ConfigError(f"option 'loss-weighting': the base's objective is {objective.kind}; it weighs flow models")
     check_run(cfg, base)
     log.info(
         f"[finetune] {base.class_name} ({objective.kind} objective), "
