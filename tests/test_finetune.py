@@ -245,3 +245,49 @@ def test_encode_base_then_finetune_then_export_loads_in_diffusers(sd, tmp_path, 
     run_encode(EncodeConfig(input=str(tmp_path / "photos.tar"), output=other, base=sd["other"], resolution=32))
     with pytest.raises(Exception, match="made with another"):
         run_finetune(_cfg(sd, tmp_path / "ft2", latents=other, lora_rank=4, steps=2))
+
+
+def test_an_sdxl_base_on_object_storage_encodes_trains_on_two_workers_and_exports_lora(tmp_path, bucket, ray_cluster):
+    """SDXL end to end through Ray, with the base pipeline folder, the cache and the run all on
+    the S3 endpoint (`--base s3://...`): `encode --base` -> `finetune` on 2 Ray Train workers
+    (LoRA) -> `export` (reading the recorded remote base) -> diffusers'
+    StableDiffusionXLPipeline.load_lora_weights takes the file and draws something else."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from helpers import encode_image, photo_crops, write_tar
+    from pipeline.io import storage
+    from pipeline.stages.encode import EncodeConfig, run_encode
+
+    local_base = save(sdxl_pipeline(tmp_path, 0), tmp_path / "xl")
+    remote_base = f"{bucket}/bases/tiny-sdxl"
+    storage.upload_dir(local_base, remote_base, commit_last=basemod.INDEX_NAME)
+    members = []
+    for i, im in enumerate(photo_crops(6, 48)):
+        members += [(f"p{i}.png", encode_image(im)), (f"p{i}.txt", f"a photo number {i}".encode())]
+    write_tar(str(tmp_path / "photos.tar"), members)
+    lat = f"{bucket}/lat"
+    man = run_encode(EncodeConfig(input=str(tmp_path / "photos.tar"), output=lat, base=remote_base, resolution=32))
+    assert man["totals"]["written"] == 6 and man["base"]["family"] == "sdxl"
+    assert "pooled_prompt_embeds.npy" in man["base"]["empty_caption"]
+
+    out = f"{bucket}/ft"
+    cfg = FinetuneConfig(
+        latents=lat, base=remote_base, output=out, workers=2, lora_rank=4, steps=4, batch_size=2,
+        checkpoint_every=4, log_every=2, lr=1e-2, shuffle_buffer=4, max_failures=0,
+    )  # fmt: skip
+    result = run_finetune(cfg)
+    assert result.metrics["step"] == 4 and np.isfinite(result.metrics["loss"])
+    info = checkpoint.read_info(checkpoint.local_copy(out))
+    assert info.base["family"] == "sdxl" and info.base["url"] == remote_base
+    assert info.base["identity"] == basemod.open_base(local_base).identity()  # the same files, wherever they lie
+
+    lora_dir = tmp_path / "lora"
+    assert cli.main(["export", "--checkpoint", out, "--output", str(lora_dir)]) == 0
+    assert os.listdir(lora_dir) == ["pytorch_lora_weights.safetensors"]
+    pipe = StableDiffusionXLPipeline.from_pretrained(local_base)
+    pipe.set_progress_bar_config(disable=True)
+    plain = _draw(pipe)
+    pipe.load_lora_weights(str(lora_dir))
+    tuned = _draw(pipe)
+    assert plain.shape == tuned.shape == (32, 32, 3) and np.isfinite(tuned).all()
+    assert np.abs(tuned - plain).mean() > 1e-3
