@@ -122,16 +122,7 @@ def test_a_two_worker_lora_run_checkpoints_only_adapters_and_resumes(sd, tmp_pat
     # the LoRA export loads onto the base with load_lora_weights and changes what it draws
     from diffusers import StableDiffusionPipeline
 
-    lora_dir = tmp_path / "lora"
-    assert cli.main(["export", "--checkpoint", str(out), "--output", str(lora_dir)]) == 0
-    assert os.listdir(lora_dir) == ["pytorch_lora_weights.safetensors"]
-    pipe = StableDiffusionPipeline.from_pretrained(sd["base"], safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    plain = _draw(pipe)
-    pipe.load_lora_weights(str(lora_dir))
-    tuned = _draw(pipe)
-    assert plain.shape == tuned.shape == (32, 32, 3) and np.isfinite(tuned).all()
-    assert np.abs(tuned - plain).mean() > 1e-3
+    _export_lora_and_draw(str(out), StableDiffusionPipeline.from_pretrained(sd["base"], safety_checker=None), tmp_path)
 
     # resuming this output over another base (same VAE and text encoder, another UNet) is refused
     swapped = tmp_path / "swapped"
@@ -145,6 +136,20 @@ def test_a_two_worker_lora_run_checkpoints_only_adapters_and_resumes(sd, tmp_pat
     argv[4] = sd["base"]
     assert cli.main([*argv[:-1], "8", "--steps", "8"]) == 2
     assert "another adapter config" in capsys.readouterr().err
+
+
+def _export_lora_and_draw(run: str, pipe, tmp_path) -> None:
+    """`export` of a LoRA run gives the one file ``pipe.load_lora_weights`` takes, and it changes
+    what the base pipeline ``pipe`` draws."""
+    lora_dir = tmp_path / "lora"
+    assert cli.main(["export", "--checkpoint", run, "--output", str(lora_dir)]) == 0
+    assert os.listdir(lora_dir) == ["pytorch_lora_weights.safetensors"]
+    pipe.set_progress_bar_config(disable=True)
+    plain = _draw(pipe)
+    pipe.load_lora_weights(str(lora_dir))
+    tuned = _draw(pipe)
+    assert plain.shape == tuned.shape == (32, 32, 3) and np.isfinite(tuned).all()
+    assert np.abs(tuned - plain).mean() > 1e-3
 
 
 def _draw(pipe) -> np.ndarray:
@@ -281,16 +286,7 @@ def test_an_sdxl_base_on_object_storage_encodes_trains_on_two_workers_and_export
     assert info.base["family"] == "sdxl" and info.base["url"] == remote_base
     assert info.base["identity"] == basemod.open_base(local_base).identity()  # the same files, wherever they lie
 
-    lora_dir = tmp_path / "lora"
-    assert cli.main(["export", "--checkpoint", out, "--output", str(lora_dir)]) == 0
-    assert os.listdir(lora_dir) == ["pytorch_lora_weights.safetensors"]
-    pipe = StableDiffusionXLPipeline.from_pretrained(local_base)
-    pipe.set_progress_bar_config(disable=True)
-    plain = _draw(pipe)
-    pipe.load_lora_weights(str(lora_dir))
-    tuned = _draw(pipe)
-    assert plain.shape == tuned.shape == (32, 32, 3) and np.isfinite(tuned).all()
-    assert np.abs(tuned - plain).mean() > 1e-3
+    _export_lora_and_draw(out, StableDiffusionXLPipeline.from_pretrained(local_base), tmp_path)
 
 
 @pytest.mark.usefixtures("ray_cluster")
