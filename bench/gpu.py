@@ -84,6 +84,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(step, iters: int, device: str) -> float:
+    """Seconds per ``step()`` over ``iters`` calls, after 2 warm-up calls."""
+    for _ in range(2):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
 def bare_encoder(vae, device: str, res: int, batch: int, iters: int) -> float:
     x = torch.randn(batch, 3, res, res, device=device, dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -146,14 +158,7 @@ def dit_step(device: str, size: str, res_latent: int, batch: int, iters: int, pe
     with FlopCounterMode(display=False) as fc:
         step()
     flops = fc.get_total_flops()
-    for _ in range(2):
-        step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync(device)
-    dt = (time.perf_counter() - t0) / iters
+    dt = timed(step, iters, device)
     return {
         "model": size,
         "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 1),
@@ -203,18 +208,11 @@ def _sdxl_steps(unet, trained, device: str, unet_cfg: dict, batch: int, latent: 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        for _ in range(2):
-            step()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        sync(device)
+        dt = timed(step, iters, device)
     except torch.OutOfMemoryError:
         return {"batch": batch, "error": "out of GPU memory"}
     finally:
         opt.zero_grad(set_to_none=True)
-    dt = (time.perf_counter() - t0) / iters
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
     return {"batch": batch, "step_s": round(dt, 3), "samples_per_s": round(batch / dt, 2), "peak_gib": peak}
 
