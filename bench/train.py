@@ -18,9 +18,16 @@ Part ``finetune`` (``finetune``'s step on a small SDXL-architecture UNet, random
 (f) full fine-tune vs LoRA (rank 8 on the attention projections), each with and without
     gradient checkpointing, one process each (a fresh spawned process, so the peak RSS is its
     own): median step time and the peak resident memory the step adds over the built model
-    (weights, gradients, AdamW state, activations); ratios against the full fine-tune.
+    (weights, gradients, AdamW state, activations); ratios against the full fine-tune;
+    ``--ft-rounds`` interleaved rounds (each runs every variant once, in a rotated order), medians.
+Part ``finetune-naive`` (the same UNet inside the tests' tiny SDXL pipeline, a cache of 32
+128-px images written as `encode --base` writes it):
+(g) ``finetune`` (LoRA rank 8, one Ray Train worker holding every core) vs a single-process loop
+    written the way diffusers' ``train_text_to_image_lora_sdxl.py`` example writes it (the same
+    cached inputs in memory, batch 4, fp32): samples/s ratio, target >= 1.0, interleaved rounds.
 Prints samples/s, the ratio (a)/(b) and the data-wait shares as JSON.
-Usage: python bench/train.py [--parts cache,t2i,finetune --images 384 --resolution 128 --steps 60]
+Usage: python bench/train.py [--parts cache,t2i,finetune,finetune-naive --images 384 --resolution 128
+       --steps 60 --ft-steps 5 --ft-rounds 2 --ft-naive-steps 20]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -74,6 +82,9 @@ def main() -> None:
     ap.add_argument("--parts", default="cache,t2i")
     ap.add_argument("--t2i-steps", type=int, default=150)
     ap.add_argument("--wall-seconds", type=float, default=90.0, help="(e): training time per model")
+    ap.add_argument("--ft-steps", type=int, default=5, help="(f): timed steps per variant and round")
+    ap.add_argument("--ft-rounds", type=int, default=2, help="(f), (g): interleaved rounds")
+    ap.add_argument("--ft-naive-steps", type=int, default=20, help="(g): timed steps per run")
     ap.add_argument("--json", default="bench/results/train.json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -87,12 +98,15 @@ def main() -> None:
     if "finetune" in parts:
         result["finetune"] = finetune_parts(args)
         print(json.dumps(result["finetune"], indent=2), flush=True)
+    if "finetune-naive" in parts:
+        result["finetune_naive"] = finetune_vs_naive(args)
+        print(json.dumps(result["finetune_naive"], indent=2), flush=True)
     print(json.dumps(result, indent=2))
     if args.json:
         storage.write_json(args.json, result)
 
 
-def _sdxl_unet():
+def _sdxl_unet(text_width: int = 256, pooled_width: int = 128):
     """A small UNet of SDXL's architecture: DownBlock + two cross-attention levels with more
     transformer layers deeper, text_time added conditioning (pooled text + 6 time ids)."""
     from diffusers import UNet2DConditionModel
@@ -108,10 +122,10 @@ def _sdxl_unet():
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2, 4),
         attention_head_dim=(2, 4, 8),
-        cross_attention_dim=256,
+        cross_attention_dim=text_width,
         addition_embed_type="text_time",
         addition_time_embed_dim=32,
-        projection_class_embeddings_input_dim=128 + 6 * 32,
+        projection_class_embeddings_input_dim=pooled_width + 6 * 32,
         use_linear_projection=True,
         norm_num_groups=32,
     )
@@ -169,24 +183,202 @@ def _finetune_step_probe(lora: bool, checkpointing: bool, steps: int, batch: int
     )
 
 
-def finetune_parts(args, steps: int = 5, batch: int = 4) -> dict:
-    """(f): full vs LoRA, with and without gradient checkpointing, each in its own process."""
+FT_VARIANTS = {  # name: (lora, gradient checkpointing)
+    "full": (False, False),
+    "full+checkpointing": (False, True),
+    "lora": (True, False),
+    "lora+checkpointing": (True, True),
+}
+
+
+def finetune_parts(args) -> dict:
+    """(f) full vs LoRA, with and without gradient checkpointing, each in its own process,
+    interleaved: ``--ft-rounds`` rounds, each running every variant once in a rotated order, so
+    a slow spell of a shared machine hits every variant alike; medians over the rounds."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    rows = {}
-    for lora in (False, True):
-        for ckpt in (False, True):
+    names = list(FT_VARIANTS)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.ft_rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             q = ctx.Queue()
-            p = ctx.Process(target=_finetune_step_probe, args=(lora, ckpt, steps, batch, q))
+            p = ctx.Process(target=_finetune_step_probe, args=(*FT_VARIANTS[name], args.ft_steps, 4, q))
             p.start()
-            rows[f"{'lora' if lora else 'full'}{'+checkpointing' if ckpt else ''}"] = q.get()
+            runs[name].append(q.get())
             p.join()
+    rows = {}
+    for name, measured in runs.items():
+        rows[name] = {
+            "trained_params": measured[0]["trained_params"],
+            "step_s": round(float(np.median([m["step_s"] for m in measured])), 3),
+            "step_s_rounds": [round(m["step_s"], 3) for m in measured],
+            "peak_added_mb": round(float(np.median([m["peak_added_mb"] for m in measured])), 1),
+            "peak_added_mb_rounds": [round(m["peak_added_mb"], 1) for m in measured],
+        }
     full = rows["full"]
     for row in rows.values():
-        row["step_time_vs_full"] = row["step_s"] / full["step_s"]
-        row["peak_memory_vs_full"] = row["peak_added_mb"] / max(full["peak_added_mb"], 1e-9)
-    return {"unet": "SDXL architecture, 64/128/256 channels", "batch": batch, "latent": [4, 32, 32], **rows}
+        row["step_time_vs_full"] = round(row["step_s"] / full["step_s"], 3)
+        row["peak_memory_vs_full"] = round(row["peak_added_mb"] / max(full["peak_added_mb"], 1e-9), 3)
+    out = {"unet": "SDXL architecture, 64/128/256 channels", "batch": 4, "latent": [4, 32, 32], **rows}
+    out["lora_speedup_vs_full"] = round(full["step_s"] / rows["lora"]["step_s"], 3)
+    out["targets"] = {"lora_speedup_vs_full_min": 1.5, "lora_peak_memory_vs_full_max": 0.6}
+    return out
+
+
+def _tiny_sdxl_base(root: str) -> str:
+    """The tests' tiny SDXL pipeline (stand-in CLIP encoders, tiny VAE) with the bench's UNet,
+    saved as a base folder."""
+    from tiny_bases import WIDTH, save, sdxl_pipeline
+
+    pipe = sdxl_pipeline(pathlib.Path(root), 0)
+    pipe.unet = _sdxl_unet(text_width=2 * WIDTH, pooled_width=WIDTH)
+    pipe.register_modules(unet=pipe.unet)
+    return save(pipe, os.path.join(root, "base"))
+
+
+def _load_cache(latents: str) -> list[dict[str, torch.Tensor]]:
+    """Every cached sample in memory: what the diffusers example's dataset holds after its
+    ``compute_vae_encodings``/``compute_embeddings`` pre-pass (latents scaled, embeddings)."""
+    from pipeline.io import manifest, tarshards
+    from pipeline.models.base_model import POOLED, PROMPT_EMBEDS, sdxl_time_ids
+
+    man = manifest.load(latents)
+    items = []
+    for url in manifest.shard_urls(latents, man):
+        with open(url, "rb") as f:
+            fields = [s.fields for s in tarshards.iter_samples(f)]
+        for s in fields:
+            items.append(
+                {
+                    "model_input": torch.from_numpy(tarshards.load_npy(s["latent.npy"]).astype(np.float32))
+                    * float(man["scale"]),
+                    "prompt_embeds": torch.from_numpy(tarshards.load_npy(s[PROMPT_EMBEDS]).astype(np.float32)),
+                    "pooled_prompt_embeds": torch.from_numpy(tarshards.load_npy(s[POOLED]).astype(np.float32)),
+                    "time_ids": torch.tensor(sdxl_time_ids(json.loads(s["json"])), dtype=torch.float32),
+                }
+            )
+    return items
+
+
+WARMUP = 10  # (g): steps before timing (a Ray worker's first ~10 steps run slower: its start-up)
+
+
+def naive_lora_loop(base: str, latents: str, batch: int, steps: int, rank: int = 8) -> float:
+    """A single-process LoRA loop written the way diffusers' ``train_text_to_image_lora_sdxl.py``
+    example writes it (precomputed latents and embeddings, DataLoader, DDPMScheduler.add_noise,
+    MSE on epsilon, clip, AdamW step): samples/s over ``steps`` steps after ``WARMUP`` steps."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    loader = torch.utils.data.DataLoader(
+        _load_cache(latents),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+    )
+    unet.train()
+    done, t0 = 0, 0.0
+    while done < steps + WARMUP:
+        for b in loader:
+            if done == WARMUP:
+                t0 = time.perf_counter()
+            model_input = b["model_input"]
+            noise = torch.randn_like(model_input)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (model_input.shape[0],)).long()
+            noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
+            cond = {"time_ids": b["time_ids"], "text_embeds": b["pooled_prompt_embeds"]}
+            pred = unet(noisy, timesteps, b["prompt_embeds"], added_cond_kwargs=cond).sample
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            loss.item()
+            done += 1
+            if done == steps + WARMUP:
+                break
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def _naive_in_ray_train(loop_config: dict) -> None:
+    """:func:`naive_lora_loop` on a Ray Train worker (what Ray's placement alone costs)."""
+    c = loop_config
+    with open(c["result"], "w") as f:
+        json.dump(naive_lora_loop(c["base"], c["latents"], c["batch"], c["steps"]), f)
+
+
+def finetune_vs_naive(args) -> dict:
+    """(g): `finetune` (LoRA rank 8, one Ray Train worker with every core) vs
+    :func:`naive_lora_loop` on the same base, cache, batch and fp32, in interleaved rounds; the
+    naive loop also runs on a Ray Train worker of the same size, which splits the gap into what
+    Ray's worker costs and what `finetune`'s own loop costs."""
+    from diffusers import StableDiffusionXLPipeline
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from tiny_bases import write_cache
+
+    from pipeline.train.finetune import FinetuneConfig, run_finetune
+
+    batch, steps = 4, args.ft_naive_steps
+    cpus = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as root:
+        base = _tiny_sdxl_base(root)
+        pipe = StableDiffusionXLPipeline.from_pretrained(base)
+        latents = write_cache(pipe, base, os.path.join(root, "cache"), n=32, per_shard=8, size=128)
+        ensure_ray(num_cpus=cpus)
+        runs: dict[str, list[float]] = {"finetune": [], "naive": [], "naive_on_ray_worker": []}
+
+        def measure(which: str, r: int) -> float:
+            if which == "naive":
+                return naive_lora_loop(base, latents, batch, steps)
+            if which == "naive_on_ray_worker":
+                result = os.path.join(root, "naive.json")
+                config = {"base": base, "latents": latents, "batch": batch, "steps": steps, "result": result}
+                scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus})
+                TorchTrainer(_naive_in_ray_train, train_loop_config=config, scaling_config=scaling).fit()
+                return float(json.load(open(result)))
+            out = os.path.join(root, f"ft{r}")
+            cfg = FinetuneConfig(
+                latents=latents, base=base, output=out, workers=1, cpus_per_worker=cpus, lora_rank=8,
+                steps=steps + WARMUP, batch_size=batch, log_every=5, checkpoint_every=steps + WARMUP, warmup_steps=0,
+                shuffle_buffer=32, caption_dropout=0.0, max_failures=0,
+            )  # fmt: skip
+            run_finetune(cfg)
+            rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][WARMUP // 5 :]
+            return float(np.mean([row["samples_per_s"] for row in rows]))
+
+        names = list(runs)
+        for r in range(args.ft_rounds):
+            for which in names[r % len(names) :] + names[: r % len(names)]:
+                runs[which].append(measure(which, r))
+
+    def ratio(a: str, b: str) -> float:
+        return round(float(np.median([x / y for x, y in zip(runs[a], runs[b])])), 3)
+
+    return {
+        "lora_rank": 8,
+        "batch": batch,
+        "latent": [4, 32, 32],
+        **{f"{k}_samples_per_s": [round(x, 2) for x in v] for k, v in runs.items()},
+        "finetune_vs_naive": ratio("finetune", "naive"),
+        "naive_on_ray_worker_vs_naive": ratio("naive_on_ray_worker", "naive"),
+        "finetune_vs_naive_on_ray_worker": ratio("finetune", "naive_on_ray_worker"),
+        "target_finetune_vs_naive": 1.0,
+    }
 
 
 def text_to_image(args) -> dict:

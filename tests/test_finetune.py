@@ -127,16 +127,7 @@ def test_a_two_worker_lora_run_checkpoints_only_adapters_and_resumes(sd, tmp_pat
     # the LoRA export loads onto the base with load_lora_weights and changes what it draws
     from diffusers import StableDiffusionPipeline
 
-    lora_dir = tmp_path / "lora"
-    assert cli.main(["export", "--checkpoint", str(out), "--output", str(lora_dir)]) == 0
-    assert os.listdir(lora_dir) == ["pytorch_lora_weights.safetensors"]
-    pipe = StableDiffusionPipeline.from_pretrained(sd["base"], safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    plain = _draw(pipe)
-    pipe.load_lora_weights(str(lora_dir))
-    tuned = _draw(pipe)
-    assert plain.shape == tuned.shape == (32, 32, 3) and np.isfinite(tuned).all()
-    assert np.abs(tuned - plain).mean() > 1e-3
+    _export_lora_and_draw(str(out), StableDiffusionPipeline.from_pretrained(sd["base"], safety_checker=None), tmp_path)
 
     # resuming this output over another base (same VAE and text encoder, another UNet) is refused
     swapped = tmp_path / "swapped"
@@ -150,6 +141,20 @@ def test_a_two_worker_lora_run_checkpoints_only_adapters_and_resumes(sd, tmp_pat
     argv[4] = sd["base"]
     assert cli.main([*argv[:-1], "8", "--steps", "8"]) == 2
     assert "another adapter config" in capsys.readouterr().err
+
+
+def _export_lora_and_draw(run: str, pipe, tmp_path) -> None:
+    """`export` of a LoRA run gives the one file ``pipe.load_lora_weights`` takes, and it changes
+    what the base pipeline ``pipe`` draws."""
+    lora_dir = tmp_path / "lora"
+    assert cli.main(["export", "--checkpoint", run, "--output", str(lora_dir)]) == 0
+    assert os.listdir(lora_dir) == ["pytorch_lora_weights.safetensors"]
+    pipe.set_progress_bar_config(disable=True)
+    plain = _draw(pipe)
+    pipe.load_lora_weights(str(lora_dir))
+    tuned = _draw(pipe)
+    assert plain.shape == tuned.shape == (32, 32, 3) and np.isfinite(tuned).all()
+    assert np.abs(tuned - plain).mean() > 1e-3
 
 
 def _draw(pipe) -> np.ndarray:
@@ -493,3 +498,82 @@ def test_pixart_alpha_1024_models_get_the_image_size_as_their_pipeline_gives_it(
     small = PixArtTransformer2DModel(sample_size=64, num_layers=1, attention_head_dim=8, num_attention_heads=2)
     assert basemod.TRAINING["PixArtAlphaPipeline"].call(prompts, small.config)["added_cond_kwargs"] == none
     assert set(basemod.TRAINING) == set(FAMILIES)  # every family the encoder caches also trains
+
+
+def test_an_sdxl_base_on_object_storage_encodes_trains_on_two_workers_and_exports_lora(tmp_path, bucket, ray_cluster):
+    """SDXL end to end through Ray, with the base pipeline folder, the cache and the run all on
+    the S3 endpoint (`--base s3://...`): `encode --base` -> `finetune` on 2 Ray Train workers
+    (LoRA) -> `export` (reading the recorded remote base) -> diffusers'
+    StableDiffusionXLPipeline.load_lora_weights takes the file and draws something else."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from helpers import encode_image, photo_crops, write_tar
+    from pipeline.io import storage
+    from pipeline.stages.encode import EncodeConfig, run_encode
+
+    local_base = save(sdxl_pipeline(tmp_path, 0), tmp_path / "xl")
+    remote_base = f"{bucket}/bases/tiny-sdxl"
+    storage.upload_dir(local_base, remote_base, commit_last=basemod.INDEX_NAME)
+    members = []
+    for i, im in enumerate(photo_crops(6, 48)):
+        members += [(f"p{i}.png", encode_image(im)), (f"p{i}.txt", f"a photo number {i}".encode())]
+    write_tar(str(tmp_path / "photos.tar"), members)
+    lat = f"{bucket}/lat"
+    man = run_encode(EncodeConfig(input=str(tmp_path / "photos.tar"), output=lat, base=remote_base, resolution=32))
+    assert man["totals"]["written"] == 6 and man["base"]["family"] == "sdxl"
+    assert "pooled_prompt_embeds.npy" in man["base"]["empty_caption"]
+
+    out = f"{bucket}/ft"
+    cfg = FinetuneConfig(
+        latents=lat, base=remote_base, output=out, workers=2, lora_rank=4, steps=4, batch_size=2,
+        checkpoint_every=4, log_every=2, lr=1e-2, shuffle_buffer=4, max_failures=0,
+    )  # fmt: skip
+    result = run_finetune(cfg)
+    assert result.metrics["step"] == 4 and np.isfinite(result.metrics["loss"])
+    info = checkpoint.read_info(checkpoint.local_copy(out))
+    assert info.base["family"] == "sdxl" and info.base["url"] == remote_base
+    assert info.base["identity"] == basemod.open_base(local_base).identity()  # the same files, wherever they lie
+
+    _export_lora_and_draw(out, StableDiffusionXLPipeline.from_pretrained(local_base), tmp_path)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_an_fsdp_full_fine_tune_trains_as_ddp_does_and_its_full_checkpoint_resumes_and_exports(sd, tmp_path, capsys):
+    """`--fsdp` (FSDP2 on gloo, 2 Ray Train workers): the same steps as DDP give the same
+    weights up to float rounding, the checkpoint holds full tensors (the UNet's own state dict,
+    the optimizer state of every weight), a re-run resumes from it, and `export` makes a pipeline
+    folder diffusers loads from it. With LoRA it is refused in one line."""
+    from diffusers import DiffusionPipeline
+
+    runs = {}
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        run_finetune(_cfg(sd, tmp_path / name, workers=2, lora_rank=0, steps=2, lr=1e-3, fsdp=fsdp))
+        runs[name] = checkpoint.local_copy(str(tmp_path / name))
+    base = tiny_unet("sd").state_dict()
+    ddp, fsdp = (load_file(os.path.join(runs[n], "model.safetensors")) for n in ("ddp", "fsdp"))
+    assert fsdp.keys() == base.keys() and all(fsdp[k].shape == v.shape for k, v in base.items())
+    moved = float(np.mean([(ddp[k] - base[k]).abs().mean() for k in base]))
+    apart = float(np.mean([(fsdp[k] - ddp[k]).abs().mean() for k in base]))
+    assert moved > 1e-5 and apart < 0.01 * moved, (moved, apart)
+    opt = load_file(os.path.join(runs["fsdp"], "optimizer.safetensors"))
+    assert len([k for k in opt if k.endswith(".exp_avg")]) == len(base)
+    assert sorted(v.numel() for k, v in opt.items() if k.endswith(".exp_avg")) == sorted(
+        v.numel() for v in base.values()
+    )
+
+    result = run_finetune(_cfg(sd, tmp_path / "fsdp", workers=2, lora_rank=0, steps=4, lr=1e-3, fsdp=True))
+    assert result.metrics["step"] == 4
+    assert [json.loads(line)["step"] for line in open(tmp_path / "fsdp" / "metrics.jsonl")] == [2, 4]
+    local = checkpoint.local_copy(str(tmp_path / "fsdp"))
+    ema = load_file(os.path.join(local, "ema.safetensors"))
+    folder = run_export(ExportConfig(checkpoint=str(tmp_path / "fsdp"), output=str(tmp_path / "pipe")))
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert all(torch.equal(v, ema[k]) for k, v in pipe.unet.state_dict().items())
+    assert np.isfinite(_draw(pipe)).all()
+
+    argv = ["finetune", "--latents", sd["cache"], "--base", sd["base"], "--output", str(tmp_path / "o"), "--fsdp"]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--lora-rank 0" in err, err

@@ -14,7 +14,9 @@ half is left out, as its diffusers training scripts do). What differs between th
 data, one entry of :data:`pipeline.models.base.TRAINING` per pipeline class (the denoiser's
 keyword arguments from a batch, the trained channels, the default LoRA targets); the loop has no
 family branches. Ray only places it (``prepare_model``, ``report``); resume, learning rate,
-gradient sync, the optimizer step and checkpoints come from :mod:`pipeline.train.loop`.
+gradient sync, the optimizer step and checkpoints come from :mod:`pipeline.train.loop`. ``--fsdp`` shards a full
+fine-tune with FSDP2 instead of DDP (:func:`pipeline.train.loop.wrap_model`); its checkpoints
+hold full tensors, like a DDP run's.
 
 LoRA (``--lora-rank`` > 0): the base is frozen, peft adapters are added as diffusers' training
 examples add them (``LoraConfig`` + ``add_adapter``; PixArt's transformer has no ``add_adapter``,
@@ -60,6 +62,7 @@ from pipeline.train.loop import (
     save_checkpoint,
     set_lr,
     worker_setup,
+    wrap_model,
 )
 from pipeline.train.streams import BatchStream, _bucket_key
 
@@ -79,6 +82,11 @@ class FinetuneConfig(LoopConfig):
         "", "comma-separated module names the adapters wrap (empty: the family's attention projections)"
     )
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)")
+    fsdp: bool = option(
+        False,
+        "shard the weights, gradients, optimizer state and EMA across the workers (FSDP2) instead of DDP; "
+        "for full fine-tunes (--lora-rank 0) too large for one GPU",
+    )
     timestep_sampling: str = option("uniform", "how training timesteps are drawn", choices=objectives.SAMPLINGS)
     min_snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (0: off; 5 is the paper's value)", range=(0, None))
     loss_weighting: str = option(
@@ -105,6 +113,15 @@ class FinetuneConfig(LoopConfig):
         self.latents, self.base = storage.absolute(self.latents), storage.absolute(self.base)
         if self.lora_rank and self.lora_targets and not self.targets():
             raise ConfigError("option 'lora-targets': no module names")
+        if self.fsdp and self.lora_rank:
+            raise ConfigError(
+                "option 'fsdp' shards a full fine-tune: add --lora-rank 0 (LoRA adapters are small; DDP trains them)"
+            )
+        if self.fsdp and self.validation_prompt:
+            raise ConfigError(
+                "option 'validation-prompt' draws on rank 0 alone, which a sharded (--fsdp) model cannot: "
+                "draw with `sample --checkpoint` after the run"
+            )
         storage.check_separate(self.output, {"latents": self.latents, "base": self.base, "init_from": self.init_from})
 
     def targets(self) -> list[str]:
@@ -202,9 +219,7 @@ def cache_stream(cfg: FinetuneConfig, man: dict, rank: int, world: int, seed: in
 
 
 def finetune_loop(loop_config: dict) -> None:
-    """One DDP rank. Runs on a Ray Train worker."""
-    import ray.train.torch
-
+    """One DDP (or FSDP) rank. Runs on a Ray Train worker."""
     cfg: FinetuneConfig = loop_config["cfg"]
     so = cfg.storage.options
     rank, world, dev = worker_setup()
@@ -217,18 +232,19 @@ def finetune_loop(loop_config: dict) -> None:
     objective = objectives.from_scheduler_config(base.scheduler_config(), f"{base.where}: scheduler")
     training = base.training  # how this family's pipeline calls its denoiser, which channels train
     unet = base.load_denoiser().to(dev).train()
+    unet_class = type(unet).__name__
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     lora = cfg.lora()
     trained = add_lora(unet, lora) if lora else unet  # LoRA: the adapters only; else every weight
     ema = copy.deepcopy(trained).requires_grad_(False)
-    opt = new_optimizer(trained, cfg)
+    ddp = wrap_model(unet, cfg.fsdp, ema)  # DDP, or FSDP2 shards of the UNet and its EMA
+    opt = new_optimizer(trained, cfg)  # after wrap_model: under FSDP it steps the shards
 
     # ---- resume (restart or re-run) or warm start; never over another base
     start, resumed = resume_or_init(trained, ema, opt, cfg, "finetune")
     if resumed is not None and resumed.base.get("identity") != identity:
         raise CheckpointError(f"{storage.redact(cfg.output)}: the run's checkpoint is a fine-tune of another base")
-    ddp = ray.train.torch.prepare_model(unet)
 
     stream = iter(cache_stream(cfg, man, rank, world, cfg.seed + start))
     metrics_log = MetricsLog(cfg.output, start, so) if rank == 0 else None
@@ -240,7 +256,7 @@ def finetune_loop(loop_config: dict) -> None:
     window = StepWindow(cfg.batch_size * cfg.grad_accum * world)
     info = CheckpointInfo(
         kind="finetune",
-        model={"denoiser": base.denoiser, "class": type(unet).__name__},
+        model={"denoiser": base.denoiser, "class": unet_class},
         train=public_dict(cfg),
         scale=man["scale"],
         shift=man["shift"],

@@ -10,6 +10,11 @@ The loops themselves stay explicit and read top to bottom: the diffusion loop in
 * the steps every loop takes in the same way, so they cannot drift: :func:`resume_or_init`,
   :func:`set_lr`, :func:`grad_sync`, :func:`optimizer_step`, :func:`save_checkpoint` (the
   optimizer state flattened into safetensors + JSON so that loading never unpickles);
+* :func:`wrap_model`: DDP (Ray Train's ``prepare_model``) or FSDP2 (``fully_shard``: each rank
+  holds a shard of the weights, gradients, optimizer state and EMA). Checkpoints hold *full*
+  tensors either way (:func:`full_tensor`, gathered on every rank, written by rank 0) and load
+  into either layout (:func:`laid_out_like`), so a sharded run's checkpoint resumes, exports and
+  warm-starts exactly like a DDP one;
 * :class:`MetricsLog`: JSONL + TensorBoard on rank 0, copied to the output.
 """
 
@@ -165,22 +170,28 @@ def loss_text(metrics: dict[str, float]) -> str:
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat tensors (safetensors) and JSON metadata."""
+    """Split an optimizer state dict into flat full tensors (safetensors) and JSON metadata.
+    Under FSDP a collective: every rank calls it."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value
+                tensors[f"{idx}.{name}"] = full_tensor(value)
             else:
                 scalars[f"{idx}.{name}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load what :func:`optimizer_to_tensors` wrote; per-parameter tensors are laid out as their
+    parameter (sharded under FSDP)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
         idx, name = key.split(".", 1)
+        if torch.is_tensor(value) and int(idx) < len(params) and value.shape == params[int(idx)].shape:
+            value = laid_out_like(value, params[int(idx)])
         state.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
@@ -201,15 +212,28 @@ def resume_or_init(
     local = restore_checkpoint()
     if local is not None:
         info = checkpoint.read_info(local)
-        checkpoint.load_weights(model, local, "model")
-        checkpoint.load_weights(ema, local, "ema")
+        load_weights(model, local, "model")
+        load_weights(ema, local, "ema")
         optimizer_from_tensors(opt, checkpoint.load_tensors(local, "optimizer"), info.optimizer)
         return int(info.step), info
     if cfg.init_from:
         init, _info = checkpoint.load(cfg.init_from, kind, cfg.storage.options)
-        checkpoint.load_weights(model, init, "ema")
-        checkpoint.load_weights(ema, init, "ema")
+        load_weights(model, init, "ema")
+        load_weights(ema, init, "ema")
     return 0, None
+
+
+def load_weights(module: torch.nn.Module, local_dir: str, name: str) -> None:
+    """:func:`checkpoint.load_weights` into ``module`` as it is laid out: the full tensors of a
+    checkpoint become this rank's shards of a sharded (FSDP) module."""
+    current = module.state_dict()
+    if not any(is_sharded(v) for v in current.values()):
+        checkpoint.load_weights(module, local_dir, name)
+        return
+    state = checkpoint.load_tensors(local_dir, name)
+    if state.keys() != current.keys() or any(state[k].shape != current[k].shape for k in state):
+        raise checkpoint.CheckpointError(f"{local_dir}: {name}.safetensors does not fit the recorded architecture")
+    module.load_state_dict({k: laid_out_like(v, current[k]) for k, v in state.items()})
 
 
 def set_lr(opt: torch.optim.Optimizer, step: int, cfg: LoopConfig) -> float:
@@ -220,9 +244,20 @@ def set_lr(opt: torch.optim.Optimizer, step: int, cfg: LoopConfig) -> float:
 
 
 def grad_sync(ddp: Any, micro: int, cfg: LoopConfig, world: int) -> contextlib.AbstractContextManager:
-    """DDP all-reduces gradients only on the last micro-step of an accumulation."""
+    """DDP (and FSDP) reduce gradients only on the last micro-step of an accumulation."""
     last = micro == cfg.grad_accum - 1
-    return contextlib.nullcontext() if last or world == 1 else ddp.no_sync()
+    if last or world == 1:
+        return contextlib.nullcontext()
+    return ddp.no_sync() if hasattr(ddp, "no_sync") else _fsdp_no_sync(ddp)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: Any):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def optimizer_step(
@@ -233,7 +268,7 @@ def optimizer_step(
     opt.step()
     opt.zero_grad(set_to_none=True)
     ema_update(ema, unwrap(ddp), ema_decay_at(step, cfg.ema_decay))
-    return float(grad_norm)
+    return float(full_tensor(grad_norm))
 
 
 def save_checkpoint(
@@ -246,26 +281,83 @@ def save_checkpoint(
     extra_dirs: dict[str, str] | None = None,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Report ``metrics`` and, on rank 0, a checkpoint directory. Every rank must call this.
+    """Report ``metrics`` and, on rank 0, a checkpoint directory. Every rank must call this
+    (under FSDP every rank takes part in gathering the full tensors).
 
     ``extra_dirs``: folders copied in (name -> local path); ``extra_tensors``: more
     ``<name>.safetensors`` files beside the model, EMA and optimizer weights."""
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
+    tensors = {"model": full_state_dict(unwrap(model)), "ema": full_state_dict(ema)}
+    opt_tensors, opt_meta = optimizer_to_tensors(opt)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    opt_tensors, info.optimizer = optimizer_to_tensors(opt)
-    info.step = step
+    info.optimizer, info.step = opt_meta, step
     with tempfile.TemporaryDirectory() as d:
         for name, src in (extra_dirs or {}).items():
             shutil.copytree(src, os.path.join(d, name), ignore=shutil.ignore_patterns(".*"))
-        tensors = {"model": unwrap(model).state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors}
-        checkpoint.save(d, info, {**tensors, **(extra_tensors or {})})
+        checkpoint.save(d, info, {**tensors, "optimizer": opt_tensors, **(extra_tensors or {})})
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"checkpoint_{step:08d}"
         )
+
+
+# --------------------------------------------------------------------------- DDP or FSDP
+
+
+def wrap_model(model: torch.nn.Module, fsdp: bool = False, ema: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The model as the loop calls it: DDP through Ray Train's ``prepare_model``, or, with
+    ``fsdp``, sharded in place with FSDP2 (``fully_shard``) and its EMA copy sharded the same
+    way. Ray Train's own ``prepare_model(parallel_strategy="fsdp")`` wraps FSDP1 and refuses
+    CPU workers; FSDP2 runs on gloo too. Build the optimizer after this: it steps the shards."""
+    import ray.train.torch
+
+    if not fsdp:
+        return ray.train.torch.prepare_model(model)
+    for module in (model, ema) if ema is not None else (model,):
+        shard(module)
+    return model
+
+
+def shard(module: torch.nn.Module) -> None:
+    """FSDP2 over ``module``: one unit per block the model names as not to be split (a diffusers
+    model's ``_no_split_modules``: its transformer and ResNet blocks), innermost first, then the
+    root (what is left: embeddings, norms, convolutions in and out)."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(module, "_no_split_modules", None) or ())
+    for sub in reversed(list(module.modules())):
+        if sub is not module and type(sub).__name__ in names:
+            fully_shard(sub)
+    fully_shard(module)
+
+
+def is_sharded(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: an FSDP shard gathered from every rank (a collective), else ``t`` itself."""
+    return t.full_tensor() if is_sharded(t) else t  # type: ignore[attr-defined]
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with full tensors (under FSDP a collective: every rank calls it)."""
+    return {k: full_tensor(v) for k, v in module.state_dict().items()}
+
+
+def laid_out_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out as ``like``: this rank's shard when ``like`` is sharded (every rank
+    holds the full tensor, so no communication), else ``full`` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def restore_checkpoint() -> str | None:
