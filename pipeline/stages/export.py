@@ -94,7 +94,8 @@ def _export_lora(tuned: finetuned.Finetuned, out: str) -> str:
     pipeline = getattr(diffusers, base.class_name)
     if not hasattr(pipeline, "save_lora_weights"):  # no LoRA loader in diffusers (PixArt): peft's folder
         model = get_peft_model(base.load_denoiser(), LoraConfig(**tuned.lora))
-        unexpected = list(getattr(set_peft_model_state_dict(model, state), "unexpected_keys", []))
+        prefixed = {f"base_model.model.{k}": v for k, v in state.items()}  # names inside the PeftModel
+        unexpected = list(getattr(set_peft_model_state_dict(model, prefixed), "unexpected_keys", []))
         if unexpected:
             raise CheckpointError(f"adapter tensors do not fit the base's denoiser: {unexpected[:3]}")
         model.save_pretrained(out, safe_serialization=True)
