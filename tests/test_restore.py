@@ -260,24 +260,49 @@ def test_an_uncalibrated_task_model_defaults_to_its_classical_base(upscale_model
     assert not np.array_equal(np.asarray(detailed), np.asarray(base))  # the model does add something
 
 
-def test_zero_shot_inpaint_keeps_known_pixels(tmp_path):
+def _tiny_unconditional() -> DiffusionModel:
     vae_m, _ = autoencoder.new_kl("tiny", seed=0)
     vae = autoencoder.Autoencoder(
         vae_m, "kl", {}, latent_channels=4, downsample=4, scale=1.0, shift=0.0, weights_sha256="x"
     )
     net = denoiser.build(denoiser.config_for("tiny")).eval()
     info = CheckpointInfo(kind="diffusion", model=denoiser.to_dict(net.cfg), latent_shape=[4, 16, 16])
-    model = DiffusionModel(net, vae, info)
+    return DiffusionModel(net, vae, info)
+
+
+def test_inpainting_defaults_to_the_classical_fill_and_never_touches_known_pixels():
+    model = _tiny_unconditional()
     im = photo_crops(1, 64, seed=3)[0]
     mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    out = Restorer(model, "inpaint", RestoreSettings(steps=3)).restore(im, mask)
-    a, b = np.asarray(out, np.int16), np.asarray(im, np.int16)
-    known = np.asarray(mask) == 0
-    assert np.abs(a - b)[known].max() <= 1
-    assert np.abs(a - b)[~known].mean() > 2  # the hole was filled by the model, not copied
+    mask.paste(255, (16, 16, 48, 40))
+    hole = np.asarray(mask) == 255
+    base = np.round(np.clip(degrade.inpaint_base(im, hole), 0, 255)).astype(np.uint8)
+    # uncalibrated (every zero-shot checkpoint): the default is exactly the classical fill, gain 0 too
+    for gain in (None, 0.0):
+        out = Restorer(model, "inpaint", RestoreSettings(steps=3, gain=gain)).restore(im, mask)
+        np.testing.assert_array_equal(np.asarray(out), base)
+    out = np.asarray(Restorer(model, "inpaint", RestoreSettings(steps=3, gain=1.0)).restore(im, mask))
+    np.testing.assert_array_equal(out[~hole], np.asarray(im)[~hole])  # outside the hole: byte-identical
+    diff = np.abs(out.astype(np.int16) - base)
+    assert diff[hole].mean() > 2  # the model did fill the hole
+    edge = hole & ~np.pad(hole, 1)[2:, 1:-1]  # the hole's bottom row: blended in from the base
+    assert diff[edge].mean() < diff[24:32, 24:40].mean()
     with pytest.raises(ValueError, match="mask"):
         Restorer(model, "inpaint", RestoreSettings(steps=1)).restore(im)
+    with pytest.raises(ValueError, match="the mask is 32x32 but its image is 64x64"):
+        Restorer(model, "inpaint", RestoreSettings(steps=1)).restore(im, mask.resize((32, 32)))
+
+
+def test_mask_dilate_grows_the_hole():
+    mask = Image.new("L", (40, 40), 0)
+    mask.paste(255, (10, 10, 20, 20))
+    grown = degrade.mask_hole(mask, (40, 40), dilate=3)
+    assert degrade.mask_hole(mask, (40, 40)).sum() == 100
+    assert grown[7:23, 13:17].all() and grown[10:20, 10:20].all() and not grown[6, 15] and not grown[7, 7]
+    out = Restorer(_tiny_unconditional(), "inpaint", RestoreSettings(gain=0.0, mask_dilate=3)).restore(
+        photo_crops(1, 40, seed=1)[0], mask
+    )
+    assert out.size == (40, 40)
 
 
 def test_eval_reports_model_and_baselines(upscale_model, tmp_path):

@@ -255,3 +255,28 @@ def inpaint_base(im: Image.Image, hole: np.ndarray) -> np.ndarray:
     (H, W), True = fill) filled by :func:`biharmonic_fill`; outside the hole, the image's own
     pixels exactly. ``--gain 0`` of ``restore --task inpaint`` gives exactly this, rounded."""
     return biharmonic_fill(np.asarray(im.convert("RGB"), np.float32), hole)
+
+
+INPAINT_FEATHER = 4  # pixels inside the hole over which a model's fill blends in from the base
+
+
+def mask_hole(mask: Image.Image, size: tuple[int, int], dilate: int = 0) -> np.ndarray:
+    """The hole (bool (H, W), True = fill) of an inpainting mask: white (128 and above in grey)
+    is the hole, grown by ``dilate`` pixels (a disc). A mask of another size than its image
+    (``size``, (W, H)) is refused with a ValueError: it is never resized to fit."""
+    if mask.size != tuple(size):
+        raise ValueError(f"the mask is {mask.width}x{mask.height} but its image is {size[0]}x{size[1]}")
+    hole = np.asarray(mask.convert("L")) >= 128
+    if dilate and hole.any():
+        from scipy import ndimage
+
+        hole = ndimage.distance_transform_edt(~hole) <= dilate
+    return hole
+
+
+def feather(hole: np.ndarray, width: int = INPAINT_FEATHER) -> np.ndarray:
+    """Blend weights of a model's fill (float (H, W)): 0 outside the hole, rising inside it from
+    1/``width`` at its edge to 1 at ``width`` pixels from the nearest known pixel."""
+    from scipy import ndimage
+
+    return np.clip(ndimage.distance_transform_edt(hole) / width, 0, 1).astype(np.float32)
