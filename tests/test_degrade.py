@@ -132,3 +132,14 @@ def test_a_large_hole_is_filled_coarse_to_fine_and_continues_a_smooth_image():
     assert np.abs(fast - ramp)[hole].mean() < 5 < np.abs(exact - ramp)[hole].mean()
     with pytest.raises(ValueError, match="whole image"):
         degrade.biharmonic_fill(ramp, np.ones((128, 192), bool))
+
+
+def test_generated_inpainting_masks_are_seeded_boxes_and_strokes_of_5_to_25_percent():
+    shares = []
+    for seed in range(60):
+        hole = degrade.inpaint_mask(96, 128, seed)
+        assert hole.shape == (96, 128) and hole.dtype == bool
+        shares.append(hole.mean())
+    assert min(shares) >= 0.05 and max(shares) <= 0.25 and max(shares) - min(shares) > 0.1
+    np.testing.assert_array_equal(degrade.inpaint_mask(96, 128, 7), degrade.inpaint_mask(96, 128, 7))
+    assert not np.array_equal(degrade.inpaint_mask(96, 128, 7), degrade.inpaint_mask(96, 128, 8))
