@@ -9,7 +9,7 @@ decoded as a whole. The output is
 * ``base``: the classical result, :func:`degrade.classical_base` of the input: for ``upscaleN``
   the back-projected upsample, consistent with the input (downsampled, it gives the input back);
   for ``restore`` the input denoised (total variation) and deconvolved (Wiener, the task's known
-  blur); the input itself for ``inpaint``;
+  blur); for ``inpaint`` the biharmonic fill of the hole (:func:`degrade.inpaint_base`);
 * ``z_base``: the (scaled) latent of the view the model is conditioned on
   (:func:`degrade.condition_view`, the Lanczos upsample); ``z``: the latent the denoiser produced;
 * ``D(z) - D(z_base)``: the detail the model adds, as a *difference* of two decodes, so the
@@ -27,8 +27,13 @@ decoded as a whole. The output is
 Model kinds: a checkpoint trained with ``train --task T`` (concat-conditioned, it generates the
 residual latent ``(z - z_base) * residual_scale`` from noise), or any unconditional checkpoint in
 zero-shot mode (SDEdit: noise ``z_base`` to ``t = noise`` and integrate back). Inpainting is
-zero-shot with any unconditional checkpoint: known latents are re-imposed at every step
-(RePaint-style) and known pixels are kept exactly.
+zero-shot with any unconditional checkpoint, on the same rule: ``out = base + gain * feather *
+(fill - base)`` in the hole (the feather rises over :data:`degrade.INPAINT_FEATHER` pixels inside
+it), the input's own pixels byte for byte outside it. The fill starts from the base's latent
+(not the masked image's), re-imposes the known latents at every step (RePaint-style) and adds
+``D(z) - D(z_base)`` to the base. A zero-shot checkpoint is uncalibrated, so its default gain is
+:data:`UNCALIBRATED_GAIN` (0): the default inpainting result is the classical fill, never below it.
+A mask of another size than its image is refused (ValueError), never resized.
 
 Large images run tile by tile (:mod:`tiling`): memory is bounded by ``tile``.
 """

@@ -8,7 +8,8 @@ a latent method decoding whole images would hit). Classical rows: for upscaling,
 Lanczos resizes of the same input and the back-projection base (the classical floor of every
 upscaling output); for ``restore``, the degraded input itself and the classical restoration base
 (denoised and deconvolved). The per-image floor is Lanczos for upscaling and the degraded input
-for ``restore``.
+for ``restore``. ``inpaint`` (:func:`score_inpaint`) scores a generated hole per image
+(:func:`degrade.inpaint_mask`) in the hole only, the classical fill being the row and the floor.
 """
 
 from __future__ import annotations
@@ -286,6 +287,7 @@ def _summary(
             str(g): {
                 "psnr": round(float(np.mean(c["psnr"])), 3),
                 "ssim": round(float(np.mean(c["ssim"])), 4),
+                "psnr_per_image": [round(p, 3) for p in c["psnr"]],
                 "never_below_baseline": never_below(c),
             }
             for g, c in calib.items()

@@ -12,7 +12,9 @@ Per-image rules: EXIF orientation applied; the model sees 8-bit RGB (imaging.to_
 inputs (L, 16-bit, float) are written back as 8-bit grey; an alpha channel is carried over,
 resized with Lanczos (dropped for JPEG output); 16-bit inputs are written as 8-bit. Output names
 come from :func:`output_name` alone; two inputs that would share an output name are both error
-rows (``output_name_collision``). A bad input becomes an error row with its reason; it never
+rows (``output_name_collision``). Inpainting masks come from the input's alpha, a mask folder or
+each shard sample's ``key.mask.png`` (the default for shard input); a missing mask or one of
+another size is an error row. A bad input becomes an error row with its reason; it never
 fails the job or drops a block. seen = written + skipped_existing + errors, always.
 """
 
