@@ -137,7 +137,7 @@ class RestoreActor:
         cfg = self.cfg
         if self.task != INPAINT:
             return None
-        if cfg.mask == "alpha":
+        if cfg.mask in ("", "alpha"):  # the driver resolves "" (member for shards); a lone actor reads alpha
             alpha = imaging.split_alpha(im)
             if alpha is None:
                 raise imaging.BadImage("no_mask", "input has no alpha channel to use as the mask")
