@@ -53,7 +53,8 @@ def never_worse(psnrs: list[float], floor: list[float]) -> bool:
 class EvalConfig:
     task: str = option(
         "upscale4",
-        "restoration task (inpaint: a hole generated per image, boxes and strokes over 5 to 25 per cent of it, scored in the hole)",
+        "restoration task (inpaint: a hole generated per image, boxes and strokes over 5 to 25 per cent "
+        "of it, scored in the hole)",
         choices=degrade.RESTORE_TASKS,
         noun="task",
     )
