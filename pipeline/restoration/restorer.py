@@ -344,15 +344,15 @@ class Restorer:
         the fill is the base plus the detail ``D(z) - D(z_base)``, so the autoencoder's own
         reconstruction error cancels."""
         o = self.opts
+        t0 = float(o.noise)
+        if t0 == 0:  # no noise: nothing to sample, the fill is the base
+            return base
         x, (h, w) = pad_to(torch.from_numpy(base.transpose(2, 0, 1) / 127.5 - 1.0).float()[None], self.multiple)
         m, _ = pad_to(torch.from_numpy(hole.astype(np.float32))[None, None], self.multiple)
         x, m = x.to(self.device), m.to(self.device)
         z_base = self._encode(x)
         m_lat = F.max_pool2d(m, self.down)
         noise = torch.randn(z_base.shape, generator=torch.Generator().manual_seed(o.seed)).to(self.device)
-        t0 = float(o.noise)
-        if t0 == 0:
-            return base
         ts = flow.timesteps(o.steps, t0, self.device)
 
         def impose(i: int, z: torch.Tensor) -> torch.Tensor:
