@@ -93,3 +93,53 @@ def test_adain_colour_fix_matches_the_base_over_the_image_not_its_padding(tmp_pa
     base = degrade.classical_base("restore", im).astype(np.float64)
     np.testing.assert_allclose(out.mean((0, 1)), base.mean((0, 1)), atol=1.0)
     np.testing.assert_allclose(out.std((0, 1)), base.std((0, 1)), rtol=0.03)
+
+
+def _hole(h: int, w: int, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    hole = np.zeros((h, w), bool)
+    for y0, x0, y1, x1 in boxes:
+        hole[y0:y1, x0:x1] = True
+    return hole
+
+
+def test_the_inpainting_base_is_scikit_images_biharmonic_fill():
+    from skimage.restoration import inpaint_biharmonic
+
+    im = sample_photos.load_photo("coffee.png").convert("RGB").resize((160, 120))
+    hole = _hole(120, 160, [(20, 30, 50, 70), (70, 100, 110, 150), (0, 0, 8, 12)])  # one at the image's corner
+    base = degrade.inpaint_base(im, hole)
+    own = inpaint_biharmonic(np.asarray(im, np.float32), hole, channel_axis=-1, split_into_regions=True)
+    np.testing.assert_array_equal(base, own)
+    np.testing.assert_array_equal(base[~hole], np.asarray(im, np.float32)[~hole])  # outside: the image itself
+    assert np.abs(base[hole] - np.asarray(im, np.float32)[hole]).mean() > 1  # the hole was filled, not kept
+
+
+def test_a_large_hole_is_filled_coarse_to_fine_and_continues_a_smooth_image():
+    """Past ``exact_pixels`` the hole is filled at a lower resolution: on a smooth image (a linear
+    ramp, which the biharmonic fill continues exactly) it stays within a level of the truth."""
+    yy, xx = np.mgrid[0:128, 0:192].astype(np.float32)
+    ramp = np.stack([yy, xx, 0.5 * yy + 0.3 * xx + 20], -1)
+    hole = _hole(128, 192, [(30, 40, 100, 150)])
+    coarse = degrade.biharmonic_fill(ramp, hole, exact_pixels=hole.sum() // 10)  # at 1/4 resolution
+    np.testing.assert_array_equal(coarse[~hole], ramp[~hole])
+    assert np.abs(coarse - ramp)[hole].max() < 0.05
+    noisy = ramp + np.random.default_rng(0).normal(0, 20, ramp.shape).astype(np.float32)
+    exact = degrade.biharmonic_fill(noisy, hole)
+    fast = degrade.biharmonic_fill(noisy, hole, exact_pixels=hole.sum() // 10)
+    assert not np.array_equal(exact, fast)  # the coarse route did run
+    # block means average the boundary's noise: the coarse fill stays near the smooth truth, where the
+    # exact solve extrapolates the noisy boundary's slopes (measured: 2.9 vs 22.6 levels)
+    assert np.abs(fast - ramp)[hole].mean() < 5 < np.abs(exact - ramp)[hole].mean()
+    with pytest.raises(ValueError, match="whole image"):
+        degrade.biharmonic_fill(ramp, np.ones((128, 192), bool))
+
+
+def test_generated_inpainting_masks_are_seeded_boxes_and_strokes_of_5_to_25_percent():
+    shares = []
+    for seed in range(60):
+        hole = degrade.inpaint_mask(96, 128, seed)
+        assert hole.shape == (96, 128) and hole.dtype == bool
+        shares.append(hole.mean())
+    assert min(shares) >= 0.05 and max(shares) <= 0.25 and max(shares) - min(shares) > 0.1
+    np.testing.assert_array_equal(degrade.inpaint_mask(96, 128, 7), degrade.inpaint_mask(96, 128, 7))
+    assert not np.array_equal(degrade.inpaint_mask(96, 128, 7), degrade.inpaint_mask(96, 128, 8))

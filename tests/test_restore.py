@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import photo_crops, write_photo_folder
+from helpers import photo_crops, tiny_diffusion_checkpoint, write_photo_folder, write_tar
 from pipeline.config import ConfigError, JobFailed
 from pipeline.io import storage
 from pipeline.io.checkpoint import CheckpointInfo
@@ -260,24 +260,156 @@ def test_an_uncalibrated_task_model_defaults_to_its_classical_base(upscale_model
     assert not np.array_equal(np.asarray(detailed), np.asarray(base))  # the model does add something
 
 
-def test_zero_shot_inpaint_keeps_known_pixels(tmp_path):
+def _tiny_unconditional() -> DiffusionModel:
     vae_m, _ = autoencoder.new_kl("tiny", seed=0)
     vae = autoencoder.Autoencoder(
         vae_m, "kl", {}, latent_channels=4, downsample=4, scale=1.0, shift=0.0, weights_sha256="x"
     )
     net = denoiser.build(denoiser.config_for("tiny")).eval()
     info = CheckpointInfo(kind="diffusion", model=denoiser.to_dict(net.cfg), latent_shape=[4, 16, 16])
-    model = DiffusionModel(net, vae, info)
+    return DiffusionModel(net, vae, info)
+
+
+def test_inpainting_defaults_to_the_classical_fill_and_never_touches_known_pixels():
+    model = _tiny_unconditional()
     im = photo_crops(1, 64, seed=3)[0]
     mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    out = Restorer(model, "inpaint", RestoreSettings(steps=3)).restore(im, mask)
-    a, b = np.asarray(out, np.int16), np.asarray(im, np.int16)
-    known = np.asarray(mask) == 0
-    assert np.abs(a - b)[known].max() <= 1
-    assert np.abs(a - b)[~known].mean() > 2  # the hole was filled by the model, not copied
+    mask.paste(255, (16, 16, 48, 40))
+    hole = np.asarray(mask) == 255
+    base = np.round(np.clip(degrade.inpaint_base(im, hole), 0, 255)).astype(np.uint8)
+    # uncalibrated (every zero-shot checkpoint): the default is exactly the classical fill, gain 0 too
+    for gain in (None, 0.0):
+        out = Restorer(model, "inpaint", RestoreSettings(steps=3, gain=gain)).restore(im, mask)
+        np.testing.assert_array_equal(np.asarray(out), base)
+    out = np.asarray(Restorer(model, "inpaint", RestoreSettings(steps=3, gain=1.0)).restore(im, mask))
+    np.testing.assert_array_equal(out[~hole], np.asarray(im)[~hole])  # outside the hole: byte-identical
+    diff = np.abs(out.astype(np.int16) - base)
+    assert diff[hole].mean() > 2  # the model did fill the hole
+    edge = hole & ~np.pad(hole, 1)[2:, 1:-1]  # the hole's bottom row: blended in from the base
+    assert diff[edge].mean() < diff[24:32, 24:40].mean()
     with pytest.raises(ValueError, match="mask"):
         Restorer(model, "inpaint", RestoreSettings(steps=1)).restore(im)
+    with pytest.raises(ValueError, match="the mask is 32x32 but its image is 64x64"):
+        Restorer(model, "inpaint", RestoreSettings(steps=1)).restore(im, mask.resize((32, 32)))
+
+
+def test_mask_dilate_grows_the_hole():
+    mask = Image.new("L", (40, 40), 0)
+    mask.paste(255, (10, 10, 20, 20))
+    grown = degrade.mask_hole(mask, (40, 40), dilate=3)
+    assert degrade.mask_hole(mask, (40, 40)).sum() == 100
+    assert grown[7:23, 13:17].all() and grown[10:20, 10:20].all() and not grown[6, 15] and not grown[7, 7]
+    out = Restorer(_tiny_unconditional(), "inpaint", RestoreSettings(gain=0.0, mask_dilate=3)).restore(
+        photo_crops(1, 40, seed=1)[0], mask
+    )
+    assert out.size == (40, 40)
+
+
+def test_inpainting_shards_carry_their_own_masks_on_s3(bucket, ray_cluster, tmp_path):
+    """``key.mask.png`` beside ``key.png`` in an image shard is the sample's mask; a sample
+    without one, or with a mask of another size, is an error row (never a silent pass-through
+    or a resized mask); outside the hole the output is the input byte for byte."""
+    ims = photo_crops(4, 32, seed=12)
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 20, 24))
+    members = [
+        ("a.png", _png(ims[0])),
+        ("a.mask.png", _png(mask)),
+        ("b.png", _png(ims[1])),
+        ("b.mask.png", _png(mask.transpose(Image.Transpose.ROTATE_90))),
+        ("c.png", _png(ims[2])),  # no mask
+        ("d.png", _png(ims[3])),
+        ("d.mask.png", _png(mask.resize((16, 16)))),  # another size
+    ]
+    write_tar(str(tmp_path / "shard-000000.tar"), members)
+    storage.write_bytes(f"{bucket}/in/shard-000000.tar", (tmp_path / "shard-000000.tar").read_bytes())
+    storage.upload_dir(tiny_diffusion_checkpoint(str(tmp_path / "ckpt")), f"{bucket}/model", commit_last="")
+    cfg = RestoreConfig(
+        input=f"{bucket}/in/shard-000000.tar",
+        output=f"{bucket}/out",
+        checkpoint=f"{bucket}/model",
+        task="inpaint",
+        settings=RestoreSettings(steps=2, gain=1.0),
+        actors=1,
+        cpus_per_actor=1.0,
+        max_error_rate=1.0,
+    )
+    report = run_restore(cfg)
+    assert (report["seen"], report["written"], report["errors"]) == (4, 2, 2)
+    assert report["errors_by_reason"] == {"no_mask": 1, "mask_size": 1}
+    errors = {e["key"]: e for e in map(json.loads, storage.read_bytes(f"{bucket}/out/_errors.jsonl").splitlines())}
+    assert set(errors) == {"shard-000000/c.png", "shard-000000/d.png"}
+    assert "16x16" in errors["shard-000000/d.png"]["detail"]
+    for key, im, m in (("a", ims[0], mask), ("b", ims[1], mask.transpose(Image.Transpose.ROTATE_90))):
+        out = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{bucket}/out/shard-000000/{key}.png"))))
+        hole = np.asarray(m) == 255
+        np.testing.assert_array_equal(out[~hole], np.asarray(im)[~hole])
+        assert np.abs(out.astype(int) - np.asarray(im))[hole].mean() > 1
+    (tmp_path / "files").mkdir()
+    ims[0].save(tmp_path / "files" / "a.png")
+    with pytest.raises(
+        ConfigError, match=r"'member' reads each shard sample's key\.mask\.png; the input is not shards"
+    ):
+        run_restore(
+            RestoreConfig(
+                input=str(tmp_path / "files"),
+                output=str(tmp_path / "o"),
+                checkpoint=cfg.checkpoint,
+                task="inpaint",
+                mask="member",
+            )
+        )
+
+
+def test_a_missing_or_wrong_size_mask_in_a_mask_folder_is_an_error_row(tmp_path, ray_cluster):
+    ims = photo_crops(3, 32, seed=13)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "masks").mkdir()
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (4, 4, 12, 12))
+    for i, im in enumerate(ims):
+        im.save(tmp_path / "in" / f"p{i}.png")
+    mask.save(tmp_path / "masks" / "p0.png")
+    mask.resize((32, 30)).save(tmp_path / "masks" / "p1.png")  # p2: no mask
+    report = run_restore(
+        RestoreConfig(
+            input=str(tmp_path / "in"),
+            output=str(tmp_path / "out"),
+            checkpoint=tiny_diffusion_checkpoint(str(tmp_path / "ckpt")),
+            task="inpaint",
+            mask=str(tmp_path / "masks"),
+            cpus_per_actor=0.5,
+            max_error_rate=1.0,
+        )
+    )
+    assert (report["written"], report["errors_by_reason"]) == (1, {"no_mask": 1, "mask_size": 1})
+    hole = np.asarray(mask) == 255  # the default (an uncalibrated zero-shot model): the classical fill
+    base = np.round(np.clip(degrade.inpaint_base(ims[0], hole), 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "p0.png")), base)
+
+
+def test_eval_inpaint_scores_the_hole_next_to_the_classical_fill(tmp_path):
+    (tmp_path / "held").mkdir()
+    for i, im in enumerate(photo_crops(3, 48, seed=21)):
+        im.save(tmp_path / "held" / f"h{i}.png")
+    res = evaluate(
+        EvalConfig(
+            task="inpaint",
+            checkpoint=tiny_diffusion_checkpoint(str(tmp_path / "ckpt")),
+            images=str(tmp_path / "held"),
+            out=str(tmp_path / "e"),
+            settings=RestoreSettings(steps=2),
+        )
+    )
+    rows = res["scores"]
+    assert set(rows) == {"model", "classical_base"} and res["floor"] == "classical_base" and res["images"] == 3
+    assert res["gain"] == 0.0 and rows["model"] == rows["classical_base"]  # uncalibrated: the default is the base
+    assert res["calibration"]["0.0"]["psnr"] == pytest.approx(rows["classical_base"]["psnr"], abs=1e-3)
+    assert res["calibration"]["0.0"]["never_below_baseline"] is True
+    assert res["calibration"]["1.0"]["psnr"] != res["calibration"]["0.0"]["psnr"]  # the model was run
+    assert res["recommended_gain"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert 5 < rows["classical_base"]["psnr"] < 60
+    assert Image.open(tmp_path / "e" / "side_by_side.png").size == (5 * 48, 3 * 48)
 
 
 def test_eval_reports_model_and_baselines(upscale_model, tmp_path):

@@ -186,3 +186,138 @@ def task_view_pixels(task: str, target: Image.Image, key: str) -> np.ndarray:
     if view.size != target.size:  # sizes not divisible by the factor
         view = view.resize(target.size, Image.Resampling.LANCZOS)
     return to_tensor_array(view)
+
+
+# ---------------------------------------------------------------------------- inpainting
+# The classical inpainting base: the biharmonic fill of the hole from its boundary (the smooth
+# surface that continues the known pixels' values and slopes: scikit-image's
+# ``inpaint_biharmonic``, region by region on each region's bounding box). Its sparse direct
+# solve grows faster than the hole (on a 1024-px photo: 1.6 s and 130 MB for a 12 % hole, 3.8 s
+# and 410 MB for 26 %; on a 2048-px photo 26 s and 1.8 GB for 26 %; docs/benchmarks.md), so a
+# hole of more than INPAINT_EXACT_PIXELS pixels is filled at a lower resolution (a power of 2) and
+# brought up bilinearly.
+INPAINT_EXACT_PIXELS = 1 << 18
+_RING = 4  # known pixels kept around the hole at the coarse resolution (the stencil reaches 2)
+
+
+def _shrink(pixels: np.ndarray, hole: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image and hole at 1/``f`` resolution (edge-padded to a multiple of ``f``): a coarse pixel
+    is the mean of its block, known where its whole block is."""
+    h, w = hole.shape
+    pad = ((0, -h % f), (0, -w % f))
+    p = np.pad(pixels, (*pad, (0, 0)), mode="edge")
+    m = np.pad(hole, pad, mode="edge")
+    hh, ww = p.shape[0] // f, p.shape[1] // f
+    return p.reshape(hh, f, ww, f, -1).mean((1, 3)), np.asarray(m.reshape(hh, f, ww, f).any((1, 3)))
+
+
+def biharmonic_fill(pixels: np.ndarray, hole: np.ndarray, *, exact_pixels: int = INPAINT_EXACT_PIXELS) -> np.ndarray:
+    """``pixels`` (float (H, W, C)) with the ``hole`` (bool (H, W)) filled biharmonically from its
+    boundary; pixels outside the hole are returned unchanged. Up to ``exact_pixels`` hole pixels
+    this is exactly ``skimage.restoration.inpaint_biharmonic(..., split_into_regions=True)``. A
+    larger hole is filled on its bounding box (plus a ring of known pixels) brought down by the
+    smallest power of 2 that leaves at most ``exact_pixels`` to solve, then brought up bilinearly
+    and clipped per channel to the known pixels' range, as scikit-image clips."""
+    from skimage.restoration import inpaint_biharmonic
+
+    pixels = np.asarray(pixels, np.float32)
+    if not hole.any():
+        return pixels.copy()
+    if hole.all():
+        raise ValueError("the mask covers the whole image: nothing to fill the hole from")
+    n, f = int(hole.sum()), 1
+    while n > exact_pixels * f * f:
+        f *= 2
+    if f == 1:
+        return inpaint_biharmonic(pixels, hole, channel_axis=-1, split_into_regions=True).astype(np.float32)
+    ys, xs = np.nonzero(hole)
+    m = _RING * f
+    y0, y1 = max(0, ys.min() - m), min(hole.shape[0], ys.max() + 1 + m)
+    x0, x1 = max(0, xs.min() - m), min(hole.shape[1], xs.max() + 1 + m)
+    box = hole[y0:y1, x0:x1]
+    coarse, coarse_hole = _shrink(pixels[y0:y1, x0:x1], box, f)
+    fill = inpaint_biharmonic(coarse, coarse_hole, channel_axis=-1, split_into_regions=True)
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(np.ascontiguousarray(fill.transpose(2, 0, 1), np.float32))[None],
+        scale_factor=f,
+        mode="bilinear",
+        align_corners=False,
+    )[0].numpy()
+    known = pixels[~hole]
+    fill = np.clip(up.transpose(1, 2, 0)[: y1 - y0, : x1 - x0], known.min(0), known.max(0))
+    out = pixels.copy()
+    out[y0:y1, x0:x1] = np.where(box[..., None], fill, pixels[y0:y1, x0:x1])
+    return out
+
+
+def inpaint_base(im: Image.Image, hole: np.ndarray) -> np.ndarray:
+    """The classical inpainting base (float (H, W, 3), 0..255): ``im`` with the ``hole`` (bool
+    (H, W), True = fill) filled by :func:`biharmonic_fill`; outside the hole, the image's own
+    pixels exactly. ``--gain 0`` of ``restore --task inpaint`` gives exactly this, rounded."""
+    return biharmonic_fill(np.asarray(im.convert("RGB"), np.float32), hole)
+
+
+INPAINT_FEATHER = 4  # pixels inside the hole over which a model's fill blends in from the base
+
+
+def mask_hole(mask: Image.Image, size: tuple[int, int], dilate: int = 0) -> np.ndarray:
+    """The hole (bool (H, W), True = fill) of an inpainting mask: white (128 and above in grey)
+    is the hole, grown by ``dilate`` pixels (a disc). A mask of another size than its image
+    (``size``, (W, H)) is refused with a ValueError: it is never resized to fit."""
+    if mask.size != tuple(size):
+        raise ValueError(f"the mask is {mask.width}x{mask.height} but its image is {size[0]}x{size[1]}")
+    hole = np.asarray(mask.convert("L")) >= 128
+    if dilate and hole.any():
+        from scipy import ndimage
+
+        hole = ndimage.distance_transform_edt(~hole) <= dilate
+    return hole
+
+
+def feather(hole: np.ndarray, width: int = INPAINT_FEATHER) -> np.ndarray:
+    """Blend weights of a model's fill (float (H, W)): 0 outside the hole, rising inside it from
+    1/``width`` at its edge to 1 at ``width`` pixels from the nearest known pixel."""
+    from scipy import ndimage
+
+    return np.clip(ndimage.distance_transform_edt(hole) / width, 0, 1).astype(np.float32)
+
+
+def inpaint_mask(height: int, width: int, seed: int, coverage: tuple[float, float] = (0.05, 0.25)) -> np.ndarray:
+    """A generated inpainting hole (bool (H, W), True = fill), as LaMa's training masks: random
+    boxes and free-form strokes (thick polylines with round joints) of varied size, added until
+    the hole covers a share of the image drawn uniformly from ``coverage``, never more than its
+    upper end. Seeded: the same ``seed`` gives the same hole (``eval``, and training later)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    target = rng.uniform(*coverage)
+    canvas = Image.new("1", (width, height), 0)
+    short = min(width, height)
+    for _ in range(200):
+        trial = canvas.copy()
+        draw = ImageDraw.Draw(trial)
+        if rng.random() < 0.5:  # a box of 10-40 % of each side
+            bw, bh = (int(rng.uniform(0.1, 0.4) * s) + 1 for s in (width, height))
+            x, y = int(rng.integers(0, width - bw + 1)), int(rng.integers(0, height - bh + 1))
+            draw.rectangle((x, y, x + bw - 1, y + bh - 1), fill=1)
+        else:  # a stroke: 2-6 segments of a random walk, 3-10 % of the short side thick
+            thick = max(1, int(rng.uniform(0.03, 0.1) * short))
+            pts = [(float(rng.uniform(0, width)), float(rng.uniform(0, height)))]
+            for _ in range(int(rng.integers(2, 7))):
+                angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.3) * short
+                pts.append(
+                    (
+                        float(np.clip(pts[-1][0] + length * np.cos(angle), 0, width - 1)),
+                        float(np.clip(pts[-1][1] + length * np.sin(angle), 0, height - 1)),
+                    )
+                )
+            draw.line(pts, fill=1, width=thick, joint="curve")
+            for px, py in pts:  # round ends and corners
+                draw.ellipse((px - thick / 2, py - thick / 2, px + thick / 2, py + thick / 2), fill=1)
+        share = float(np.asarray(trial).mean())
+        if share > coverage[1]:  # a shape that would overshoot is left out
+            continue
+        canvas = trial
+        if share >= target:
+            break
+    return np.asarray(canvas, bool)

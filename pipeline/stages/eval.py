@@ -8,7 +8,8 @@ a latent method decoding whole images would hit). Classical rows: for upscaling,
 Lanczos resizes of the same input and the back-projection base (the classical floor of every
 upscaling output); for ``restore``, the degraded input itself and the classical restoration base
 (denoised and deconvolved). The per-image floor is Lanczos for upscaling and the degraded input
-for ``restore``.
+for ``restore``. ``inpaint`` (:func:`score_inpaint`) scores a generated hole per image
+(:func:`degrade.inpaint_mask`) in the hole only, the classical fill being the row and the floor.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ def never_worse(psnrs: list[float], floor: list[float]) -> bool:
 
 @dataclass
 class EvalConfig:
-    task: str = option("upscale4", "restoration task", choices=degrade.TASKS, noun="task")
+    task: str = option(
+        "upscale4",
+        "restoration task (inpaint: a hole generated per image, boxes and strokes over 5 to 25 per cent "
+        "of it, scored in the hole)",
+        choices=degrade.RESTORE_TASKS,
+        noun="task",
+    )
     checkpoint: str = option(
         "",
         "diffusion checkpoint (or a training output), or a pretrained network file (spandrel) or diffusers "
@@ -72,6 +79,8 @@ class EvalConfig:
         require(self, "checkpoint", "images", "out")
         self.checkpoint, self.images, self.out = (storage.absolute(u) for u in (self.checkpoint, self.images, self.out))
         self.lowres = storage.absolute(self.lowres)
+        if self.lowres and self.task == degrade.INPAINT:
+            raise ConfigError("option 'lowres': eval --task inpaint generates its holes; it takes no ready-made inputs")
         storage.check_separate(
             self.out, {"images": self.images, "checkpoint": self.checkpoint, "lowres": self.lowres}, option="out"
         )
@@ -102,6 +111,8 @@ def _scores() -> Scores:
 
 def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     """The scores, the gain calibration and the first rows of the side-by-side sheet (no writes)."""
+    if cfg.task == degrade.INPAINT:
+        return score_inpaint(cfg)
     so = cfg.storage.options
     # a pretrained network or pipeline has no parts to compose at other gains, nor an autoencoder
     model, restorer, pretrained = None, None, None
@@ -157,7 +168,58 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
         raise ConfigError(
             f"option 'images': none of the images under {storage.redact(cfg.images)} is large enough to score"
         )
-    return _summary(cfg, rows, calib, scale, restorer, model), panels
+    return _summary(cfg, rows, calib, "lanczos" if scale > 1 else "input", restorer, model), panels
+
+
+def _hole_scores(into: Scores, pred: Image.Image, target: Image.Image, hole: np.ndarray) -> None:
+    """PSNR and luma PSNR over the hole's pixels, SSIM over the hole's bounding box (11 px at least)."""
+    a, b = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    mse = float(((a - b)[hole] ** 2).mean())
+    luma = np.array([65.481, 128.553, 24.966]) / 255.0  # BT.601, as quality.psnr_y
+    mse_y = float((((a - b) @ luma)[hole] ** 2).mean())
+    into["psnr"].append(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+    into["psnr_y"].append(10 * np.log10(255.0**2 / max(mse_y, 1e-10)))
+    ys, xs = np.nonzero(hole)
+    y0, x0 = min(int(ys.min()), hole.shape[0] - 11), min(int(xs.min()), hole.shape[1] - 11)
+    y1, x1 = max(int(ys.max()) + 1, y0 + 11), max(int(xs.max()) + 1, x0 + 11)
+    box = (max(0, x0), max(0, y0), x1, y1)
+    into["ssim"].append(float(ssim(_t(pred.crop(box)), _t(target.crop(box)))))
+
+
+def score_inpaint(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
+    """``eval --task inpaint``: per held-out image a generated hole (:func:`degrade.inpaint_mask`,
+    seeded by the file name), filled by the classical base and by the model at each calibration
+    gain, scored in the hole only (outside it every output is the original)."""
+    so = cfg.storage.options
+    if backends.backend_for(cfg.checkpoint, so).name != "checkpoint":
+        raise ConfigError("option 'checkpoint': eval --task inpaint scores a latent-pipeline checkpoint")
+    model = loading.load(cfg.checkpoint, so)
+    restorer = Restorer(model, degrade.INPAINT, cfg.settings)
+    pairs = storage.list_files(cfg.images, imaging.IMAGE_SUFFIXES, so)[: cfg.max_images]
+    if not pairs:
+        raise FileNotFoundError(f"no images at {storage.redact(cfg.images)}")
+    rows: dict[str, Scores] = {"model": _scores(), "classical_base": _scores()}
+    calib: dict[float, Scores] = {g: _scores() for g in GAINS}
+    panels: list[list[Image.Image]] = []
+    for url, rel in pairs:
+        hr = imaging.to_rgb(imaging.decode(storage.read_bytes(url, so)))
+        if min(hr.size) < 16:
+            log.warning(f"[eval] {rel}: {hr.size} is too small to score; left out")
+            continue
+        hole = degrade.inpaint_mask(hr.height, hr.width, degrade.seed_for(storage.basename(url)))
+        parts = restorer.inpaint_parts(hr, Image.fromarray(hole), with_model=True)
+        by_gain = {g: restorer.compose_inpaint(parts, g) for g in {*GAINS, restorer.gain}}
+        for g in GAINS:
+            _hole_scores(calib[g], by_gain[g], hr, parts.hole)
+        _hole_scores(rows["model"], by_gain[restorer.gain], hr, parts.hole)
+        _hole_scores(rows["classical_base"], by_gain[0.0], hr, parts.hole)
+        if len(panels) < 4:
+            masked = np.asarray(hr).copy()
+            masked[parts.hole] = 128
+            panels.append([Image.fromarray(masked), by_gain[0.0], by_gain[1.0], by_gain[restorer.gain], hr])
+    if not rows["model"]["psnr"]:
+        raise ConfigError(f"option 'images': none of the images under {storage.redact(cfg.images)} is large enough")
+    return _summary(cfg, rows, calib, "classical_base", restorer, model), panels
 
 
 def _image_pair(cfg: EvalConfig, url: str, rel: str, scale: int) -> tuple[Image.Image, Image.Image] | None:
@@ -198,7 +260,7 @@ def _reconstruction(model, target: torch.Tensor) -> torch.Tensor:
 
 
 def _summary(
-    cfg: EvalConfig, rows: dict[str, Scores], calib: dict[float, Scores], scale: int, restorer, model
+    cfg: EvalConfig, rows: dict[str, Scores], calib: dict[float, Scores], floor: str, restorer, model
 ) -> dict[str, Any]:
     """The result: mean scores per row, the calibration of the gain and the recommended gain."""
     table = {
@@ -211,8 +273,9 @@ def _summary(
         for k, v in rows.items()
     }
     # the floor a gain must keep: never below Lanczos on any image (upscaling; for `restore`, never
-    # below the degraded input itself) in PSNR, and on average at least the classical base
-    ref = rows["lanczos"] if scale > 1 else rows["input"]
+    # below the degraded input itself; for `inpaint`, the classical fill) in PSNR, and on average at
+    # least the classical base
+    ref = rows[floor]
     base_mean = float(np.mean(calib[0.0]["psnr"]))
 
     def never_below(r: Scores) -> bool:
@@ -225,6 +288,7 @@ def _summary(
             str(g): {
                 "psnr": round(float(np.mean(c["psnr"])), 3),
                 "ssim": round(float(np.mean(c["ssim"])), 4),
+                "psnr_per_image": [round(p, 3) for p in c["psnr"]],
                 "never_below_baseline": never_below(c),
             }
             for g, c in calib.items()
@@ -238,7 +302,7 @@ def _summary(
         "gain": restorer.gain if restorer is not None else None,
         "checkpoint_step": model.info.step if model is not None else None,
         "scores": table,
-        "floor": "lanczos" if scale > 1 else "input",
+        "floor": floor,
         "model_never_below_lanczos": never_below(rows["model"]),
         "calibration": calibration,
         # a pretrained network or pipeline has no gain to calibrate

@@ -12,12 +12,15 @@ Per-image rules: EXIF orientation applied; the model sees 8-bit RGB (imaging.to_
 inputs (L, 16-bit, float) are written back as 8-bit grey; an alpha channel is carried over,
 resized with Lanczos (dropped for JPEG output); 16-bit inputs are written as 8-bit. Output names
 come from :func:`output_name` alone; two inputs that would share an output name are both error
-rows (``output_name_collision``). A bad input becomes an error row with its reason; it never
+rows (``output_name_collision``). Inpainting masks come from the input's alpha, a mask folder or
+each shard sample's ``key.mask.png`` (the default for shard input); a missing mask or one of
+another size is an error row. A bad input becomes an error row with its reason; it never
 fails the job or drops a block. seen = written + skipped_existing + errors, always.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -31,9 +34,9 @@ from pipeline.config import ConfigError, JobFailed, RayOptions, StorageOptions, 
 from pipeline.console import Progress, format_seconds
 from pipeline.io import imaging, storage
 from pipeline.io.tarshards import SHARD_SUFFIXES, expand_shards, iter_samples
-from pipeline.models.degrade import RESTORE_TASKS, UPSCALE_TASKS
+from pipeline.models.degrade import INPAINT, RESTORE_TASKS, UPSCALE_TASKS
 from pipeline.restoration.restorer import RestoreSettings
-from pipeline.stages.restore_actor import EXISTS, FORMATS, NO_SPACE, RestoreActor, output_name
+from pipeline.stages.restore_actor import EXISTS, FORMATS, MASK_MEMBER, NO_SPACE, RestoreActor, output_name
 
 log = logging.getLogger("pipeline.restore")
 
@@ -62,8 +65,9 @@ class RestoreConfig:
     )
     mask: str = option(
         "",
-        "inpainting masks: 'alpha' (the input's transparency) or a folder of masks "
-        "with the inputs' relative paths (white = fill)",
+        "inpainting masks (white = fill, the image's own size): 'alpha' (the input's transparency), "
+        "'member' (image shards: each sample's key.mask.png) or a folder of masks with the inputs' "
+        "relative paths (default: member for shard input, else alpha)",
     )
     format: str = option("png", "output format (same: the input's own, TIFF and BMP included; 8-bit)", choices=FORMATS)
     batch_size: int = option(8, "images per actor batch (same-size images share model calls)", range=(1, 4096))
@@ -83,7 +87,7 @@ class RestoreConfig:
         require(self, "input", "output", "checkpoint")
         self.input, self.output = storage.absolute(self.input), storage.absolute(self.output)
         self.checkpoint = storage.absolute(self.checkpoint)
-        if self.mask and self.mask != "alpha":
+        if self.mask not in ("", "alpha", "member"):
             self.mask = storage.absolute(self.mask)
         check_limits(self)
         if self.scale:
@@ -92,7 +96,11 @@ class RestoreConfig:
             self.task = UPSCALE_TASKS[self.scale]
         storage.check_separate(
             self.output,
-            {"input": self.input, "checkpoint": self.checkpoint, "mask": "" if self.mask == "alpha" else self.mask},
+            {
+                "input": self.input,
+                "checkpoint": self.checkpoint,
+                "mask": "" if self.mask in ("alpha", "member") else self.mask,
+            },
         )
 
 
@@ -160,8 +168,9 @@ def list_inputs(cfg: RestoreConfig) -> tuple[list[dict], list[dict]]:
 
 
 def read_files(batch: dict[str, np.ndarray], cfg: RestoreConfig, existing: frozenset) -> dict[str, list]:
-    out: dict[str, list] = {"rel": [], "data": [], "error": []}
+    out: dict[str, list] = {"rel": [], "data": [], "error": [], "mask": []}
     for url, rel in zip(batch["url"], batch["rel"]):
+        out["mask"].append(b"")  # masks of files come from --mask (alpha or a folder), read by the actor
         if not cfg.overwrite and output_name(str(rel), cfg.format)[0] in existing:
             out["rel"].append(str(rel))
             out["data"].append(b"")
@@ -193,18 +202,24 @@ def read_shard(row: dict[str, Any], cfg: RestoreConfig, existing: frozenset) -> 
         with storage.open_read(row["url"], cfg.storage.options) as f:
             for s in iter_samples(f):
                 if s.error:
-                    rows.append({"rel": f"{folder}/{s.key}" if s.key else folder, "data": b"", "error": s.error})
+                    rel = f"{folder}/{s.key}" if s.key else folder
+                    rows.append({"rel": rel, "data": b"", "error": s.error, "mask": b""})
                     continue
                 ext = imaging.image_field(s.fields)
                 rel = f"{folder}/{s.key}.{ext or 'png'}"
                 if not cfg.overwrite and output_name(rel, cfg.format)[0] in existing:
-                    rows.append({"rel": rel, "data": b"", "error": EXISTS})
+                    rows.append({"rel": rel, "data": b"", "error": EXISTS, "mask": b""})
                     continue
                 rows.append(
-                    {"rel": rel, "data": s.fields.get(ext, b"") if ext else b"", "error": "" if ext else "no_image"}
+                    {
+                        "rel": rel,
+                        "data": s.fields.get(ext, b"") if ext else b"",
+                        "error": "" if ext else "no_image",
+                        "mask": s.fields.get(MASK_MEMBER, b""),  # the sample's own mask, if it has one
+                    }
                 )
     except OSError as exc:
-        rows.append({"rel": folder, "data": b"", "error": f"unreadable: {type(exc).__name__}"})
+        rows.append({"rel": folder, "data": b"", "error": f"unreadable: {type(exc).__name__}", "mask": b""})
     return rows
 
 
@@ -245,6 +260,10 @@ def run_restore(cfg: RestoreConfig) -> dict:
     _say_if_uncalibrated(cfg, task)
     items, refused = list_inputs(cfg)
     shards = _is_shards(cfg)
+    if task == INPAINT:  # where the masks come from, decided once on the driver
+        if cfg.mask == "member" and not shards:
+            raise ConfigError("option 'mask': 'member' reads each shard sample's key.mask.png; the input is not shards")
+        cfg = dataclasses.replace(cfg, mask=cfg.mask or ("member" if shards else "alpha"))
     if shards:
         folders = Counter(shard_folder(i["url"]) for i in items)
         dup = [f for f, n in folders.items() if n > 1]

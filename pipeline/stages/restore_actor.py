@@ -26,6 +26,7 @@ FORMATS = ("png", "jpg", "webp", "same")
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF", "bmp": "BMP"}
 # kept as they are by --format same: every allowed input format (archives and scans are TIFF)
 _SAME_EXT = {ext: ext for ext in ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp")}
+MASK_MEMBER = "mask.png"  # an image shard's own inpainting mask: ``key.mask.png`` beside ``key.jpg``
 EXISTS = "exists"  # read-stage marker: the output is already there (a re-run skips it)
 NO_SPACE = "no_space_left"  # error reason of a write that found the output's device full
 
@@ -65,7 +66,8 @@ class RestoreActor:
         rels = [str(r) for r in batch["rel"]]
         status, reason, detail = ["written"] * len(rels), [""] * len(rels), [""] * len(rels)
         loaded: dict[int, tuple] = {}  # index -> (decoded image, mask)
-        for i, (rel, data, err) in enumerate(zip(rels, batch["data"], batch["error"])):
+        members = batch["mask"] if "mask" in batch else [b""] * len(rels)
+        for i, (rel, data, err, member) in enumerate(zip(rels, batch["data"], batch["error"], members)):
             if err == EXISTS:
                 status[i] = "skipped"
             elif err:
@@ -78,7 +80,9 @@ class RestoreActor:
                     status,
                     reason,
                     detail,
-                    lambda i=i, data=data: loaded.__setitem__(i, self._load(rels[i], bytes(data))),
+                    lambda i=i, data=data, member=member: loaded.__setitem__(
+                        i, self._load(rels[i], bytes(data), bytes(member))
+                    ),
                 )
         # same-size images go through the model together; a failing group is retried one by one
         outputs: dict[int, Any] = {}
@@ -126,15 +130,32 @@ class RestoreActor:
         except Exception as exc:  # noqa: BLE001 - one bad image never fails the job
             status[i], reason[i], detail[i] = "error", "restore_failed", f"{type(exc).__name__}: {str(exc)[:200]}"
 
-    def _mask(self, rel: str, im) -> Any:
+    def _mask(self, rel: str, im, member: bytes) -> Any:
+        """The inpainting mask of ``rel`` (white = fill): the input's alpha, the shard sample's
+        ``key.mask.png`` member, or the file of the same name under the mask folder; an image
+        without its mask, or with a mask of another size, is an error row."""
         cfg = self.cfg
         if self.task != INPAINT:
             return None
-        if cfg.mask == "alpha" or not cfg.mask:
+        if cfg.mask in ("", "alpha"):  # the driver resolves "" (member for shards); a lone actor reads alpha
             alpha = imaging.split_alpha(im)
             if alpha is None:
                 raise imaging.BadImage("no_mask", "input has no alpha channel to use as the mask")
-            return alpha.point(lambda a: 255 if a < 128 else 0)  # transparent = fill
+            mask = alpha.point(lambda a: 255 if a < 128 else 0)  # transparent = fill
+        elif cfg.mask == "member":
+            if not member:
+                raise imaging.BadImage("no_mask", f"the shard has no {MASK_MEMBER} member for {rel}")
+            mask = imaging.decode(member, cfg.max_pixels)
+        else:
+            mask = self._mask_file(rel)
+        if mask.size != im.size:
+            raise imaging.BadImage(
+                "mask_size", f"the mask is {mask.width}x{mask.height}, the image {im.width}x{im.height}"
+            )
+        return mask
+
+    def _mask_file(self, rel: str) -> Any:
+        cfg = self.cfg
         stem = rel.rsplit(".", 1)[0]
         for cand in (rel, stem + ".png"):
             url = storage.join(cfg.mask, cand)
@@ -142,9 +163,9 @@ class RestoreActor:
                 return imaging.decode(storage.read_bytes(url, cfg.storage.options), cfg.max_pixels)
         raise imaging.BadImage("no_mask", f"no mask for {rel} under {storage.redact(cfg.mask)}")
 
-    def _load(self, rel: str, data: bytes) -> tuple:
+    def _load(self, rel: str, data: bytes, member: bytes = b"") -> tuple:
         im = imaging.decode(data, self.cfg.max_pixels)
-        return im, self._mask(rel, im)
+        return im, self._mask(rel, im, member)
 
     def _write(self, rel: str, im, out) -> None:
         """Carry alpha and grey over from the input ``im`` and write the restored ``out``."""
