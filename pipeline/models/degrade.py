@@ -49,6 +49,11 @@ RESTORE_TASKS = (*TASKS, INPAINT)
 UPSCALE_TASKS: dict[int, str] = {t.scale: name for name, t in TASKS.items() if t.scale > 1}
 
 
+def task_scale(task: str) -> int:
+    """Output size / input size of a task (1 for ``inpaint``, which has no entry in TASKS)."""
+    return TASKS[task].scale if task in TASKS else 1
+
+
 def check_task(task: str, *, option: str = "task", allow_inpaint: bool = False, allow_empty: bool = False) -> str:
     """The one task validator: ``task`` itself, or a ConfigError naming ``option``."""
     if not task and allow_empty:
@@ -280,3 +285,41 @@ def feather(hole: np.ndarray, width: int = INPAINT_FEATHER) -> np.ndarray:
     from scipy import ndimage
 
     return np.clip(ndimage.distance_transform_edt(hole) / width, 0, 1).astype(np.float32)
+
+
+def inpaint_mask(height: int, width: int, seed: int, coverage: tuple[float, float] = (0.05, 0.25)) -> np.ndarray:
+    """A generated inpainting hole (bool (H, W), True = fill), as LaMa's training masks: random
+    boxes and free-form strokes (thick polylines with round joints) of varied size, added until
+    the hole covers a share of the image drawn uniformly from ``coverage``, never more than its
+    upper end. Seeded: the same ``seed`` gives the same hole (``eval``, and training later)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    target = rng.uniform(*coverage)
+    canvas = Image.new("1", (width, height), 0)
+    short = min(width, height)
+    for _ in range(200):
+        trial = canvas.copy()
+        draw = ImageDraw.Draw(trial)
+        if rng.random() < 0.5:  # a box of 10-40 % of each side
+            bw, bh = (int(rng.uniform(0.1, 0.4) * s) + 1 for s in (width, height))
+            x, y = int(rng.integers(0, width - bw + 1)), int(rng.integers(0, height - bh + 1))
+            draw.rectangle((x, y, x + bw - 1, y + bh - 1), fill=1)
+        else:  # a stroke: 2-6 segments of a random walk, 3-10 % of the short side thick
+            thick = max(1, int(rng.uniform(0.03, 0.1) * short))
+            pts = [(float(rng.uniform(0, width)), float(rng.uniform(0, height)))]
+            for _ in range(int(rng.integers(2, 7))):
+                angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.3) * short
+                x = float(np.clip(pts[-1][0] + length * np.cos(angle), 0, width - 1))
+                y = float(np.clip(pts[-1][1] + length * np.sin(angle), 0, height - 1))
+                pts.append((x, y))
+            draw.line(pts, fill=1, width=thick, joint="curve")
+            for px, py in pts:  # round ends and corners
+                draw.ellipse((px - thick / 2, py - thick / 2, px + thick / 2, py + thick / 2), fill=1)
+        share = float(np.asarray(trial).mean())
+        if share > coverage[1]:  # a shape that would overshoot is left out
+            continue
+        canvas = trial
+        if share >= target:
+            break
+    return np.asarray(canvas, bool)
