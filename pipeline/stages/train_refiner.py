@@ -19,6 +19,7 @@ from pipeline.restoration.inpaint_refiner import RefinerInpainter, calibrate
 from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.eval import GAINS
 from pipeline.train import refiner as training
+from pipeline.train.loop import checkpoint_url
 from pipeline.train.refiner import RefinerTrainConfig
 
 log = logging.getLogger("pipeline.train_refiner")
@@ -36,8 +37,7 @@ def run_train_refiner(cfg: RefinerTrainConfig):
 def calibrate_inpaint(url: str, cfg: RefinerTrainConfig) -> float:
     """Calibrate the gain of the inpainting refiner at ``url`` (the run's own output) and record it."""
     so = cfg.storage.options
-    if storage.is_remote(cfg.output) and "://" not in url:  # Ray Train reports remote paths without a scheme
-        url = cfg.output.split("://", 1)[0] + "://" + url.lstrip("/")
+    url = checkpoint_url(url, cfg.output)
     files = storage.list_files(cfg.calibration_images, imaging.IMAGE_SUFFIXES, so)
     if not files:
         raise FileNotFoundError(f"no images at {storage.redact(cfg.calibration_images)}")
