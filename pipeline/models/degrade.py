@@ -310,9 +310,12 @@ def inpaint_mask(height: int, width: int, seed: int, coverage: tuple[float, floa
             pts = [(float(rng.uniform(0, width)), float(rng.uniform(0, height)))]
             for _ in range(int(rng.integers(2, 7))):
                 angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.3) * short
-                x = float(np.clip(pts[-1][0] + length * np.cos(angle), 0, width - 1))
-                y = float(np.clip(pts[-1][1] + length * np.sin(angle), 0, height - 1))
-                pts.append((x, y))
+                pts.append(
+                    (
+                        float(np.clip(pts[-1][0] + length * np.cos(angle), 0, width - 1)),
+                        float(np.clip(pts[-1][1] + length * np.sin(angle), 0, height - 1)),
+                    )
+                )
             draw.line(pts, fill=1, width=thick, joint="curve")
             for px, py in pts:  # round ends and corners
                 draw.ellipse((px - thick / 2, py - thick / 2, px + thick / 2, py + thick / 2), fill=1)
