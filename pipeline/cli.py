@@ -70,9 +70,10 @@ VERBS = [
     ),
     Verb(
         "train-refiner",
-        "train a restoration task's pixel refiner on image shards with Ray Train (bundle it with train --refiner)",
-        "train.refiner:RefinerTrainConfig",
-        "train.refiner:run_train_refiner",
+        "train a restoration task's pixel refiner on image shards with Ray Train (bundle it with train "
+        "--refiner; an inpainting refiner is restore --task inpaint's checkpoint itself)",
+        "stages.train_refiner:RefinerTrainConfig",
+        "stages.train_refiner:run_train_refiner",
     ),
     Verb(
         "encode",

@@ -615,8 +615,8 @@ def test_refiner_training_measures_the_base_it_refines(refined_model):
         RefinerTrainConfig(task="upscale2", images=info.train["images"], output="unused", resolution=32, eval_images=6),
     )
     pairs = [training_pair("upscale2", im, i) for i, im in enumerate(held)]
-    base = torch.from_numpy(np.stack([b for b, _ in pairs])).clamp(-1, 1)
-    clean = torch.from_numpy(np.stack([c for _, c in pairs]))
+    base = torch.from_numpy(np.stack([b for b, _, _ in pairs])).clamp(-1, 1)
+    clean = torch.from_numpy(np.stack([c for _, _, c in pairs]))
     assert float(quality.psnr(base, clean).mean()) == pytest.approx(m["psnr_base"], abs=1e-3)
     net = refiner.load(ref_url, task="upscale2")
     assert net.cfg == refiner.RefinerConfig("upscale2", channels=16, depth=4, unshuffle=2)

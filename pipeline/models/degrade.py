@@ -49,6 +49,11 @@ RESTORE_TASKS = (*TASKS, INPAINT)
 UPSCALE_TASKS: dict[int, str] = {t.scale: name for name, t in TASKS.items() if t.scale > 1}
 
 
+def task_scale(task: str) -> int:
+    """Output size / input size of a task (1 for ``inpaint``, which has no entry in TASKS)."""
+    return TASKS[task].scale if task in TASKS else 1
+
+
 def check_task(task: str, *, option: str = "task", allow_inpaint: bool = False, allow_empty: bool = False) -> str:
     """The one task validator: ``task`` itself, or a ConfigError naming ``option``."""
     if not task and allow_empty:

@@ -2,7 +2,8 @@
 drivers (:func:`check`, before any Ray work) and the actors (:func:`load`).
 
 A backend claims a checkpoint URL, checks it cheaply (descriptions only, one line for a wrong
-one) and loads a :class:`RestorerLike` for a task. :data:`BACKENDS` is tried in order; the
+one) and loads a :class:`RestorerLike` for a task. :data:`BACKENDS` is tried in order; an
+inpainting refiner (a ``train-refiner --task inpaint`` output) is used as it is; the
 project's own diffusion checkpoints come last and claim whatever the others do not. Adding a
 backend is one module (its check and its restorer) and one :class:`Backend` line here.
 """
@@ -17,7 +18,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.models import loading
-from pipeline.restoration import networks, pipelines
+from pipeline.restoration import inpaint_refiner, networks, pipelines
 from pipeline.restoration.restorer import Restorer, RestoreSettings, check_compatible
 
 
@@ -63,6 +64,12 @@ BACKENDS: list[Backend] = [
         lambda url, task, so, prompt: pipelines.describe(url, task, so, prompt=prompt),
         lambda url, task, opts, so, prompt: pipelines.PipelineRestorer(url, task, opts, so, prompt=prompt),
         takes_prompt=True,
+    ),
+    Backend(  # a train-refiner --task inpaint output, used as it is
+        "refiner",
+        inpaint_refiner.is_refiner,
+        _no_prompt(inpaint_refiner.check),
+        lambda url, task, opts, so, prompt: inpaint_refiner.RefinerInpainter(url, task, opts, so),
     ),
     Backend(  # last: whatever the others do not claim is read as a latent-pipeline checkpoint
         "checkpoint",

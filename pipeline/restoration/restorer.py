@@ -181,7 +181,7 @@ class Restorer:
 
     def __init__(self, model: DiffusionModel, task: str, opts: RestoreSettings):
         self.task = check_compatible(model.info, task)
-        self.scale = degrade.TASKS[self.task].scale if self.task in degrade.TASKS else 1  # inpaint: 1
+        self.scale = degrade.task_scale(self.task)
         self.conditional = bool(model.denoiser.cfg.cond_channels)
         self.model, self.opts = model, opts
         self.device = next(model.denoiser.parameters()).device

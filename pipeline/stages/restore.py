@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, JobFailed, RayOptions, StorageOptions, check_limits, group, option, require
 from pipeline.console import Progress, format_seconds
-from pipeline.io import imaging, storage
+from pipeline.io import checkpoint, imaging, storage
 from pipeline.io.tarshards import SHARD_SUFFIXES, expand_shards, iter_samples
 from pipeline.models.degrade import INPAINT, RESTORE_TASKS, UPSCALE_TASKS
 from pipeline.restoration.restorer import RestoreSettings
@@ -50,7 +50,8 @@ class RestoreConfig:
     checkpoint: str = option(
         "",
         "diffusion checkpoint (or a training output: its newest checkpoint), or a pretrained network file "
-        "that spandrel recognises (ESRGAN, Real-ESRGAN, SwinIR, HAT, ...; .safetensors only)",
+        "that spandrel recognises (ESRGAN, Real-ESRGAN, SwinIR, HAT, ...; .safetensors only), or for "
+        "--task inpaint a train-refiner --task inpaint output (the refiner over the biharmonic fill)",
     )
     task: str = option("", "restoration task (default: the checkpoint's task)", choices=RESTORE_TASKS, noun="task")
     scale: int = option(
@@ -296,13 +297,18 @@ def _say_if_uncalibrated(cfg: RestoreConfig, task: str) -> None:
     from pipeline.models import loading
     from pipeline.restoration import backends
 
-    if cfg.settings.gain is not None or backends.backend_for(cfg.checkpoint, cfg.storage.options).name != "checkpoint":
+    backend = backends.backend_for(cfg.checkpoint, cfg.storage.options).name
+    if cfg.settings.gain is not None or backend not in ("checkpoint", "refiner"):
         return
-    info = loading.describe(cfg.checkpoint, cfg.storage.options)
+    if backend == "refiner":  # an inpainting refiner: calibrated by train-refiner --calibration-images
+        info = checkpoint.load(cfg.checkpoint, "refiner", cfg.storage.options)[1]
+    else:
+        info = loading.describe(cfg.checkpoint, cfg.storage.options)
     if info.task and info.gain is None:
         log.warning(
             f"[restore] {storage.redact(cfg.checkpoint)} has no calibrated gain: restoring {task} at --gain 0, "
-            "exactly the classical base; calibrate it (train --calibration-images, or eval) or pass --gain"
+            "exactly the classical base; calibrate it (train or train-refiner --calibration-images, or eval) "
+            "or pass --gain"
         )
 
 

@@ -18,6 +18,7 @@ from pipeline.io import checkpoint, storage
 from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.eval import EvalConfig, score
 from pipeline.train.diffusion import TrainConfig, train_model
+from pipeline.train.loop import checkpoint_url
 
 log = logging.getLogger("pipeline.train")
 
@@ -34,8 +35,7 @@ def run_train(cfg: TrainConfig):
 def calibrate(url: str, cfg: TrainConfig) -> float:
     """Calibrate the detail gain of the checkpoint at ``url`` (the run's own output) and record it."""
     so = cfg.storage.options
-    if storage.is_remote(cfg.output) and "://" not in url:  # Ray Train reports remote paths without a scheme
-        url = cfg.output.split("://", 1)[0] + "://" + url.lstrip("/")
+    url = checkpoint_url(url, cfg.output)
     with tempfile.TemporaryDirectory() as scratch:
         result, _ = score(
             EvalConfig(

@@ -438,6 +438,14 @@ def _run_storage(output: str, storage_options: dict | None):
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+def checkpoint_url(path: str, output: str) -> str:
+    """The URL of a checkpoint Ray Train reported at ``path`` for a run writing to ``output``
+    (Ray Train reports remote paths without their scheme)."""
+    if storage.is_remote(output) and "://" not in path:
+        return output.split("://", 1)[0] + "://" + path.lstrip("/")
+    return path
+
+
 def fit(loop_fn, loop_config: dict, cfg: LoopConfig):
     """Run ``loop_fn`` on ``cfg.workers`` Ray Train workers; re-running resumes the same run."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
