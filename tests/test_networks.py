@@ -76,6 +76,21 @@ def test_tiled_network_matches_the_library_call_and_batches_by_size(tmp_path):
         assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
+def test_16bit_levels_go_through_a_network_unrounded(x2_net):
+    import spandrel
+
+    from helpers import gradient_16bit
+
+    levels = gradient_16bit(30, 20) / np.float32(257)
+    out = NetworkRestorer(x2_net, "", RestoreSettings()).restore(levels)
+    own = spandrel.ModelLoader().load_from_file(x2_net).eval()
+    with torch.no_grad():
+        ref = own(torch.from_numpy(levels.transpose(2, 0, 1) / 255.0)[None])[0].numpy().transpose(1, 2, 0) * 255
+    assert isinstance(out, np.ndarray) and out.shape == (40, 60, 3)
+    assert np.abs(out - ref).max() < 1e-3  # the network's own call, not rounded to 8 bits
+    assert len(np.unique(np.round(out[..., 0] * 257))) > 256
+
+
 def test_pickles_and_unknown_files_are_refused_on_the_driver(tmp_path, x2_net, capsys):
     marker = str(tmp_path / "pwned")
     (tmp_path / "evil.pth").write_bytes(pickle_payload(marker))

@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.io import checkpoint, folders, storage
+from pipeline.io.imaging import PixelsT, like, rgb_levels
 from pipeline.models.tiling import tiled_apply
 from pipeline.restoration.restorer import RestoreSettings, indices_by_size
 
@@ -116,17 +117,16 @@ class NetworkRestorer:
         return tiled_apply(self.net, x.to(self.device), tile, max(0, overlap), factor=self.scale)
 
     @torch.no_grad()
-    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
+    def restore_many(self, images: list[PixelsT]) -> list[PixelsT]:
         """Restore several images, those of one size in one batch: each exactly as the network's
-        own call on ``uint8 / 255`` in float32, rounded to 8 bits."""
-        out: list[Image.Image | None] = [None] * len(images)
+        own call on ``uint8 / 255`` in float32, rounded to 8 bits (16-bit levels: not rounded)."""
+        out: list[PixelsT | None] = [None] * len(images)
         for idx in indices_by_size(images):
-            x = np.stack([np.asarray(images[i].convert("RGB"), np.float32).transpose(2, 0, 1) for i in idx]) / 255.0
+            x = np.stack([rgb_levels(images[i]).transpose(2, 0, 1) for i in idx]) / 255.0
             y = self._run(torch.from_numpy(x)).float().cpu().numpy()
             for j, i in enumerate(idx):
-                arr = np.clip(np.round(y[j].transpose(1, 2, 0) * 255), 0, 255)
-                out[i] = Image.fromarray(arr.astype(np.uint8), "RGB")
+                out[i] = like(images[i], y[j].transpose(1, 2, 0) * 255)
         return out  # type: ignore[return-value]
 
-    def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image:
+    def restore(self, im: PixelsT, mask: Image.Image | None = None) -> PixelsT:
         return self.restore_many([im])[0]
