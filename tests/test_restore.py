@@ -183,7 +183,7 @@ def test_format_same_keeps_16_bits_through_the_classical_base(upscale_model, tmp
     (tmp_path / "in").mkdir()
     grad = gradient_16bit(40, 24)
     (tmp_path / "in" / "grad.png").write_bytes(png_16bit(grad, 4))
-    (tmp_path / "in" / "grey.png").write_bytes(png_16bit(grad[..., 0], 1))
+    (tmp_path / "in" / "grey.png").write_bytes(png_16bit(grad[..., 2], 1))
     tifffile.imwrite(tmp_path / "in" / "scan.tif", grad, photometric="rgb")
     photo_crops(1, 24, seed=2)[0].save(tmp_path / "in" / "photo.png")
     report = run_restore(
@@ -197,15 +197,17 @@ def test_format_same_keeps_16_bits_through_the_classical_base(upscale_model, tmp
     )
     assert report["written"] == 4 and report["errors"] == 0
     base = np.clip(degrade.classical_base("upscale2", grad / np.float32(257)), 0, 255)  # levels, not 8-bit
+    grey_in = np.repeat(grad[..., 2:], 3, -1) / np.float32(257)
+    grey_base = np.clip(degrade.classical_base("upscale2", grey_in), 0, 255) @ np.array([0.299, 0.587, 0.114])
     for name in ("grad.png", "scan.tif", "grey.png"):
         data = (tmp_path / "o" / name).read_bytes()
         im, levels = imaging.decode_pixels(data)
         assert levels is not None and im.size == (80, 48), name
         if name.endswith(".png"):
             assert png_bit_depth(data) == 16
-        channel = levels[..., 0]
+        channel = levels[..., 2]  # (x + y) / 2: it varies along both axes
         assert len(np.unique(np.round(channel * 257))) > 256, name  # 8 bits would leave at most 256
-        want = base[..., 0] if name != "grey.png" else base @ np.array([0.299, 0.587, 0.114], np.float32)
+        want = base[..., 2] if name != "grey.png" else grey_base
         assert np.abs(channel - want).max() <= 1 / 257, name  # gain 0: the base, to 16-bit rounding
     assert tifffile.imread(tmp_path / "o" / "scan.tif").dtype == np.uint16
     out8 = (tmp_path / "o" / "photo.png").read_bytes()
