@@ -15,18 +15,24 @@ from helpers import photo_crops, pickle_payload
 from pipeline import cli
 from pipeline.config import ConfigError
 from pipeline.io.checkpoint import CheckpointError
+from pipeline.models import tiling
 from pipeline.restoration import networks
 from pipeline.restoration.networks import NetworkRestorer
 from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.restore import RestoreConfig, run_restore
 
 
-def _compact(path, scale: int) -> str:
-    """A tiny random Real-ESRGAN Compact network, saved as safetensors."""
+def _compact(path, scale: int, num_conv: int = 2, gain: float = 1.0) -> str:
+    """A tiny random Real-ESRGAN Compact network, saved as safetensors; ``gain`` scales its
+    convolutions so that, as in a trained network, each pixel depends strongly on its context."""
     from spandrel.architectures.Compact import Compact
 
     torch.manual_seed(scale)
-    net = Compact(num_feat=8, num_conv=2, upscale=scale)
+    net = Compact(num_feat=8, num_conv=num_conv, upscale=scale)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 4:
+                p.mul_(gain)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return str(path)
 
@@ -36,31 +42,53 @@ def x2_net(tmp_path_factory):
     return _compact(tmp_path_factory.mktemp("net") / "compact_x2.safetensors", 2)
 
 
+def _own_call(url: str, im: Image.Image) -> np.ndarray:
+    """The network's own call on the image, as a user runs it: spandrel's loader, uint8 / 255."""
+    import spandrel
+
+    own = spandrel.ModelLoader().load_from_file(url).eval()
+    with torch.no_grad():
+        y = own(torch.from_numpy(np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0)[None])
+    return np.round(y[0].numpy().transpose(1, 2, 0) * 255)
+
+
 def test_a_network_restores_at_its_scale_and_matches_the_library_call(x2_net):
     assert networks.describe(x2_net, "") == "upscale2"
     r = NetworkRestorer(x2_net, "", RestoreSettings(tile=512))
     im = photo_crops(1, 24, seed=1)[0]
     out = r.restore(im)
     assert out.size == (48, 48) and r.task == "upscale2"
+    # within one tile: exactly the network's own call, pixel for pixel
+    assert np.array_equal(np.asarray(out, np.float32), _own_call(x2_net, im))
+
+
+def test_tiled_network_matches_the_library_call_and_batches_by_size(tmp_path):
+    # reach of 4 input pixels (four 3x3 convolutions), strong weights: tile edges would show
+    net = _compact(tmp_path / "strong_x2.safetensors", 2, num_conv=2, gain=2.0)
+    ims = [*photo_crops(2, 150, seed=2), photo_crops(1, 40, seed=3)[0]]
+    # 64-px input tiles with a 16-px overlap: a quarter of it (4 px) covers the network's reach
+    settings = RestoreSettings(tile=128, overlap=32)
+    assert len(tiling.windows(150, 150, 64, 16)) > 4
+    tiled = NetworkRestorer(net, "upscale2", settings).restore_many(ims)
+    for out, im in zip(tiled, ims):
+        assert out.size == (2 * im.width, 2 * im.height)
+        diff = np.abs(np.asarray(out, np.float32) - _own_call(net, im))
+        assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_16bit_levels_go_through_a_network_unrounded(x2_net):
     import spandrel
-    from safetensors.torch import load_file
 
-    own = spandrel.ModelLoader().load_from_state_dict(load_file(x2_net)).eval()
+    from helpers import gradient_16bit
+
+    levels = gradient_16bit(30, 20) / np.float32(257)
+    out = NetworkRestorer(x2_net, "", RestoreSettings()).restore(levels)
+    own = spandrel.ModelLoader().load_from_file(x2_net).eval()
     with torch.no_grad():
-        ref = own(torch.from_numpy(np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0)[None]).clamp(0, 1)
-    ref_px = np.round(ref[0].numpy().transpose(1, 2, 0) * 255)
-    assert np.abs(np.asarray(out, np.float32) - ref_px).max() <= 1
-
-
-def test_tiled_network_agrees_with_untiled_and_batches_by_size(x2_net):
-    ims = [*photo_crops(2, 80, seed=2), photo_crops(1, 40, seed=3)[0]]
-    whole = NetworkRestorer(x2_net, "upscale2", RestoreSettings(tile=512)).restore_many(ims)
-    tiled = NetworkRestorer(x2_net, "upscale2", RestoreSettings(tile=64, overlap=16)).restore_many(ims)
-    for a, b, im in zip(whole, tiled, ims):
-        assert a.size == b.size == (2 * im.width, 2 * im.height)
-        diff = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))
-        # the network's receptive field is a few pixels: interiors of tiles agree with the whole image
-        assert np.median(diff) <= 1 and diff.mean() < 2.0
+        ref = own(torch.from_numpy(levels.transpose(2, 0, 1) / 255.0)[None])[0].numpy().transpose(1, 2, 0) * 255
+    assert isinstance(out, np.ndarray) and out.shape == (40, 60, 3)
+    assert np.abs(out - ref).max() < 1e-3  # the network's own call, not rounded to 8 bits
+    assert len(np.unique(np.round(out[..., 0] * 257))) > 256
 
 
 def test_pickles_and_unknown_files_are_refused_on_the_driver(tmp_path, x2_net, capsys):

@@ -169,6 +169,19 @@ def test_an_untiled_image_matches_the_librarys_own_call(saved, kind):
     assert np.abs(_px(other) - _px(out)).mean() > 0.5
 
 
+def test_16bit_levels_go_through_a_pipeline_unrounded(saved):
+    from helpers import gradient_16bit
+
+    levels = gradient_16bit(32, 32) / np.float32(257)
+    r = PipelineRestorer(saved["ldm"][0], "upscale4", RestoreSettings(steps=2, seed=3))
+    out = r.restore(levels)
+    assert isinstance(out, np.ndarray) and out.shape == (128, 128, 3) and out.dtype == np.float32
+    assert np.abs(out - np.round(out)).max() > 0.01  # levels between the 8-bit ones are kept
+    # the same call on the 8-bit image rounds to it (within the pipeline's sensitivity to its input)
+    as_8bit = np.asarray(r.restore(Image.fromarray(np.round(levels).astype(np.uint8), "RGB")), np.float32)
+    assert np.abs(as_8bit - out).mean() < 8
+
+
 class _NearestX4:
     """Stands in for the LDM pipeline's call: x4 nearest upsampling, a map with no reach beyond
     the pixel, so tiled and untiled runs must agree exactly; records the shapes it was called on."""

@@ -11,7 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import photo_crops, tiny_diffusion_checkpoint, write_photo_folder, write_tar
+from helpers import (
+    gradient_16bit,
+    photo_crops,
+    png_16bit,
+    png_bit_depth,
+    tiny_diffusion_checkpoint,
+    write_photo_folder,
+    write_tar,
+)
 from pipeline.config import ConfigError, JobFailed
 from pipeline.io import storage
 from pipeline.io.checkpoint import CheckpointInfo
@@ -173,6 +181,45 @@ def test_format_same_keeps_tiff_and_bmp_inputs_as_tiff_and_bmp(upscale_model, tm
     assert Image.open(tmp_path / "o" / "scan.tif").format == "TIFF"
     assert Image.open(tmp_path / "o" / "old.bmp").format == "BMP"
     assert Image.open(tmp_path / "o" / "scan.tif").size == (64, 64)
+
+
+def test_format_same_keeps_16_bits_through_the_classical_base(upscale_model, tmp_path, ray_cluster):
+    import tifffile
+
+    from pipeline.io import imaging
+
+    (tmp_path / "in").mkdir()
+    grad = gradient_16bit(40, 24)
+    (tmp_path / "in" / "grad.png").write_bytes(png_16bit(grad, 4))
+    (tmp_path / "in" / "grey.png").write_bytes(png_16bit(grad[..., 2], 1))
+    tifffile.imwrite(tmp_path / "in" / "scan.tif", grad, photometric="rgb")
+    photo_crops(1, 24, seed=2)[0].save(tmp_path / "in" / "photo.png")
+    report = run_restore(
+        RestoreConfig(
+            input=str(tmp_path / "in"),
+            output=str(tmp_path / "o"),
+            checkpoint=upscale_model,
+            settings=RestoreSettings(gain=0.0),
+            format="same",
+        )
+    )
+    assert report["written"] == 4 and report["errors"] == 0
+    base = np.clip(degrade.classical_base("upscale2", grad / np.float32(257)), 0, 255)  # levels, not 8-bit
+    grey_in = np.repeat(grad[..., 2:], 3, -1) / np.float32(257)
+    grey_base = np.clip(degrade.classical_base("upscale2", grey_in), 0, 255) @ np.array([0.299, 0.587, 0.114])
+    for name in ("grad.png", "scan.tif", "grey.png"):
+        data = (tmp_path / "o" / name).read_bytes()
+        im, levels = imaging.decode_pixels(data)
+        assert levels is not None and im.size == (80, 48), name
+        if name.endswith(".png"):
+            assert png_bit_depth(data) == 16
+        channel = levels[..., 2]  # (x + y) / 2: it varies along both axes
+        assert len(np.unique(np.round(channel * 257))) > 256, name  # 8 bits would leave at most 256
+        want = base[..., 2] if name != "grey.png" else grey_base
+        assert np.abs(channel - want).max() <= 1 / 257, name  # gain 0: the base, to 16-bit rounding
+    assert tifffile.imread(tmp_path / "o" / "scan.tif").dtype == np.uint16
+    out8 = (tmp_path / "o" / "photo.png").read_bytes()
+    assert png_bit_depth(out8) == 8 and imaging.decode_pixels(out8)[1] is None  # 8 bits stay 8 bits
 
 
 def test_a_rerun_with_nothing_left_to_do_starts_no_actor(upscale_model, tmp_path, ray_cluster):

@@ -12,14 +12,24 @@ RGB rule (documented in docs/verbs.md, under ``encode``):
   (values are clipped to that range first); float grey (``F``) is clipped to 0..255.
 * Anything with transparency (``RGBA``, ``LA``, ``P``/``PA`` with a transparent index) is
   composited over white; the alpha is available separately from :func:`split_alpha`.
+
+16 bits (``restore``): :func:`decode_pixels` also returns the pixels of a 16-bit RGB or grey
+PNG/TIFF as float *levels* (``Pixels``: float32 (H, W, 3) on the 0..255 scale, a 16-bit value
+``v`` being ``v / 257``), where Pillow's RGB image keeps only the high byte; the restorers take
+and return either kind (an 8-bit image stays an 8-bit image), and :func:`encode_16bit` writes
+levels back as a 16-bit PNG or TIFF.
 """
 
 from __future__ import annotations
 
 import io
+import struct
+import sys
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -35,6 +45,16 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16- and 32-bit integer grey
 GREY_MODES = ("L", *WIDE_GREY_MODES, "F", "1")  # written back as 8-bit grey by restore
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 MPix: a 8k x 8k photo passes, a bomb does not
+# An image to restore: an 8-bit Pillow image, or a 16-bit source's float levels (module docstring)
+Pixels = Image.Image | np.ndarray
+PixelsT = TypeVar("PixelsT", Image.Image, np.ndarray)  # one kind in, the same kind out
+# Pillow unpacks 16-bit RGB to its high byte; the same decode with the other byte order's rawmode
+# unpacks the low byte (filters and decompression run on the raw bytes, before unpacking)
+_LOW_BYTE = {
+    "RGB;16B": "RGB;16L",
+    "RGB;16L": "RGB;16B",
+    "RGB;16N": "RGB;16B" if sys.byteorder == "little" else "RGB;16L",
+}
 
 
 class BadImage(ValueError):
@@ -73,6 +93,93 @@ def decode_for(
         im.load()
         im = ImageOps.exif_transpose(im)
     return im, (w, h)
+
+
+def decode_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, np.ndarray | None]:
+    """:func:`decode`, and for a 16-bit RGB or grey source its RGB pixels as float levels
+    (``Pixels``; None for any other source). Two decodes of a 16-bit RGB file: Pillow's own (the
+    high bytes) and one with the rawmode of the other byte order (the low bytes)."""
+    im = decode(data, max_pixels)
+    if im.mode in WIDE_GREY_MODES:
+        grey = np.clip(np.asarray(im, np.float32), 0, 65535) / 257.0
+        return im, np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode != "RGB":
+        return im, None
+    with _decode_errors():  # (the pixel limit was checked by the decode above; getexif would load)
+        low = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        tiles = [t._replace(args=_low_byte_args(t.args)) for t in low.tile]
+        if not tiles or any(t.args is None for t in tiles):
+            return im, None  # an 8-bit RGB source
+        low.tile = tiles
+        low.load()
+        low_bytes = np.asarray(ImageOps.exif_transpose(low), np.float32)
+    return im, (np.asarray(im, np.float32) * 256 + low_bytes) / 257.0
+
+
+def _low_byte_args(args):
+    """A tile's decoder arguments with the rawmode that unpacks the low byte, or None when the
+    tile is not 16-bit RGB (PNG: the rawmode; TIFF: a tuple starting with it)."""
+    rawmode = args[0] if isinstance(args, tuple) else args
+    other = _LOW_BYTE.get(rawmode) if isinstance(rawmode, str) else None
+    if other is None:
+        return None
+    return (other, *args[1:]) if isinstance(args, tuple) else other
+
+
+def rgb_levels(im: Pixels) -> np.ndarray:
+    """An image to restore as float32 (H, W, 3) levels on the 0..255 scale (exact for 8 bits)."""
+    return im if isinstance(im, np.ndarray) else np.asarray(im.convert("RGB"), np.float32)
+
+
+def like(src: PixelsT, levels: np.ndarray) -> PixelsT:
+    """Restored ``levels`` in the kind of ``src``: an 8-bit RGB image (rounded) for an image,
+    float levels (clipped, not rounded) for levels."""
+    levels = np.clip(np.asarray(levels, np.float32), 0, 255)
+    return levels if isinstance(src, np.ndarray) else to_8bit(levels)
+
+
+def to_8bit(im: Pixels) -> Image.Image:
+    """Either kind as an 8-bit RGB image (levels rounded)."""
+    if isinstance(im, Image.Image):
+        return im.convert("RGB")
+    return Image.fromarray(np.round(np.clip(im, 0, 255)).astype(np.uint8), "RGB")
+
+
+def size_of(im: Pixels) -> tuple[int, int]:
+    """(width, height) of either kind."""
+    return (im.shape[1], im.shape[0]) if isinstance(im, np.ndarray) else im.size
+
+
+FORMATS_16BIT = ("PNG", "TIFF")  # the output formats that hold 16 bits per channel
+
+
+def encode_16bit(levels: np.ndarray, fmt: str, grey: bool = False) -> bytes:
+    """Float levels (H, W, 3) as a 16-bit PNG or TIFF (``grey``: one channel, Pillow's ``L``
+    luma weights), values ``round(levels * 257)``."""
+    if grey:
+        levels = levels @ np.array([0.299, 0.587, 0.114], np.float32)
+    arr = np.round(np.clip(levels, 0, 255) * 257).astype(np.uint16)
+    if fmt == "TIFF":
+        import tifffile
+
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, arr, photometric="minisblack" if grey else "rgb", compression="zlib")
+        return buf.getvalue()
+    return _png_16bit(arr)
+
+
+def _png_16bit(arr: np.ndarray) -> bytes:
+    """A 16-bit PNG (grey or RGB), every row with the Up filter (Pillow writes no 16-bit RGB)."""
+    h, w = arr.shape[:2]
+    rows = arr.reshape(h, -1).astype(">u2").view(np.uint8).reshape(h, -1)
+    up = np.diff(rows, axis=0, prepend=np.zeros((1, rows.shape[1]), np.uint8))  # uint8: modulo 256
+    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1).tobytes()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if arr.ndim == 2 else 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 def header_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -201,8 +308,9 @@ def resize_center_crop(im: Image.Image, resolution: int) -> tuple[Image.Image, t
     return resize_cover(im, (resolution, resolution))
 
 
-def to_tensor_array(im: Image.Image) -> np.ndarray:
-    """RGB image -> float32 array (3, H, W) in [-1, 1], the autoencoders' input convention."""
+def to_tensor_array(im: Pixels) -> np.ndarray:
+    """RGB image (or float levels) -> float32 array (3, H, W) in [-1, 1], the autoencoders' input
+    convention."""
     arr = np.asarray(im, dtype=np.float32)
     return (arr.transpose(2, 0, 1) / 127.5) - 1.0
 

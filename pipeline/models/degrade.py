@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from pipeline.config import ConfigError
-from pipeline.io.imaging import to_tensor_array
+from pipeline.io.imaging import Pixels, rgb_levels, size_of, to_tensor_array
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,15 @@ def degrade(task: str, im: Image.Image, seed: int) -> Image.Image:
     return out
 
 
-def condition_view(task: str, degraded: Image.Image) -> Image.Image:
-    """The degraded input brought to the output size: the model's conditioning image."""
+def condition_view(task: str, degraded: Pixels) -> Pixels:
+    """The degraded input brought to the output size: the model's conditioning image (16-bit
+    levels stay levels)."""
     t = TASKS[task]
     if t.scale == 1:
         return degraded
-    w, h = degraded.size
+    w, h = size_of(degraded)
+    if isinstance(degraded, np.ndarray):
+        return _resize_channels(degraded, (w * t.scale, h * t.scale), Image.Resampling.LANCZOS)
     return degraded.resize((w * t.scale, h * t.scale), Image.Resampling.LANCZOS)
 
 
@@ -122,7 +125,7 @@ def _resize_channels(arr: np.ndarray, size: tuple[int, int], resample: Image.Res
     )
 
 
-def back_project(lr: Image.Image, scale: int, *, iters: int = 10, start: np.ndarray | None = None) -> np.ndarray:
+def back_project(lr: Pixels, scale: int, *, iters: int = 10, start: np.ndarray | None = None) -> np.ndarray:
     """Iterative back-projection: an upscaled image consistent with ``lr`` under this module's
     downsampling (the same bicubic kernel as :func:`degrade`).
 
@@ -132,7 +135,7 @@ def back_project(lr: Image.Image, scale: int, *, iters: int = 10, start: np.ndar
     after 10 iterations (clipping to 0..255 can only break that where the consistent solution
     leaves the range). It never scored below Lanczos on the photos measured (docs/benchmarks.md).
     """
-    lrf = np.asarray(lr.convert("RGB"), np.float32)
+    lrf = rgb_levels(lr)
     h, w = lrf.shape[:2]
     size = (w * scale, h * scale)
     x = _resize_channels(lrf, size, Image.Resampling.LANCZOS) if start is None else start.astype(np.float32)
@@ -157,13 +160,13 @@ def gaussian_psf(sigma: float) -> np.ndarray:
     return np.outer(g, g)
 
 
-def classical_restore(task: str, degraded: Image.Image) -> np.ndarray:
+def classical_restore(task: str, degraded: Pixels) -> np.ndarray:
     """Denoise (TV) and deconvolve (Wiener, the task's known blur) an image of a same-size task;
     float (H, W, 3) in 0..255, unclipped."""
     from skimage.restoration import denoise_tv_chambolle, wiener
 
     t = TASKS[task]
-    x = np.asarray(degraded.convert("RGB"), np.float64) / 255.0
+    x = rgb_levels(degraded).astype(np.float64) / 255.0
     x = denoise_tv_chambolle(x, weight=RESTORE_TV_WEIGHT, channel_axis=-1)
     if t.blur_sigma:  # Wiener works in the Fourier domain: reflect-pad so the borders do not wrap
         psf = gaussian_psf(t.blur_sigma)
@@ -174,11 +177,11 @@ def classical_restore(task: str, degraded: Image.Image) -> np.ndarray:
     return (x * 255.0).astype(np.float32)
 
 
-def classical_base(task: str, degraded: Image.Image) -> np.ndarray:
+def classical_base(task: str, degraded: Pixels) -> np.ndarray:
     """The classical restoration every output is built on (float (H, W, 3), 0..255, unclipped):
     the back-projected upsample for ``upscaleN`` (consistent with the input), the denoised and
     deconvolved input (:func:`classical_restore`) for ``restore``. ``--gain 0`` gives exactly
-    this, clipped."""
+    this, clipped. 16-bit levels (:data:`imaging.Pixels`) are taken at their full precision."""
     t = TASKS[task]
     if t.scale == 1:
         return classical_restore(task, degraded)
@@ -188,6 +191,7 @@ def classical_base(task: str, degraded: Image.Image) -> np.ndarray:
 def task_view_pixels(task: str, target: Image.Image, key: str) -> np.ndarray:
     """Caching-time view of a clean target image: degrade, then :func:`condition_view`."""
     view = condition_view(task, degrade(task, target, seed_for(key)))
+    assert isinstance(view, Image.Image)  # an image in, an image out
     if view.size != target.size:  # sizes not divisible by the factor
         view = view.resize(target.size, Image.Resampling.LANCZOS)
     return to_tensor_array(view)

@@ -3,8 +3,12 @@
 * :func:`tiled_model_fn` wraps a velocity function so that every sampler step evaluates the
   denoiser on overlapping latent windows (batched together) and blends their predictions, so
   tiles agree at every step, not only at the end (MultiDiffusion-style).
-* :func:`tiled_apply` runs any spatial map (VAE encode, VAE decode) over overlapping tiles and
-  blends the outputs, with the output scaled by ``factor`` (encode: 1/f, decode: f).
+* :func:`tiled_apply` runs any spatial map (VAE encode, VAE decode, a pretrained network) over
+  overlapping tiles and blends the outputs, with the output scaled by ``factor`` (encode: 1/f,
+  decode: f). A tile's pixels next to an edge it shares with another tile are not used (they
+  saw the tile's zero padding, not the image): the neighbours cross-fade over the middle half
+  of the overlap (:func:`_ramp`, as chaiNNer's half-sine blend), so a map that reaches no
+  further than a quarter of the overlap gives its untiled result, up to float rounding.
 
 Peak activation memory is set by the tile size, not the image size.
 """
@@ -24,15 +28,29 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
-def _ramp(n: int, overlap: int, device) -> torch.Tensor:
-    """1D weights: a linear ramp over ``overlap`` at both ends, 1 inside (never 0)."""
+# the least weight of a pixel: a pixel every tile left out (tile edges rounded at a scaled
+# output) is still covered, and what the floor lets in is far below a level of an 8-bit image
+FLOOR = 1e-6
+
+
+def _ramp(n: int, overlap: int, lead: bool, trail: bool, device) -> torch.Tensor:
+    """1D weights of a tile of ``n`` pixels whose leading / trailing side meets another tile.
+
+    On such a side the tile's outer quarter of the overlap gets weight 0 (those pixels saw the
+    tile's edge: zero padding, not the image), the middle half a raised-cosine cross-fade, and
+    the rest 1; a side at the image border keeps weight 1. Two neighbours' cross-fades sum to 1,
+    so a map whose reach is at most a quarter of the overlap gives exactly its untiled result.
+    """
     w = torch.ones(n, device=device)
-    if overlap > 0 and n > 2:
-        r = torch.linspace(0, 1, overlap + 2, device=device)[1:-1]
-        k = min(overlap, n // 2)
-        w[:k] = r[:k]
-        w[n - k :] = torch.minimum(w[n - k :], r[:k].flip(0))
-    return w
+    k = min(overlap, n)
+    if k > 0:
+        u = ((torch.arange(k, device=device) + 0.5) / overlap * 2 - 0.5).clamp(0, 1)
+        fade = (1 - torch.cos(torch.pi * u)) / 2  # 0 .. 1 over the middle half of the overlap
+        if lead:
+            w[:k] = fade
+        if trail:
+            w[n - k :] = torch.minimum(w[n - k :], fade.flip(0))
+    return w.clamp_min(FLOOR)
 
 
 def windows(h: int, w: int, tile: int, overlap: int) -> list[tuple[int, int]]:
@@ -67,9 +85,10 @@ def tiled_apply(
                 )
                 weight = torch.zeros((1, 1, out.shape[2], out.shape[3]), device=r.device)
             ov = round(overlap * factor)
-            wy, wx = _ramp(oh, ov, r.device), _ramp(ow, ov, r.device)
-            wgt = (wy[:, None] * wx[None, :])[None, None]
             oy, ox = round(y * factor), round(xx * factor)
+            wy = _ramp(oh, ov, y > 0, y + th < h, r.device)
+            wx = _ramp(ow, ov, xx > 0, xx + tw < w, r.device)
+            wgt = (wy[:, None] * wx[None, :])[None, None]
             assert out is not None and weight is not None
             out[:, :, oy : oy + oh, ox : ox + ow] += r.float() * wgt
             weight[:, :, oy : oy + oh, ox : ox + ow] += wgt

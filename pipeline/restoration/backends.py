@@ -17,21 +17,23 @@ from typing import Protocol
 from PIL import Image
 
 from pipeline.config import ConfigError
+from pipeline.io.imaging import PixelsT
 from pipeline.models import loading
 from pipeline.restoration import inpaint_refiner, networks, pipelines
 from pipeline.restoration.restorer import Restorer, RestoreSettings, check_compatible
 
 
 class RestorerLike(Protocol):
-    """What every backend's restorer offers the actors and ``eval``."""
+    """What every backend's restorer offers the actors and ``eval``: an 8-bit image in gives an
+    8-bit image out, 16-bit levels in give levels out (:data:`imaging.Pixels`)."""
 
     task: str
     scale: int
     gain: float
 
-    def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image: ...
+    def restore(self, im: PixelsT, mask: Image.Image | None = None) -> PixelsT: ...
 
-    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]: ...
+    def restore_many(self, images: list[PixelsT]) -> list[PixelsT]: ...
 
 
 @dataclass(frozen=True)

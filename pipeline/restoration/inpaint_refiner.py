@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.io import checkpoint, storage
-from pipeline.io.imaging import to_tensor_array
+from pipeline.io.imaging import PixelsT, rgb_levels, to_8bit, to_tensor_array
 from pipeline.models import degrade, quality, refiner
 from pipeline.models.degrade import INPAINT
 from pipeline.models.tiling import tiled_apply
@@ -73,13 +73,16 @@ class RefinerInpainter:
             model = base + r[0].numpy().transpose(1, 2, 0) * 127.5
         return InpaintParts(np.asarray(im.convert("RGB")), hole, base, model)
 
-    def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image:
+    def restore(self, im: PixelsT, mask: Image.Image | None = None) -> PixelsT:
+        """Inpaint one RGB image (16-bit levels are inpainted at 8 bits, as zero-shot inpainting)."""
         if mask is None:
             raise ValueError("inpaint needs a mask (a mask image or the input's alpha)")
-        hole = degrade.mask_hole(mask, im.size, self.opts.mask_dilate)
-        return Restorer.compose_inpaint(self.parts(im, hole), self.gain)
+        rgb = to_8bit(im)
+        hole = degrade.mask_hole(mask, rgb.size, self.opts.mask_dilate)
+        out = Restorer.compose_inpaint(self.parts(rgb, hole), self.gain)
+        return out if isinstance(im, Image.Image) else rgb_levels(out)
 
-    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
+    def restore_many(self, images: list[PixelsT]) -> list[PixelsT]:
         raise ValueError("inpaint needs a mask (a mask image or the input's alpha)")
 
 

@@ -7,7 +7,10 @@ state dict, so nothing is ever unpickled (``.pth`` / ``.ckpt`` / ``.pt`` are ref
 pickles); a local file must be the file itself, not a link to one outside its folder
 (:mod:`pipeline.io.folders`). The network runs tile by tile with blended overlaps
 (:mod:`tiling`), so memory is bounded by ``--tile`` whatever the image size; images of one size
-are batched into one call. The task follows the network's scale: x2 -> ``upscale2``, x4 ->
+are batched into one call. An image within one tile gets exactly the network's own call
+(``descriptor(uint8 / 255)`` in float32, rounded to 8 bits); a tiled one agrees with it where the
+network's reach is within a quarter of the overlap (:func:`tiling.tiled_apply` leaves each tile's
+edge pixels out). The task follows the network's scale: x2 -> ``upscale2``, x4 ->
 ``upscale4``, x1 -> ``restore``.
 """
 
@@ -22,7 +25,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.io import checkpoint, folders, storage
-from pipeline.io.imaging import to_tensor_array
+from pipeline.io.imaging import PixelsT, like, rgb_levels
 from pipeline.models.tiling import tiled_apply
 from pipeline.restoration.restorer import RestoreSettings, indices_by_size
 
@@ -107,26 +110,23 @@ class NetworkRestorer:
 
     @torch.no_grad()
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) in [-1, 1] -> (B, 3, h*s, w*s) in [-1, 1], tile by tile (input-size tiles)."""
+        """(B, 3, h, w) in [0, 1] -> (B, 3, h*s, w*s) in [0, 1]: the descriptor's own call (its
+        padding, its clamp), tile by tile (input-size tiles) where the image exceeds one tile."""
         tile = max(16, self.opts.tile // self.scale)
         overlap = min(self.opts.overlap // self.scale, tile // 2 - 1)
-
-        def call(t: torch.Tensor) -> torch.Tensor:
-            return self.net((t + 1) / 2).clamp(0, 1) * 2 - 1
-
-        return tiled_apply(call, x.to(self.device), tile, max(0, overlap), factor=self.scale)
+        return tiled_apply(self.net, x.to(self.device), tile, max(0, overlap), factor=self.scale)
 
     @torch.no_grad()
-    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
-        """Restore several images, those of one size in one batch."""
-        out: list[Image.Image | None] = [None] * len(images)
+    def restore_many(self, images: list[PixelsT]) -> list[PixelsT]:
+        """Restore several images, those of one size in one batch: each exactly as the network's
+        own call on ``uint8 / 255`` in float32, rounded to 8 bits (16-bit levels: not rounded)."""
+        out: list[PixelsT | None] = [None] * len(images)
         for idx in indices_by_size(images):
-            x = torch.from_numpy(np.stack([to_tensor_array(images[i].convert("RGB")) for i in idx]))
-            y = self._run(x).float().cpu().numpy()
+            x = np.stack([rgb_levels(images[i]).transpose(2, 0, 1) for i in idx]) / 255.0
+            y = self._run(torch.from_numpy(x)).float().cpu().numpy()
             for j, i in enumerate(idx):
-                arr = np.clip((y[j].transpose(1, 2, 0) + 1) * 127.5, 0, 255)
-                out[i] = Image.fromarray(np.round(arr).astype(np.uint8), "RGB")
+                out[i] = like(images[i], y[j].transpose(1, 2, 0) * 255)
         return out  # type: ignore[return-value]
 
-    def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image:
+    def restore(self, im: PixelsT, mask: Image.Image | None = None) -> PixelsT:
         return self.restore_many([im])[0]

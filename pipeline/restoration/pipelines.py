@@ -36,6 +36,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.io import checkpoint, folders, storage
+from pipeline.io.imaging import PixelsT, like, rgb_levels
 from pipeline.models.tiling import tiled_apply
 from pipeline.restoration.restorer import RestoreSettings, indices_by_size
 
@@ -263,20 +264,16 @@ class PipelineRestorer:
         return y[:, :, : h * SCALE, : w * SCALE]
 
     @torch.no_grad()
-    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
+    def restore_many(self, images: list[PixelsT]) -> list[PixelsT]:
         """Upscale several images, those of one size in one batch."""
-        out: list[Image.Image | None] = [None] * len(images)
+        out: list[PixelsT | None] = [None] * len(images)
         for idx in indices_by_size(images):
             # exactly the pipelines' own conversion of a PIL image: uint8 / 255 in float32
-            x = torch.from_numpy(
-                np.stack([np.asarray(images[i].convert("RGB")).astype(np.float32).transpose(2, 0, 1) for i in idx])
-                / 255.0
-            )
+            x = torch.from_numpy(np.stack([rgb_levels(images[i]).transpose(2, 0, 1) for i in idx]) / 255.0)
             y = self._run(x).cpu().numpy()
             for j, i in enumerate(idx):
-                arr = np.round(y[j].transpose(1, 2, 0) * 255)
-                out[i] = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+                out[i] = like(images[i], y[j].transpose(1, 2, 0) * 255)
         return out  # type: ignore[return-value]
 
-    def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image:
+    def restore(self, im: PixelsT, mask: Image.Image | None = None) -> PixelsT:
         return self.restore_many([im])[0]

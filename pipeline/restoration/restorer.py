@@ -40,7 +40,9 @@ Large images run tile by tile (:mod:`tiling`): memory is bounded by ``tile``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError, check_limits, option
 from pipeline.io.checkpoint import CheckpointInfo
-from pipeline.io.imaging import from_tensor_array, to_tensor_array
+from pipeline.io.imaging import Pixels, PixelsT, rgb_levels, size_of, to_8bit, to_tensor_array
 from pipeline.models import degrade, denoiser, flow
 from pipeline.models.autoencoder import scale_latents, unscale_latents
 from pipeline.models.degrade import INPAINT, from_residual
@@ -157,7 +159,7 @@ class Parts:
     h: int
     w: int
     gain: float  # the gain the options ask for
-    lr: Image.Image | None = None  # the input of an upscaling task: the output is kept consistent with it
+    lr: Pixels | None = None  # the input of an upscaling task: the output is kept consistent with it
 
 
 @dataclass
@@ -168,11 +170,11 @@ class InpaintParts:
     model: np.ndarray | None  # the model's fill, same shape; None when it was not run (gain 0)
 
 
-def indices_by_size(images: list[Image.Image]) -> list[list[int]]:
+def indices_by_size(images: Sequence[Pixels]) -> list[list[int]]:
     """The positions of ``images`` grouped by image size (each group is one batched model call)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
-        groups.setdefault(im.size, []).append(i)
+        groups.setdefault(size_of(im), []).append(i)
     return list(groups.values())
 
 
@@ -211,36 +213,39 @@ class Restorer:
         return tiled_model_fn(lambda x, t, c: net(x, t, c), lt, lo, cond=cond)
 
     @torch.no_grad()
-    def restore(self, im: Image.Image, mask: Image.Image | None = None) -> Image.Image:
-        """Restore one RGB image (``mask``: L image, white = fill, for ``inpaint``)."""
+    def restore(self, im: PixelsT, mask: Image.Image | None = None) -> PixelsT:
+        """Restore one RGB image or 16-bit levels (``mask``: L image, white = fill, for ``inpaint``)."""
         if self.task == INPAINT:
             if mask is None:
                 raise ValueError("inpaint needs a mask (a mask image or the input's alpha)")
-            return self._inpaint(im, mask)
+            out = self._inpaint(to_8bit(im), mask)
+            return out if isinstance(im, Image.Image) else rgb_levels(out)  # zero-shot inpainting: 8 bits
         return self.restore_many([im])[0]
 
     @torch.no_grad()
-    def restore_many(self, images: list[Image.Image]) -> list[Image.Image]:
+    def restore_many(self, images: list[PixelsT]) -> list[PixelsT]:
         """Restore several images, batching those of the same size into one model call each.
 
         Every image gets the same noise it would get alone, so batching does not change results
         (beyond float rounding).
         """
-        out: list[Image.Image | None] = [None] * len(images)
+        out: list[Any] = [None] * len(images)
         for idx in indices_by_size(images):
             for i, parts in zip(idx, self.parts_many([images[i] for i in idx])):
-                out[i] = self.compose(parts, parts.gain)
-        return out  # type: ignore[return-value]
+                deep = isinstance(images[i], np.ndarray)  # 16-bit levels stay levels
+                out[i] = self.compose_levels(parts, parts.gain) if deep else self.compose(parts, parts.gain)
+        return out
 
-    def parts(self, im: Image.Image) -> Parts:
+    def parts(self, im: Pixels) -> Parts:
         """The classical base and the model's projected pixel residual for one image."""
         return self.parts_many([im])[0]
 
     @torch.no_grad()
-    def parts_many(self, images: list[Image.Image]) -> list[Parts]:
-        """:meth:`parts` for images of one size, computed as one batch."""
+    def parts_many(self, images: Sequence[Pixels]) -> list[Parts]:
+        """:meth:`parts` for images of one size, computed as one batch (16-bit levels stay levels:
+        the classical base takes them as they are)."""
         o = self.opts
-        rgb = [im.convert("RGB") for im in images]
+        rgb = [im if isinstance(im, np.ndarray) else im.convert("RGB") for im in images]
         bases = [
             pad_to(
                 torch.from_numpy(degrade.classical_base(self.task, im).transpose(2, 0, 1) / 127.5 - 1.0)[None],
@@ -299,6 +304,10 @@ class Restorer:
         return residual
 
     def compose(self, parts: Parts, gain: float) -> Image.Image:
+        """:meth:`compose_levels` rounded to an 8-bit image."""
+        return Image.fromarray(np.round(self.compose_levels(parts, gain)).astype(np.uint8), "RGB")
+
+    def compose_levels(self, parts: Parts, gain: float) -> np.ndarray:
         """``base + gain * residual`` (gain 0: exactly the classical result); for upscaling, a few
         back-projection steps then keep the output consistent with the input (range–null-space:
         the model may only add what the downsampling cannot see)."""
@@ -313,7 +322,8 @@ class Restorer:
                 parts.lr, scale, iters=CONSISTENCY_STEPS, start=(arr.transpose(1, 2, 0) + 1) * 127.5
             )
             arr = pixels.transpose(2, 0, 1) / 127.5 - 1.0
-        return from_tensor_array(np.clip(arr, -1, 1))
+        arr = np.clip(np.asarray(arr, np.float32), -1, 1).transpose(1, 2, 0)
+        return np.clip((arr + 1.0) * 127.5, 0, 255)  # float32 levels; 8 bits: from_tensor_array's rounding
 
     def inpaint_parts(self, im: Image.Image, mask: Image.Image, *, with_model: bool = False) -> InpaintParts:
         """The hole of ``mask``, the classical fill and the model's fill (computed when the gain

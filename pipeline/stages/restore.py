@@ -8,9 +8,11 @@ without starting Ray) -> a read stage (Ray tasks: file bytes, or the samples of 
 outputs written by the actors through the storage module -> one small result row per input back
 to the driver, which writes ``_errors.jsonl`` and ``_report.json``.
 
-Per-image rules: EXIF orientation applied; the model sees 8-bit RGB (imaging.to_rgb); grey
-inputs (L, 16-bit, float) are written back as 8-bit grey; an alpha channel is carried over,
-resized with Lanczos (dropped for JPEG output); 16-bit inputs are written as 8-bit. Output names
+Per-image rules: EXIF orientation applied; the model sees 8-bit RGB (imaging.to_rgb), or for a
+16-bit RGB or grey PNG/TIFF its float levels (imaging.decode_pixels: every backend keeps the 16
+bits and the output is written as a 16-bit PNG or TIFF; as 8 bits for JPEG/WebP/BMP); grey
+inputs are written back as grey; an alpha channel is carried over, resized with Lanczos
+(dropped for JPEG output). Output names
 come from :func:`output_name` alone; two inputs that would share an output name are both error
 rows (``output_name_collision``). Inpainting masks come from the input's alpha, a mask folder or
 each shard sample's ``key.mask.png`` (the default for shard input); a missing mask or one of
@@ -70,7 +72,12 @@ class RestoreConfig:
         "'member' (image shards: each sample's key.mask.png) or a folder of masks with the inputs' "
         "relative paths (default: member for shard input, else alpha)",
     )
-    format: str = option("png", "output format (same: the input's own, TIFF and BMP included; 8-bit)", choices=FORMATS)
+    format: str = option(
+        "png",
+        "output format (same: the input's own, TIFF and BMP included); 16-bit PNG/TIFF inputs are written "
+        "with 16 bits as PNG or TIFF",
+        choices=FORMATS,
+    )
     batch_size: int = option(8, "images per actor batch (same-size images share model calls)", range=(1, 4096))
     actors: int = option(0, "actor pool size (0: as many as the cluster fits, leaving room for reads)", range=(0, None))
     cpus_per_actor: float = option(1.0, "CPUs per actor", range=(0, 1024), lo_open=True)

@@ -65,7 +65,7 @@ class RestoreActor:
         t0 = time.perf_counter()
         rels = [str(r) for r in batch["rel"]]
         status, reason, detail = ["written"] * len(rels), [""] * len(rels), [""] * len(rels)
-        loaded: dict[int, tuple] = {}  # index -> (decoded image, mask)
+        loaded: dict[int, tuple] = {}  # index -> (decoded image, mask, what to restore)
         members = batch["mask"] if "mask" in batch else [b""] * len(rels)
         for i, (rel, data, err, member) in enumerate(zip(rels, batch["data"], batch["error"], members)):
             if err == EXISTS:
@@ -89,18 +89,16 @@ class RestoreActor:
         plain = [i for i in loaded if loaded[i][1] is None]
         if plain:
             with contextlib.suppress(Exception):  # a failing group: the images are isolated one by one below
-                outputs.update(zip(plain, self.restorer.restore_many([imaging.to_rgb(loaded[i][0]) for i in plain])))
+                outputs.update(zip(plain, self.restorer.restore_many([loaded[i][2] for i in plain])))
         for i in loaded:
             if i not in outputs:
-                im, mask = loaded[i]
+                _im, mask, pixels = loaded[i]
                 self._guard(
                     i,
                     status,
                     reason,
                     detail,
-                    lambda i=i, im=im, mask=mask: outputs.__setitem__(
-                        i, self.restorer.restore(imaging.to_rgb(im), mask)
-                    ),
+                    lambda i=i, pixels=pixels, mask=mask: outputs.__setitem__(i, self.restorer.restore(pixels, mask)),
                 )
         for i in outputs:
             self._guard(i, status, reason, detail, lambda i=i: self._write(rels[i], loaded[i][0], outputs[i]))
@@ -164,17 +162,25 @@ class RestoreActor:
         raise imaging.BadImage("no_mask", f"no mask for {rel} under {storage.redact(cfg.mask)}")
 
     def _load(self, rel: str, data: bytes, member: bytes = b"") -> tuple:
-        im = imaging.decode(data, self.cfg.max_pixels)
-        return im, self._mask(rel, im, member)
+        """(decoded image, mask, what the restorer gets: a 16-bit source's levels, else 8-bit RGB)."""
+        im, levels = imaging.decode_pixels(data, self.cfg.max_pixels)
+        return im, self._mask(rel, im, member), imaging.to_rgb(im) if levels is None else levels
 
     def _write(self, rel: str, im, out) -> None:
-        """Carry alpha and grey over from the input ``im`` and write the restored ``out``."""
+        """Carry alpha and grey over from the input ``im`` and write the restored ``out``; levels
+        of a 16-bit source are written with 16 bits where the format holds them (PNG, TIFF)."""
         from PIL import Image
 
         cfg = self.cfg
         out_rel, fmt = output_name(rel, cfg.format)
+        grey = im.mode in imaging.GREY_MODES or im.mode == "LA"
+        if isinstance(out, np.ndarray) and fmt in imaging.FORMATS_16BIT:
+            data = imaging.encode_16bit(out, fmt, grey=grey)
+            storage.write_bytes(storage.join(cfg.output, out_rel), data, cfg.storage.options)
+            return
+        out = imaging.to_8bit(out)
         alpha = imaging.split_alpha(im) if self.task != INPAINT else None
-        if im.mode in imaging.GREY_MODES or im.mode == "LA":
+        if grey:
             out = out.convert("L")
         if alpha is not None and fmt != "JPEG":
             out = out.convert("LA" if out.mode == "L" else "RGBA")
@@ -185,5 +191,5 @@ class RestoreActor:
 
     def restore_one(self, rel: str, data: bytes) -> None:
         """Decode, restore and write one image (the unbatched path, used by bench/restore.py)."""
-        im, mask = self._load(rel, data)
-        self._write(rel, im, self.restorer.restore(imaging.to_rgb(im), mask))
+        im, mask, pixels = self._load(rel, data)
+        self._write(rel, im, self.restorer.restore(pixels, mask))
