@@ -52,8 +52,8 @@ def sharpness(im: Image.Image) -> float:
 def inpaint_refiner(root: str, steps: int) -> dict:
     """Train, calibrate and score the inpainting refiner (see the module doc); the result's dict."""
     from pipeline.models import degrade
-    from pipeline.restoration.inpaint_refiner import RefinerInpainter, hole_psnr, hole_ssim
-    from pipeline.restoration.restorer import Restorer
+    from pipeline.restoration import inpainter as inpainting
+    from pipeline.restoration.inpaint_refiner import RefinerInpainter
     from pipeline.stages.shards import ShardsConfig, run_shards
     from pipeline.stages.train_refiner import RefinerTrainConfig, run_train_refiner
 
@@ -78,17 +78,16 @@ def inpaint_refiner(root: str, steps: int) -> dict:
     )
     seconds = time.perf_counter() - t  # training, held-out scoring and calibration
     inpainter = RefinerInpainter(os.path.join(root, "refiner"), "inpaint", RestoreSettings())
-    rows: dict[str, dict[str, list[float]]] = {k: {"psnr": [], "ssim": []} for k in ("base", "refiner", "gain_1")}
-    coverage = []
+    photos = []
     for i, name in enumerate(HELD_OUT):
         im = sample_photos.load_photo(name)
-        hole = degrade.inpaint_mask(im.height, im.width, seed=INPAINT_SEED + i)
-        coverage.append(round(float(hole.mean()), 3))
-        parts = inpainter.parts(im, hole, with_model=True)
-        for row, gain in (("base", 0.0), ("refiner", inpainter.gain), ("gain_1", 1.0)):
-            out = Restorer.compose_inpaint(parts, gain)
-            rows[row]["psnr"].append(round(hole_psnr(out, im, hole), 3))
-            rows[row]["ssim"].append(round(hole_ssim(out, im, hole), 4))
+        photos.append((im, degrade.inpaint_mask(im.height, im.width, seed=INPAINT_SEED + i)))
+    coverage = [round(float(hole.mean()), 3) for _, hole in photos]
+    cal = inpainting.calibrate(inpainter, photos, (1.0,))
+    rows = {
+        row: {k: [round(x, 4) for x in cal.by_gain[gain][k]] for k in ("psnr", "ssim")}
+        for row, gain in (("base", 0.0), ("refiner", inpainter.gain), ("gain_1", 1.0))
+    }
     info = inpainter.info
     return {
         "steps": steps,
@@ -96,7 +95,7 @@ def inpaint_refiner(root: str, steps: int) -> dict:
         "steps_per_second_incl_calibration": round(steps / seconds, 2),
         "heldout_crop_psnr": {k: round(info.metrics[k], 3) for k in ("psnr_base", "psnr")},
         "calibrated_gain": inpainter.gain,
-        "calibration_hole_psnr_by_gain": info.calibration["hole_psnr_by_gain"],
+        "calibration_hole_psnr_by_gain": info.calibration["psnr_by_gain"],
         "images": list(HELD_OUT),
         "hole_coverage": coverage,
         "hole_psnr_mean": {k: round(float(np.mean(v["psnr"])), 3) for k, v in rows.items()},

@@ -59,7 +59,8 @@ def test_the_inpainting_refiner_sees_the_hole_and_records_its_calibrated_gain(in
     # the calibration: every gain scored on the 3 photos; the gain kept is never below the base on any
     cal = info.calibration
     assert cal["images"] == 3 and info.gain in GAINS
-    per_image = cal["hole_psnr_per_image"]
+    per_image = {g: c["psnr_per_image"] for g, c in cal["by_gain"].items()}
+    assert cal["psnr_by_gain"] == {g: c["psnr"] for g, c in cal["by_gain"].items()}
     assert all(p >= b for p, b in zip(per_image[str(info.gain)], per_image["0.0"]))
     best = max(
         (g for g in per_image if all(p >= b for p, b in zip(per_image[g], per_image["0.0"]))),
@@ -119,8 +120,8 @@ def test_restore_inpaints_with_the_refiner_at_its_calibrated_gain(inpaint_refine
         np.testing.assert_array_equal(d, h)  # the recorded gain is the default
     # the refiner did change the fill (its last layer starts at zero: 4 steps moved it)
     inpainter = RefinerInpainter(inpaint_refiner, "inpaint", RestoreSettings())
-    parts = inpainter.parts(images[0], holes[0], with_model=True)
-    assert parts.model is not None and np.abs(parts.model - parts.base)[holes[0]].max() > 0
+    parts = inpainter.inpaint_parts(images[0], holes[0], with_model=True)
+    assert parts.fill is not None and np.abs(parts.fill - parts.base)[holes[0]].max() > 0
 
 
 def test_a_refiner_of_another_task_is_refused_as_a_restore_checkpoint(tmp_path):

@@ -51,12 +51,13 @@ from PIL import Image
 
 from pipeline.config import ConfigError, check_limits, option
 from pipeline.io.checkpoint import CheckpointInfo
-from pipeline.io.imaging import Pixels, PixelsT, rgb_levels, size_of, to_8bit, to_tensor_array
+from pipeline.io.imaging import Pixels, PixelsT, size_of, to_tensor_array
 from pipeline.models import degrade, denoiser, flow
 from pipeline.models.autoencoder import scale_latents, unscale_latents
 from pipeline.models.degrade import INPAINT, from_residual
 from pipeline.models.loading import DiffusionModel
 from pipeline.models.tiling import tiled_apply, tiled_model_fn
+from pipeline.restoration.inpainter import Inpainter
 
 COLOR_FIXES = ("none", "adain")
 MODES = ("fidelity", "detail")
@@ -162,14 +163,6 @@ class Parts:
     lr: Pixels | None = None  # the input of an upscaling task: the output is kept consistent with it
 
 
-@dataclass
-class InpaintParts:
-    image: np.ndarray  # the input, uint8 (H, W, 3)
-    hole: np.ndarray  # bool (H, W), True = fill
-    base: np.ndarray  # the classical fill (degrade.inpaint_base), float (H, W, 3) in 0..255
-    model: np.ndarray | None  # the model's fill, same shape; None when it was not run (gain 0)
-
-
 def indices_by_size(images: Sequence[Pixels]) -> list[list[int]]:
     """The positions of ``images`` grouped by image size (each group is one batched model call)."""
     groups: dict[tuple[int, int], list[int]] = {}
@@ -178,8 +171,9 @@ def indices_by_size(images: Sequence[Pixels]) -> list[list[int]]:
     return list(groups.values())
 
 
-class Restorer:
-    """Holds a loaded checkpoint and restores images with it."""
+class Restorer(Inpainter):
+    """Holds a loaded checkpoint and restores images with it (an :class:`Inpainter` too: its
+    :meth:`fill` is the zero-shot fill)."""
 
     def __init__(self, model: DiffusionModel, task: str, opts: RestoreSettings):
         self.task = check_compatible(model.info, task)
@@ -216,10 +210,7 @@ class Restorer:
     def restore(self, im: PixelsT, mask: Image.Image | None = None) -> PixelsT:
         """Restore one RGB image or 16-bit levels (``mask``: L image, white = fill, for ``inpaint``)."""
         if self.task == INPAINT:
-            if mask is None:
-                raise ValueError("inpaint needs a mask (a mask image or the input's alpha)")
-            out = self._inpaint(to_8bit(im), mask)
-            return out if isinstance(im, Image.Image) else rgb_levels(out)  # zero-shot inpainting: 8 bits
+            return self.inpaint(im, mask)  # zero-shot inpainting: at 8 bits
         return self.restore_many([im])[0]
 
     @torch.no_grad()
@@ -325,29 +316,7 @@ class Restorer:
         arr = np.clip(np.asarray(arr, np.float32), -1, 1).transpose(1, 2, 0)
         return np.clip((arr + 1.0) * 127.5, 0, 255)  # float32 levels; 8 bits: from_tensor_array's rounding
 
-    def inpaint_parts(self, im: Image.Image, mask: Image.Image, *, with_model: bool = False) -> InpaintParts:
-        """The hole of ``mask``, the classical fill and the model's fill (computed when the gain
-        asks for it, or ``with_model``)."""
-        hole = degrade.mask_hole(mask, im.size, self.opts.mask_dilate)
-        base = degrade.inpaint_base(im, hole)
-        model = self._repaint(base, hole) if (self.gain or with_model) and hole.any() else None
-        return InpaintParts(np.asarray(im.convert("RGB")), hole, base, model)
-
-    @staticmethod
-    def compose_inpaint(parts: InpaintParts, gain: float) -> Image.Image:
-        """``base + gain * feather * (model - base)`` in the hole (gain 0: exactly the classical
-        fill); outside the hole, the input's own pixels, byte for byte."""
-        out = parts.base
-        if gain and parts.model is not None:
-            out = out + gain * degrade.feather(parts.hole)[..., None] * (parts.model - parts.base)
-        pixels = parts.image.copy()
-        pixels[parts.hole] = np.round(np.clip(out[parts.hole], 0, 255)).astype(np.uint8)
-        return Image.fromarray(pixels, "RGB")
-
-    def _inpaint(self, im: Image.Image, mask: Image.Image) -> Image.Image:
-        return self.compose_inpaint(self.inpaint_parts(im, mask), self.gain)
-
-    def _repaint(self, base: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    def fill(self, image: np.ndarray, base: np.ndarray, hole: np.ndarray) -> np.ndarray:
         """The model's fill (float (H, W, 3), 0..255), zero-shot RePaint around the classical fill:
         the latent of the base (the hole filled smoothly, not masked to zeros) is noised to
         ``--noise`` and integrated back in ``--steps`` steps, the known latents re-imposed after each,

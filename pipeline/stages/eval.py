@@ -26,8 +26,10 @@ from PIL import Image
 from pipeline.config import ConfigError, StorageOptions, check_limits, group, option, require, to_dict
 from pipeline.io import imaging, storage
 from pipeline.models import degrade, loading
+from pipeline.models.degrade import INPAINT
 from pipeline.models.quality import psnr, psnr_y, ssim
-from pipeline.restoration import backends
+from pipeline.restoration import backends, inpainter
+from pipeline.restoration.inpainter import Inpainter, Scores, new_scores
 from pipeline.restoration.restorer import Restorer, RestoreSettings, pad_to
 
 log = logging.getLogger("pipeline.eval")
@@ -102,16 +104,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     return result
 
 
-Scores = dict[str, list[float]]  # psnr, psnr_y, ssim: one value per image
-
-
-def _scores() -> Scores:
-    return {"psnr": [], "psnr_y": [], "ssim": []}
-
-
 def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     """The scores, the gain calibration and the first rows of the side-by-side sheet (no writes)."""
-    if cfg.task == degrade.INPAINT:
+    if cfg.task == INPAINT:
         return score_inpaint(cfg)
     so = cfg.storage.options
     # a pretrained network or pipeline has no parts to compose at other gains, nor an autoencoder
@@ -129,8 +124,8 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     # classical restoration base (same-size tasks)
     classical = ("bicubic", "lanczos", "back_projection") if scale > 1 else ("input", "classical_base")
     names = ("model", *classical, *(("autoencoder",) if model is not None else ()))
-    rows: dict[str, Scores] = {k: _scores() for k in names}
-    calib: dict[float, Scores] = {g: _scores() for g in GAINS}
+    rows: dict[str, Scores] = {k: new_scores() for k in names}
+    calib: dict[float, Scores] = {g: new_scores() for g in GAINS}
     panels: list[list[Image.Image]] = []
     for url, rel in pairs:
         pair = _image_pair(cfg, url, rel, scale)
@@ -171,55 +166,40 @@ def score(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     return _summary(cfg, rows, calib, "lanczos" if scale > 1 else "input", restorer, model), panels
 
 
-def _hole_scores(into: Scores, pred: Image.Image, target: Image.Image, hole: np.ndarray) -> None:
-    """PSNR and luma PSNR over the hole's pixels, SSIM over the hole's bounding box (11 px at least)."""
-    a, b = np.asarray(pred, np.float64), np.asarray(target, np.float64)
-    mse = float(((a - b)[hole] ** 2).mean())
-    luma = np.array([65.481, 128.553, 24.966]) / 255.0  # BT.601, as quality.psnr_y
-    mse_y = float((((a - b) @ luma)[hole] ** 2).mean())
-    into["psnr"].append(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-    into["psnr_y"].append(10 * np.log10(255.0**2 / max(mse_y, 1e-10)))
-    ys, xs = np.nonzero(hole)
-    y0, x0 = min(int(ys.min()), hole.shape[0] - 11), min(int(xs.min()), hole.shape[1] - 11)
-    y1, x1 = max(int(ys.max()) + 1, y0 + 11), max(int(xs.max()) + 1, x0 + 11)
-    box = (max(0, x0), max(0, y0), x1, y1)
-    into["ssim"].append(float(ssim(_t(pred.crop(box)), _t(target.crop(box)))))
-
-
 def score_inpaint(cfg: EvalConfig) -> tuple[dict, list[list[Image.Image]]]:
     """``eval --task inpaint``: per held-out image a generated hole (:func:`degrade.inpaint_mask`,
-    seeded by the file name), filled by the classical base and by the model at each calibration
-    gain, scored in the hole only (outside it every output is the original)."""
+    seeded by the file name), filled by the classical base and by the inpainter (any inpainting
+    backend) at each calibration gain, scored in the hole only (outside it every output is the
+    original): :func:`inpainter.calibrate`."""
     so = cfg.storage.options
-    if backends.backend_for(cfg.checkpoint, so).name != "checkpoint":
-        raise ConfigError("option 'checkpoint': eval --task inpaint scores a latent-pipeline checkpoint")
-    model = loading.load(cfg.checkpoint, so)
-    restorer = Restorer(model, degrade.INPAINT, cfg.settings)
+    model = loading.load(cfg.checkpoint, so) if backends.backend_for(cfg.checkpoint, so).name == "checkpoint" else None
+    inp = (
+        Restorer(model, INPAINT, cfg.settings)
+        if model is not None
+        else backends.load(cfg.checkpoint, INPAINT, cfg.settings, so)
+    )
+    if not isinstance(inp, Inpainter):
+        raise ConfigError(f"option 'checkpoint': {storage.redact(cfg.checkpoint)} does not inpaint")
     pairs = storage.list_files(cfg.images, imaging.IMAGE_SUFFIXES, so)[: cfg.max_images]
     if not pairs:
         raise FileNotFoundError(f"no images at {storage.redact(cfg.images)}")
-    rows: dict[str, Scores] = {"model": _scores(), "classical_base": _scores()}
-    calib: dict[float, Scores] = {g: _scores() for g in GAINS}
-    panels: list[list[Image.Image]] = []
+    photos = []
     for url, rel in pairs:
         hr = imaging.to_rgb(imaging.decode(storage.read_bytes(url, so)))
         if min(hr.size) < 16:
             log.warning(f"[eval] {rel}: {hr.size} is too small to score; left out")
             continue
-        hole = degrade.inpaint_mask(hr.height, hr.width, degrade.seed_for(storage.basename(url)))
-        parts = restorer.inpaint_parts(hr, Image.fromarray(hole), with_model=True)
-        by_gain = {g: restorer.compose_inpaint(parts, g) for g in {*GAINS, restorer.gain}}
-        for g in GAINS:
-            _hole_scores(calib[g], by_gain[g], hr, parts.hole)
-        _hole_scores(rows["model"], by_gain[restorer.gain], hr, parts.hole)
-        _hole_scores(rows["classical_base"], by_gain[0.0], hr, parts.hole)
-        if len(panels) < 4:
-            masked = np.asarray(hr).copy()
-            masked[parts.hole] = 128
-            panels.append([Image.fromarray(masked), by_gain[0.0], by_gain[1.0], by_gain[restorer.gain], hr])
-    if not rows["model"]["psnr"]:
+        photos.append((hr, degrade.inpaint_mask(hr.height, hr.width, degrade.seed_for(storage.basename(url)))))
+    if not photos:
         raise ConfigError(f"option 'images': none of the images under {storage.redact(cfg.images)} is large enough")
-    return _summary(cfg, rows, calib, "classical_base", restorer, model), panels
+    cal = inpainter.calibrate(inp, photos, GAINS, keep=4)
+    panels = []
+    for (hr, hole), outs in zip(photos, cal.outputs):
+        masked = np.asarray(hr).copy()
+        masked[hole] = 128
+        panels.append([Image.fromarray(masked), outs[0.0], outs[1.0], outs[inp.gain], hr])
+    rows = {"model": cal.by_gain[inp.gain], "classical_base": cal.by_gain[0.0]}
+    return _summary(cfg, rows, cal.by_gain, "classical_base", inp, model), panels
 
 
 def _image_pair(cfg: EvalConfig, url: str, rel: str, scale: int) -> tuple[Image.Image, Image.Image] | None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 
 from pipeline.io import checkpoint, imaging, storage
-from pipeline.restoration.inpaint_refiner import RefinerInpainter, calibrate
+from pipeline.models import degrade
+from pipeline.restoration.inpaint_refiner import RefinerInpainter
+from pipeline.restoration.inpainter import calibrate
 from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.eval import GAINS
 from pipeline.train import refiner as training
@@ -42,13 +44,16 @@ def calibrate_inpaint(url: str, cfg: RefinerTrainConfig) -> float:
     if not files:
         raise FileNotFoundError(f"no images at {storage.redact(cfg.calibration_images)}")
     photos = [imaging.to_rgb(imaging.decode(storage.read_bytes(u, so))) for u, _ in files]
-    result = calibrate(RefinerInpainter(url, "inpaint", RestoreSettings(gain=1.0), so), photos, GAINS)
+    holes = [(im, degrade.inpaint_mask(im.height, im.width, seed=i)) for i, im in enumerate(photos)]
+    cal = calibrate(RefinerInpainter(url, "inpaint", RestoreSettings(gain=1.0), so), holes, GAINS)
     info = checkpoint.read_info(checkpoint.local_copy(url, so))
-    info.gain = float(result["recommended_gain"])
-    info.calibration = {k: v for k, v in result.items() if k != "recommended_gain"}
+    info.gain = cal.recommended()
+    by_gain = cal.summary()
+    psnr = {g: c["psnr"] for g, c in by_gain.items()}
+    info.calibration = {"images": len(photos), "psnr_by_gain": psnr, "by_gain": by_gain}
     storage.write_bytes(storage.join(url, checkpoint.CONFIG_NAME), info.to_json().encode(), so)
     log.info(
-        f"[train-refiner] calibrated gain {info.gain} on {result['images']} held-out photos "
-        f"(hole PSNR by gain {result['hole_psnr_by_gain']} dB); restore --task inpaint uses it by default"
+        f"[train-refiner] calibrated gain {info.gain} on {len(photos)} held-out photos "
+        f"(hole PSNR by gain {psnr} dB); restore --task inpaint uses it by default"
     )
     return info.gain
