@@ -19,6 +19,15 @@ MANIFEST_NAME = "_manifest.json"
 ERRORS_NAME = "_errors.jsonl"
 
 
+HOLE_FIELD = "inpaint_hole.npy"  # the inpaint view's hole at the latent grid, (1, h, w), 0 or 1
+
+
+def task_fields(tasks: list[str]) -> list[str]:
+    """The fields a sample stores for its task views: ``TASK.npy`` (the view's latent) each, and
+    :data:`HOLE_FIELD` with the ``inpaint`` view."""
+    return [f"{t}.npy" for t in tasks] + ([HOLE_FIELD] if "inpaint" in tasks else [])
+
+
 def build(
     records: list[dict],
     *,
@@ -53,7 +62,7 @@ def build(
     }
     if totals["seen"] != totals["written"] + sum(skipped.values()):
         raise AssertionError(f"seen != written + skipped: {totals}")
-    fields = ["latent.npy", "std.npy", "json"] + [f"{t}.npy" for t in tasks]
+    fields = ["latent.npy", "std.npy", "json", *task_fields(tasks)]
     if flip:
         fields += ["latent_flip.npy", "std_flip.npy"]
     for te in text_encoders or []:

@@ -7,6 +7,10 @@ Tasks:
   Lanczos interpolation (the classical baseline restoration must never fall below).
 * ``restore``: Gaussian blur (sigma 1.2 px), Gaussian noise (sigma 8/255), then JPEG at
   quality 35, at the same size; the view is the degraded image itself.
+* ``inpaint`` (not a degradation, so not in :data:`TASKS`): a generated hole
+  (:func:`training_hole`: boxes and strokes, 5 to 25 per cent, seeded by the key); the view is
+  the image with the hole filled by the classical base (:func:`inpaint_base`), and the model also
+  sees the hole max-pooled to the latent grid (:func:`pool_hole`).
 
 Every random choice is seeded from the sample key, so a view is identical at caching time, at
 inference time and across re-runs. :func:`condition_view` is the function both caching
@@ -43,7 +47,7 @@ TASKS: dict[str, Task] = {
 }
 
 
-INPAINT = "inpaint"  # zero-shot only: no degradation to train on, so not in TASKS
+INPAINT = "inpaint"  # a hole, not a degradation of the whole image: not in TASKS, but trainable
 RESTORE_TASKS = (*TASKS, INPAINT)
 # the upscale factors of the tasks, and each factor's task (``restore --scale``)
 UPSCALE_TASKS: dict[int, str] = {t.scale: name for name, t in TASKS.items() if t.scale > 1}
@@ -189,7 +193,10 @@ def classical_base(task: str, degraded: Pixels) -> np.ndarray:
 
 
 def task_view_pixels(task: str, target: Image.Image, key: str) -> np.ndarray:
-    """Caching-time view of a clean target image: degrade, then :func:`condition_view`."""
+    """Caching-time view of a clean target image: degrade, then :func:`condition_view`; for
+    ``inpaint``, the target with its :func:`training_hole` filled by :func:`inpaint_base`."""
+    if task == INPAINT:
+        return to_tensor_array(inpaint_base(target, training_hole(key, target.height, target.width)))
     view = condition_view(task, degrade(task, target, seed_for(key)))
     assert isinstance(view, Image.Image)  # an image in, an image out
     if view.size != target.size:  # sizes not divisible by the factor
@@ -209,15 +216,23 @@ INPAINT_EXACT_PIXELS = 1 << 18
 _RING = 4  # known pixels kept around the hole at the coarse resolution (the stencil reaches 2)
 
 
+def pool_hole(hole: np.ndarray, f: int) -> np.ndarray:
+    """The hole (bool (H, W)) at 1/``f`` resolution, edge-padded to a multiple of ``f`` and
+    max-pooled: a coarse pixel is in the hole where any pixel of its block is. An inpainting
+    model's mask condition is this at the latent grid (``f`` = the autoencoder's downsampling),
+    at caching time and at inference time."""
+    h, w = hole.shape
+    m = np.pad(hole, ((0, -h % f), (0, -w % f)), mode="edge")
+    return np.asarray(m.reshape(m.shape[0] // f, f, m.shape[1] // f, f).any((1, 3)))
+
+
 def _shrink(pixels: np.ndarray, hole: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
     """The image and hole at 1/``f`` resolution (edge-padded to a multiple of ``f``): a coarse pixel
     is the mean of its block, known where its whole block is."""
     h, w = hole.shape
-    pad = ((0, -h % f), (0, -w % f))
-    p = np.pad(pixels, (*pad, (0, 0)), mode="edge")
-    m = np.pad(hole, pad, mode="edge")
+    p = np.pad(pixels, ((0, -h % f), (0, -w % f), (0, 0)), mode="edge")
     hh, ww = p.shape[0] // f, p.shape[1] // f
-    return p.reshape(hh, f, ww, f, -1).mean((1, 3)), np.asarray(m.reshape(hh, f, ww, f).any((1, 3)))
+    return p.reshape(hh, f, ww, f, -1).mean((1, 3)), pool_hole(hole, f)
 
 
 def biharmonic_fill(pixels: np.ndarray, hole: np.ndarray, *, exact_pixels: int = INPAINT_EXACT_PIXELS) -> np.ndarray:
@@ -330,3 +345,9 @@ def inpaint_mask(height: int, width: int, seed: int, coverage: tuple[float, floa
         if share >= target:
             break
     return np.asarray(canvas, bool)
+
+
+def training_hole(key: str, height: int, width: int) -> np.ndarray:
+    """The generated hole of a training sample (:func:`inpaint_mask` seeded by its key): the same
+    at caching time (the view, ``encode --tasks inpaint``) and whenever it is made again."""
+    return inpaint_mask(height, width, seed_for(key))

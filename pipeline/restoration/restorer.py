@@ -26,12 +26,14 @@ decoded as a whole. The output is
 
 Model kinds: a checkpoint trained with ``train --task T`` (concat-conditioned, it generates the
 residual latent ``(z - z_base) * residual_scale`` from noise), or any unconditional checkpoint in
-zero-shot mode (SDEdit: noise ``z_base`` to ``t = noise`` and integrate back). Inpainting is
-zero-shot with any unconditional checkpoint, on the same rule: ``out = base + gain * feather *
-(fill - base)`` in the hole (the feather rises over :data:`degrade.INPAINT_FEATHER` pixels inside
-it), the input's own pixels byte for byte outside it. The fill starts from the base's latent
-(not the masked image's) and re-imposes the known latents at every step (RePaint-style). A
-zero-shot checkpoint is uncalibrated, so its default gain is :data:`UNCALIBRATED_GAIN` (0): the
+zero-shot mode (SDEdit: noise ``z_base`` to ``t = noise`` and integrate back). Inpainting runs on
+the same rule (:class:`inpainter.Inpainter`): ``out = base + gain * feather * (fill - base)`` in
+the hole (the feather rises over :data:`degrade.INPAINT_FEATHER` pixels inside it), the input's
+own pixels byte for byte outside it. With a ``train --task inpaint`` checkpoint the fill is
+``base + D(z) - D(z_base)``, ``z`` generated conditioned on the base's latent and the hole at the
+latent grid (as the model was trained); with an unconditional one it is zero-shot RePaint: it
+starts from the base's latent (not the masked image's) and re-imposes the known latents at every
+step. Either way an uncalibrated checkpoint's default gain is :data:`UNCALIBRATED_GAIN` (0): the
 default inpainting result is the classical fill, never below it.
 A mask of another size than its image is refused (ValueError), never resized.
 
@@ -123,8 +125,6 @@ def check_compatible(info: CheckpointInfo, task: str) -> str:
     degrade.check_task(task, allow_inpaint=True)
     if conditional and info.task != task:
         raise ConfigError(f"the checkpoint was trained for task {info.task!r}, not {task!r}")
-    if task == INPAINT and conditional:
-        raise ConfigError("inpainting needs an unconditional checkpoint (zero-shot)")
     return task
 
 
@@ -267,6 +267,12 @@ class Restorer(Inpainter):
         assert self.refiner is not None
         return tiled_apply(self.refiner, base, self.opts.tile, self.opts.overlap)
 
+    def _sampler(self):
+        """The sampler and its steps for ``--mode``: fidelity, one Euler step from t = 1 (the flow
+        model's posterior mean, x0_hat = x_1 - v_hat(x_1, 1)); detail, ``--sampler`` in ``--steps``."""
+        o = self.opts
+        return (flow.euler, 1) if o.mode == "fidelity" else (flow.SAMPLERS[o.sampler], o.steps)
+
     def _latent_residual(self, view: torch.Tensor, base: torch.Tensor, n: int) -> torch.Tensor:
         """The pixel detail from the latent model, measured from the classical base."""
         o = self.opts
@@ -274,9 +280,7 @@ class Restorer(Inpainter):
         shape = (1, *z_base.shape[1:])
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(o.seed)) for _ in range(n)])
         noise = noise.to(self.device)
-        # fidelity: one Euler step from t = 1 is the flow model's posterior mean,
-        # x0_hat = x_1 - v_hat(x_1, 1); detail: integrate the sampler in --steps steps
-        sample, steps = (flow.euler, 1) if o.mode == "fidelity" else (flow.SAMPLERS[o.sampler], o.steps)
+        sample, steps = self._sampler()
         if not self.conditional:  # zero-shot SDEdit from the classical result
             t0 = float(o.noise)
             if t0 == 0:
@@ -317,22 +321,29 @@ class Restorer(Inpainter):
         return np.clip((arr + 1.0) * 127.5, 0, 255)  # float32 levels; 8 bits: from_tensor_array's rounding
 
     def fill(self, image: np.ndarray, base: np.ndarray, hole: np.ndarray) -> np.ndarray:
-        """The model's fill (float (H, W, 3), 0..255), zero-shot RePaint around the classical fill:
-        the latent of the base (the hole filled smoothly, not masked to zeros) is noised to
-        ``--noise`` and integrated back in ``--steps`` steps, the known latents re-imposed after each,
-        then decoded. (Measured on 8 held-out photos at gain 1: starting from the base's latent
-        scored +0.13 dB in the hole over the masked image's; adding ``D(z) - D(z_base)`` to the
-        base instead of the decode itself scored 0.24 dB lower.)"""
+        """The model's fill (float (H, W, 3), 0..255) around the classical fill. Both kinds start
+        from ``z_base``, the latent of the base (the hole filled smoothly, not masked to zeros), and
+        the hole at the latent grid (:func:`degrade.pool_hole`, as at caching time).
+
+        * a ``train --task inpaint`` checkpoint generates the residual latent conditioned on
+          ``(z_base, hole)`` (fidelity: the one-step posterior mean; detail: ``--steps`` steps), and
+          the fill is ``base + D(z) - D(z_base)`` (:meth:`_conditional_fill`);
+        * an unconditional one is zero-shot RePaint: ``z_base`` is noised to ``--noise`` and
+          integrated back in ``--steps`` steps, the known latents re-imposed after each, then decoded.
+          (Measured on 8 held-out photos at gain 1: starting from the base's latent scored +0.13 dB
+          in the hole over the masked image's; adding ``D(z) - D(z_base)`` to the base instead of
+          the decode itself scored 0.24 dB lower.)"""
         o = self.opts
         t0 = float(o.noise)
-        if t0 == 0:  # no noise: nothing to sample, the fill is the base
+        if t0 == 0 and not self.conditional:  # no noise: nothing to sample, the fill is the base
             return base
         x, (h, w) = pad_to(torch.from_numpy(base.transpose(2, 0, 1) / 127.5 - 1.0).float()[None], self.multiple)
-        m, _ = pad_to(torch.from_numpy(hole.astype(np.float32))[None, None], self.multiple)
-        x, m = x.to(self.device), m.to(self.device)
-        z_base = self._encode(x)
-        m_lat = F.max_pool2d(m, self.down)
+        padded = np.pad(hole, ((0, x.shape[-2] - h), (0, x.shape[-1] - w)), mode="edge")
+        m_lat = torch.from_numpy(degrade.pool_hole(padded, self.down).astype(np.float32))[None, None].to(self.device)
+        z_base = self._encode(x.to(self.device))
         noise = torch.randn(z_base.shape, generator=torch.Generator().manual_seed(o.seed)).to(self.device)
+        if self.conditional:
+            return self._conditional_fill(base, z_base, m_lat, noise, h, w)
         ts = flow.timesteps(o.steps, t0, self.device)
 
         def impose(i: int, z: torch.Tensor) -> torch.Tensor:
@@ -343,3 +354,14 @@ class Restorer(Inpainter):
         z = flow.SAMPLERS[o.sampler](self._model_fn(None), start, o.steps, t_start=t0, callback=impose)
         fill = self._decode(z)[0, :, :h, :w].float().cpu().numpy()
         return (fill.transpose(1, 2, 0) + 1.0) * 127.5
+
+    def _conditional_fill(
+        self, base: np.ndarray, z_base: torch.Tensor, m_lat: torch.Tensor, noise: torch.Tensor, h: int, w: int
+    ) -> np.ndarray:
+        """A ``train --task inpaint`` model's fill: ``base + D(z) - D(z_base)``, ``z`` generated
+        conditioned on the base's latent and the hole at the latent grid."""
+        sample, steps = self._sampler()
+        r = sample(self._model_fn(torch.cat([z_base, m_lat], 1)), noise, steps)
+        z = from_residual(r, z_base, self.residual_scale)
+        detail = (self._decode(z) - self._decode(z_base))[0, :, :h, :w].float().cpu().numpy()
+        return base + detail.transpose(1, 2, 0) * 127.5

@@ -45,7 +45,7 @@ from pipeline.console import Progress, format_seconds
 from pipeline.errors import UserError
 from pipeline.io import buckets, checkpoint, imaging, manifest, storage
 from pipeline.io.tarshards import expand_shards
-from pipeline.models.degrade import TASKS
+from pipeline.models.degrade import RESTORE_TASKS
 from pipeline.stages.encode_captions import (
     BASE_TEXT_NAME,
     describe_base,
@@ -104,7 +104,13 @@ class EncodeConfig:
     max_error_rate: float = option(
         0.5, "exit non-zero (dataset kept) when more than this share of samples is skipped", range=(0, 1)
     )
-    tasks: list[str] = option([], "restoration task views to add (comma-separated)", choices=TASKS, noun="task")
+    tasks: list[str] = option(
+        [],
+        "restoration task views to add (comma-separated; inpaint: a generated hole per sample, the view its "
+        "biharmonic fill, plus the hole at the latent grid)",
+        choices=RESTORE_TASKS,
+        noun="task",
+    )
     text_encoder: list[str] = option(
         [],
         "Hugging Face text encoder folder (model + tokenizer, safetensors weights) to embed each caption with; "

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.config import ConfigError
 from pipeline.io import buckets, imaging, storage
+from pipeline.io.manifest import HOLE_FIELD
 from pipeline.io.tarshards import Sample, TarShardWriter, iter_samples, npy_bytes
 
 if TYPE_CHECKING:
@@ -324,6 +325,8 @@ def _latent_arrays(vae, batch: _Batch, np_dtype, flip: bool) -> tuple[list[dict[
     that holds NaN or Inf (None when all are finite; checked on the whole batch at once)."""
     import torch
 
+    from pipeline.models import degrade
+
     items, n = batch.items, len(batch.items)
     if batch.pixels is not None:
         u8 = torch.from_numpy(batch.pixels).to(vae.device)
@@ -348,6 +351,9 @@ def _latent_arrays(vae, batch: _Batch, np_dtype, flip: bool) -> tuple[list[dict[
     for task in items[0].views:
         post = vae.encode(torch.from_numpy(np.stack([p.views[task] for p in items])))
         fields[f"{task}.npy"] = post.mean.float().cpu().numpy().astype(np_dtype)
+        if task == degrade.INPAINT:  # the view's hole, max-pooled to the latent grid (the model's mask)
+            holes = [degrade.training_hole(p.key, p.size[1], p.size[0]) for p in items]
+            fields[HOLE_FIELD] = np.stack([degrade.pool_hole(h, vae.downsample)[None] for h in holes]).astype(np_dtype)
     bad: list[str | None] = [None] * n
     for name, arr in fields.items():
         for i in np.flatnonzero(~np.isfinite(arr.reshape(n, -1)).all(1)):

@@ -20,7 +20,7 @@ from pipeline.config import ConfigError, option, public_dict, require
 from pipeline.io import checkpoint, imaging, manifest, storage
 from pipeline.io.checkpoint import CheckpointError, CheckpointInfo
 from pipeline.models import autoencoder, denoiser, flow, text
-from pipeline.models.degrade import TASKS, residual_target
+from pipeline.models.degrade import INPAINT, RESTORE_TASKS, residual_target
 from pipeline.models.refiner import load as load_refiner
 from pipeline.train.loop import (
     LoopConfig,
@@ -49,7 +49,13 @@ class TrainConfig(LoopConfig):
         "denoiser: U-Net tiny, small, base, large, or transformer dit-tiny, dit-s, dit-b, dit-l, dit-xl "
         "(DiT's published sizes, patch 2)",
     )
-    task: str = option("", "restoration task to train ('' = unconditional)", choices=TASKS, noun="task")
+    task: str = option(
+        "",
+        "restoration task to train ('' = unconditional; inpaint: conditioned on the biharmonic fill's latent "
+        "and the hole at the latent grid)",
+        choices=RESTORE_TASKS,
+        noun="task",
+    )
     num_classes: int = option(0, "class-conditional with this many classes (.cls); 0 = unconditional", range=(0, None))
     label_dropout: float = option(
         0.1, "probability of dropping the class label (classifier-free guidance)", range=(0, 1), hi_open=True
@@ -90,6 +96,11 @@ class TrainConfig(LoopConfig):
             raise ConfigError("option 'calibration-images' needs a --task (it calibrates a restoration model)")
         if self.refiner and not self.task:
             raise ConfigError("option 'refiner' needs a --task (a refiner restores)")
+        if self.refiner and self.task == INPAINT:
+            raise ConfigError(
+                "option 'refiner': an inpainting refiner is a checkpoint of its own (restore --task inpaint "
+                "--checkpoint REFINER), not carried in a latent model"
+            )
         storage.check_separate(
             self.output,
             {
@@ -196,7 +207,7 @@ def train_loop(loop_config: dict) -> None:
             x0 = batch.x0.to(dev)
             kw = batch.model_kwargs(dev)  # cond, y, text, text_mask, pooled
             if kw["cond"] is not None:  # a task model generates the residual over the classical view
-                x0 = residual_target(x0, kw["cond"], residual_scale)
+                x0 = residual_target(x0, view_of(kw["cond"], x0), residual_scale)
             if kw["y"] is not None and cfg.label_dropout:
                 drop = torch.rand(kw["y"].shape, generator=gen).to(dev) < cfg.label_dropout
                 kw["y"] = torch.where(drop, torch.full_like(kw["y"], -1), kw["y"])
@@ -275,9 +286,14 @@ def measure_residual_scale(cfg: TrainConfig, batches: int = 4) -> float:
             cfg.latents, batch_size=cfg.batch_size, task=cfg.task, shuffle_buffer=1, storage_options=cfg.storage.options
         )
     )
-    res = torch.cat([residual_target(b.x0, b.cond, 1.0) for b in (next(stream) for _ in range(batches))])
+    res = torch.cat([residual_target(b.x0, view_of(b.cond, b.x0), 1.0) for b in (next(stream) for _ in range(batches))])
     stream.close()
     return float(1.0 / res.std().clamp_min(1e-4))
+
+
+def view_of(cond: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The view's latent in a task model's condition: its first channels (inpaint: the hole follows)."""
+    return cond[:, : x0.shape[1]]
 
 
 BYTES_PER_PARAMETER = 20  # fp32 weights, gradients, EMA and AdamW's two moments (activations not counted)
@@ -291,7 +307,7 @@ def model_config(cfg: TrainConfig, man: dict):
     return denoiser.config_for(
         cfg.model,
         latent_channels=channels,
-        cond_channels=channels if cfg.task else 0,
+        cond_channels=(channels + (cfg.task == INPAINT)) if cfg.task else 0,  # inpaint: + the hole
         num_classes=cfg.num_classes,
         text_dim=spec.text_dim if spec else 0,
         pooled_dim=spec.pooled_dim if spec else 0,

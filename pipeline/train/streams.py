@@ -39,6 +39,7 @@ import torch
 from pipeline.io import manifest, storage
 from pipeline.io.tarshards import iter_samples, load_npy
 from pipeline.models.autoencoder import scale_latents
+from pipeline.models.degrade import INPAINT
 
 
 def rank_shards(shards: list[str], rank: int, world: int, epoch: int, seed: int) -> list[str]:
@@ -56,7 +57,7 @@ def rank_shards(shards: list[str], rank: int, world: int, epoch: int, seed: int)
 @dataclass
 class Batch:
     x0: torch.Tensor  # scaled latents (B, C, h, w)
-    cond: torch.Tensor | None  # scaled task view latents, or None
+    cond: torch.Tensor | None  # scaled task view latents (inpaint: and the hole, one more channel), or None
     y: torch.Tensor | None  # class ids, or None
     text: torch.Tensor | None = None  # caption tokens (B, L, text_dim), zero-padded
     text_mask: torch.Tensor | None = None  # (B, L) True = real token
@@ -241,7 +242,11 @@ def latent_stream(
         cond = None
         if task:
             raw = np.stack([load_npy(s[f"{task}.npy"]) for s in items]).astype(np.float32)
-            cond = torch.from_numpy(scale_latents(raw, scale, shift))
+            view = scale_latents(raw, scale, shift)
+            if task == INPAINT:  # inpaint: the hole at the latent grid is a channel too
+                holes = np.stack([load_npy(s[manifest.HOLE_FIELD]) for s in items]).astype(np.float32)
+                view = np.concatenate([view, holes], 1)
+            cond = torch.from_numpy(view)
         y = None
         if use_classes:
             y = torch.from_numpy(np.array([int(s["cls"].decode()) if "cls" in s else -1 for s in items], np.int64))
