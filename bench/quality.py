@@ -22,6 +22,16 @@ base and of the refiner at its calibrated gain (and at gain 1) on the held-out p
 each with a generated hole of 5-25 % (seed 1000 + its position):
 
     python bench/quality.py --inpaint-refiner --refiner-steps 300
+
+The latent inpainting part (:func:`inpaint_latent`, the detail mode) trains an autoencoder
+(``--vae-steps``) on 96-px crops of the demo's training photos, encodes them at 64 px with the
+inpaint view (``encode --tasks inpaint``), trains ``train --task inpaint`` for ``--latent-steps``
+with its gain calibrated on the calibration photos, then scores the hole of the same held-out
+photos and holes as the refiner part: the base, the model at its calibrated gain and at gain 1,
+in fidelity (one-step mean) and detail (``--steps``-step sample) mode. ``--workdir`` keeps the
+run (a re-run with the same folder skips what is done and resumes the training):
+
+    python bench/quality.py --inpaint-latent --vae-steps 300 --latent-steps 400 --workdir /tmp/bench-inpaint
 """
 
 from __future__ import annotations
@@ -51,7 +61,6 @@ def sharpness(im: Image.Image) -> float:
 
 def inpaint_refiner(root: str, steps: int) -> dict:
     """Train, calibrate and score the inpainting refiner (see the module doc); the result's dict."""
-    from pipeline.models import degrade
     from pipeline.restoration import inpainter as inpainting
     from pipeline.restoration.inpaint_refiner import RefinerInpainter
     from pipeline.stages.shards import ShardsConfig, run_shards
@@ -78,10 +87,7 @@ def inpaint_refiner(root: str, steps: int) -> dict:
     )
     seconds = time.perf_counter() - t  # training, held-out scoring and calibration
     inpainter = RefinerInpainter(os.path.join(root, "refiner"), "inpaint", RestoreSettings())
-    photos = []
-    for i, name in enumerate(HELD_OUT):
-        im = sample_photos.load_photo(name)
-        photos.append((im, degrade.inpaint_mask(im.height, im.width, seed=INPAINT_SEED + i)))
+    photos = _held_out_holes()
     coverage = [round(float(hole.mean()), 3) for _, hole in photos]
     cal = inpainting.calibrate(inpainter, photos, (1.0,))
     rows = {
@@ -104,11 +110,89 @@ def inpaint_refiner(root: str, steps: int) -> dict:
     }
 
 
+def _held_out_holes() -> list:
+    """The held-out photos, whole, each with its generated hole (seed :data:`INPAINT_SEED` + its position)."""
+    from pipeline.models import degrade
+
+    photos = []
+    for i, name in enumerate(HELD_OUT):
+        im = sample_photos.load_photo(name)
+        photos.append((im, degrade.inpaint_mask(im.height, im.width, seed=INPAINT_SEED + i)))
+    return photos
+
+
+def inpaint_latent(root: str, vae_steps: int, steps: int, sample_steps: int) -> dict:
+    """Train, calibrate and score the latent inpainting model (see the module doc); the result's dict."""
+    from pipeline.io import checkpoint
+    from pipeline.models import loading
+    from pipeline.restoration import inpainter as inpainting
+    from pipeline.restoration.restorer import Restorer
+    from pipeline.stages.encode import EncodeConfig, run_encode
+    from pipeline.stages.shards import ShardsConfig, run_shards
+    from pipeline.stages.train import TrainConfig, run_train
+    from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
+
+    p = {k: os.path.join(root, k) for k in ("photos", "shards", "vae", "lat", "calib", "model")}
+    t = time.perf_counter()
+    if not os.path.exists(p["shards"]):
+        sample_photos.write_crops(p["photos"], crop=96, per_photo=24)
+        run_shards(ShardsConfig(src=p["photos"], out=p["shards"], samples_per_shard=48))
+    shards = os.path.join(p["shards"], "*.tar")
+    if not os.path.exists(p["vae"]):
+        run_train_vae(
+            VAETrainConfig(
+                images=shards, output=p["vae"], resolution=64, eval_images=24, workers=1, steps=vae_steps,
+                batch_size=16, lr=2e-3, warmup_steps=50, checkpoint_every=vae_steps, log_every=50,
+            )
+        )  # fmt: skip
+    if not os.path.exists(os.path.join(p["lat"], "_manifest.json")):
+        run_encode(EncodeConfig(input=shards, output=p["lat"], vae=p["vae"], resolution=64, tasks=["inpaint"]))
+    if not os.path.exists(p["calib"]):
+        os.makedirs(p["calib"])
+        for name in sample_photos.CALIBRATION_PHOTOS:
+            sample_photos.load_photo(name).save(os.path.join(p["calib"], name.split(".")[0] + ".png"))
+    run_train(
+        TrainConfig(
+            latents=p["lat"], output=p["model"], task="inpaint", calibration_images=p["calib"], workers=1,
+            steps=steps, batch_size=32, lr=1e-3, warmup_steps=50, checkpoint_every=max(50, steps // 4), log_every=50,
+        )
+    )  # fmt: skip
+    seconds = time.perf_counter() - t
+    photos = _held_out_holes()
+    model = loading.load(p["model"])
+    out: dict = {
+        "vae_steps": vae_steps,
+        "steps": steps,
+        "seconds_this_run": round(seconds, 1),
+        "vae_heldout_psnr": round(checkpoint.read_info(checkpoint.latest_checkpoint(p["vae"])).metrics["psnr"], 3),
+        "calibrated_gain": model.info.gain,
+        "calibration_hole_psnr_by_gain": model.info.calibration["psnr_by_gain"],
+        "images": list(HELD_OUT),
+        "hole_coverage": [round(float(hole.mean()), 3) for _, hole in photos],
+    }
+    for mode in ("fidelity", "detail"):
+        inp = Restorer(model, "inpaint", RestoreSettings(mode=mode, steps=sample_steps))
+        cal = inpainting.calibrate(inp, photos, (1.0,))
+        rows = {row: cal.by_gain[g] for row, g in (("base", 0.0), ("model", inp.gain), ("gain_1", 1.0))}
+        base = rows["base"]["psnr"]
+        out[mode] = {
+            "hole_psnr_mean": {k: round(float(np.mean(v["psnr"])), 3) for k, v in rows.items()},
+            "hole_ssim_mean": {k: round(float(np.mean(v["ssim"])), 4) for k, v in rows.items()},
+            "gain_1_minus_base_worst_db": round(min(a - b for a, b in zip(rows["gain_1"]["psnr"], base)), 3),
+            "per_image_psnr": {k: [round(x, 3) for x in v["psnr"]] for k, v in rows.items()},
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--inpaint-refiner", action="store_true", help="the inpainting refiner part instead (see above)")
     ap.add_argument("--refiner-steps", type=int, default=300, help="inpainting refiner: training steps")
+    ap.add_argument("--inpaint-latent", action="store_true", help="the latent inpainting part instead (see above)")
+    ap.add_argument("--vae-steps", type=int, default=300, help="latent inpainting: autoencoder training steps")
+    ap.add_argument("--latent-steps", type=int, default=400, help="latent inpainting: denoiser training steps")
+    ap.add_argument("--workdir", default="", help="latent inpainting: keep the run here (default: a temporary folder)")
     ap.add_argument("--task", default="upscale4")
     ap.add_argument("--images", default="", help="held-out photos (default: scikit-image's, see above)")
     ap.add_argument("--gain", type=float, default=None, help="detail gain (default: the checkpoint's calibrated one)")
@@ -120,6 +204,15 @@ def main() -> None:
             res = inpaint_refiner(root, args.refiner_steps)
         print(json.dumps(res, indent=2))
         path = os.path.join(os.path.dirname(args.json), "quality_inpaint_refiner.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+        return
+    if args.inpaint_latent:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = inpaint_latent(args.workdir or tmp, args.vae_steps, args.latent_steps, args.steps)
+        print(json.dumps(res, indent=2))
+        path = os.path.join(os.path.dirname(args.json), "quality_inpaint_latent.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(res, f, indent=2)
