@@ -199,24 +199,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="detail mode steps")
     ap.add_argument("--json", default="bench/results/quality.json")
     args = ap.parse_args()
-    if args.inpaint_refiner:
-        with tempfile.TemporaryDirectory() as root:
-            res = inpaint_refiner(root, args.refiner_steps)
-        print(json.dumps(res, indent=2))
-        path = os.path.join(os.path.dirname(args.json), "quality_inpaint_refiner.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
-        return
-    if args.inpaint_latent:
+    if args.inpaint_refiner or args.inpaint_latent:
         with tempfile.TemporaryDirectory() as tmp:
-            res = inpaint_latent(args.workdir or tmp, args.vae_steps, args.latent_steps, args.steps)
-        print(json.dumps(res, indent=2))
-        path = os.path.join(os.path.dirname(args.json), "quality_inpaint_latent.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
-        return
+            if args.inpaint_refiner:
+                part, res = "refiner", inpaint_refiner(tmp, args.refiner_steps)
+            else:
+                part, res = "latent", inpaint_latent(args.workdir or tmp, args.vae_steps, args.latent_steps, args.steps)
+        return _write(args, res, os.path.join(os.path.dirname(args.json), f"quality_inpaint_{part}.json"))
     if not args.checkpoint:
         ap.error("--checkpoint is required (or --inpaint-refiner)")
     with tempfile.TemporaryDirectory() as root:
@@ -303,10 +292,12 @@ def inpaint_scores(args: argparse.Namespace, images: str, root: str) -> dict:
     }
 
 
-def _write(args: argparse.Namespace, out: dict) -> None:
+def _write(args: argparse.Namespace, out: dict, path: str = "") -> None:
+    """Print the result and write it to ``path`` (default: ``--json``)."""
+    path = path or args.json
     print(json.dumps(out, indent=2))
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(out, f, indent=2)
 
 

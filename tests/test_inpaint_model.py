@@ -85,6 +85,7 @@ def test_encode_caches_the_biharmonic_view_and_the_generated_hole(inpaint_run):
         np.testing.assert_allclose(load_npy(s.fields["inpaint.npy"]).astype(np.float32), want_view, atol=2e-2)
         assert not np.allclose(load_npy(s.fields["latent.npy"]).astype(np.float32), want_view, atol=2e-2)
 
+
 def test_train_inpaint_conditions_on_the_view_and_the_hole_and_calibrates(inpaint_run):
     ckpt = checkpoint.latest_checkpoint(str(inpaint_run / "run"))
     info = checkpoint.read_info(ckpt)
@@ -152,4 +153,3 @@ def test_the_training_hole_is_seeded_by_the_key_and_pooled_by_any():
     hole[5, 8] = True  # one pixel in the last, edge-padded block
     pooled = degrade.pool_hole(hole, 4)
     assert pooled.shape == (3, 3) and pooled.sum() == 1 and pooled[1, 2]
-
