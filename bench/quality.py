@@ -129,7 +129,7 @@ def inpaint_latent(root: str, vae_steps: int, steps: int, sample_steps: int) -> 
     from pipeline.restoration.restorer import Restorer
     from pipeline.stages.encode import EncodeConfig, run_encode
     from pipeline.stages.shards import ShardsConfig, run_shards
-    from pipeline.stages.train import TrainConfig, run_train
+    from pipeline.stages.train import TrainConfig, calibrate, run_train
     from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
 
     p = {k: os.path.join(root, k) for k in ("photos", "shards", "vae", "lat", "calib", "model")}
@@ -151,12 +151,14 @@ def inpaint_latent(root: str, vae_steps: int, steps: int, sample_steps: int) -> 
         os.makedirs(p["calib"])
         for name in sample_photos.CALIBRATION_PHOTOS:
             sample_photos.load_photo(name).save(os.path.join(p["calib"], name.split(".")[0] + ".png"))
-    run_train(
-        TrainConfig(
-            latents=p["lat"], output=p["model"], task="inpaint", calibration_images=p["calib"], workers=1,
-            steps=steps, batch_size=32, lr=1e-3, warmup_steps=50, checkpoint_every=max(50, steps // 4), log_every=50,
-        )
+    cfg = TrainConfig(
+        latents=p["lat"], output=p["model"], task="inpaint", calibration_images=p["calib"], workers=1,
+        steps=steps, batch_size=32, lr=1e-3, warmup_steps=50, checkpoint_every=max(50, steps // 4), log_every=50,
     )  # fmt: skip
+    if not os.path.exists(p["model"]) or loading.describe(p["model"]).step < steps:
+        run_train(cfg)  # (and calibrates)
+    if loading.describe(p["model"]).gain is None:  # a run stopped while calibrating
+        calibrate(p["model"], cfg)
     seconds = time.perf_counter() - t
     photos = _held_out_holes()
     model = loading.load(p["model"])
