@@ -23,6 +23,15 @@ from pipeline.stages.train import TrainConfig, run_train
 from pipeline.train.diffusion import train_model
 
 
+def _encode(root, output: str, tasks: list[str]) -> None:
+    """Encode the run's image shards with its tiny autoencoder at 64 px."""
+    run_encode(
+        EncodeConfig(
+            input=str(root / "shards" / "*.tar"), output=output, vae=str(root / "vae"), resolution=64, tasks=tasks
+        )
+    )
+
+
 @pytest.fixture(scope="module")
 def inpaint_run(tmp_path_factory, ray_cluster):
     """photos -> shards -> latents with the inpaint view -> train --task inpaint, calibrated."""
@@ -30,15 +39,7 @@ def inpaint_run(tmp_path_factory, ray_cluster):
     write_photo_folder(str(root / "photos"), n=16, size=64)
     run_shards(ShardsConfig(src=str(root / "photos"), out=str(root / "shards"), samples_per_shard=8))
     autoencoder.save_kl(autoencoder.new_kl("tiny", seed=0)[0], str(root / "vae"))
-    run_encode(
-        EncodeConfig(
-            input=str(root / "shards" / "*.tar"),
-            output=str(root / "lat"),
-            vae=str(root / "vae"),
-            resolution=64,
-            tasks=["inpaint"],
-        )
-    )
+    _encode(root, str(root / "lat"), ["inpaint"])
     (root / "calib").mkdir()
     for i, im in enumerate(photo_crops(3, 64, seed=40)):
         im.save(root / "calib" / f"c{i}.png")
@@ -130,14 +131,7 @@ def test_restore_with_the_inpainting_model_changes_only_the_hole(inpaint_run):
 
 
 def test_a_dataset_without_the_inpaint_view_is_refused_in_one_line(inpaint_run, tmp_path):
-    run_encode(
-        EncodeConfig(
-            input=str(inpaint_run / "shards" / "*.tar"),
-            output=str(tmp_path / "plain"),
-            vae=str(inpaint_run / "vae"),
-            resolution=64,
-        )
-    )
+    _encode(inpaint_run, str(tmp_path / "plain"), [])
     with pytest.raises(ConfigError, match=r"^the latent dataset has no 'inpaint' view; encode with --tasks inpaint$"):
         train_model(TrainConfig(latents=str(tmp_path / "plain"), output=str(tmp_path / "o"), task="inpaint"))
     with pytest.raises(ConfigError, match="an inpainting refiner is a checkpoint of its own"):
