@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.grad import conv2d_input
 
 from pipeline.config import ConfigError, option, public_dict, redefault, require
 from pipeline.io import checkpoint, manifest, storage
@@ -164,7 +165,7 @@ class _FrozenConvFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         c = ctx.conv
-        return torch.nn.grad.conv2d_input(ctx.shape, c.weight, grad, c.stride, c.padding, c.dilation, c.groups), None
+        return conv2d_input(ctx.shape, c.weight, grad, c.stride, c.padding, c.dilation, c.groups), None
 
 
 class FrozenConv2d(torch.nn.Conv2d):

@@ -479,7 +479,7 @@ def fit(loop_fn, loop_config: dict, cfg: LoopConfig):
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            worker_runtime_env={"env_vars": env} if env else None,  # type: ignore[call-arg]
+            worker_runtime_env={"env_vars": env} if env else None,
             # Ray Train's own "worker group started" lines only with --verbose (a Train v2 option:
             # ray.train exports v2's RunConfig at run time, the type stubs see the v1 one)
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # type: ignore[call-arg]
