@@ -41,18 +41,6 @@ def ensure_ray(address: str = "", num_cpus: int | None = None) -> None:
     quiet_libraries(verbose)
 
 
-# Environment of the CPU workers that run torch (encode tasks, training workers). OpenMP threads
-# that spin-wait after each parallel region (libgomp's default) take the cores the worker's other
-# threads need (decode threads, the training stream, Ray's own), while a step is as fast without
-# spinning (bench/encode.py and bench/train.py measure both; figures in docs/benchmarks.md).
-CPU_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def cpu_worker_env() -> dict[str, str]:
-    """:data:`CPU_WORKER_ENV` less what the driver's environment sets (a user's own value is kept)."""
-    return {k: v for k, v in CPU_WORKER_ENV.items() if k not in os.environ}
-
-
 def setup_worker() -> None:
     """Worker set-up hook (every worker process of this run's jobs): redact every log record
     the worker makes, as the driver does (:func:`console.install_redaction`; the AWS

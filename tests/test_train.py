@@ -265,23 +265,3 @@ def test_optimizer_state_round_trips_through_safetensors():
     for idx in a["state"]:
         for k, v in a["state"][idx].items():
             assert torch.equal(v, b["state"][idx][k])
-
-
-def test_cpu_training_workers_run_with_passive_openmp_unless_the_user_sets_it(ray_cluster, tmp_path, monkeypatch):
-    """Spinning OpenMP threads take the cores a CPU worker's other threads need (bench/train.py
-    part finetune-naive); a value in the driver's environment is the user's and is kept."""
-    seen = tmp_path / "seen.txt"
-
-    def loop_fn(_config):
-        import ray.train
-
-        if ray.train.get_context().get_world_rank() == 0:
-            seen.write_text(os.environ.get("OMP_WAIT_POLICY", "unset"))
-
-    for driver, expected in ((None, "PASSIVE"), ("ACTIVE", "unset")):
-        if driver is None:
-            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-        else:
-            monkeypatch.setenv("OMP_WAIT_POLICY", driver)
-        loop.fit(loop_fn, {}, loop.LoopConfig(output=str(tmp_path / f"run-{expected}"), max_failures=0))
-        assert seen.read_text() == expected

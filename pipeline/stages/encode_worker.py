@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import tempfile
 import threading
@@ -25,12 +26,17 @@ import numpy as np
 from pipeline.config import ConfigError
 from pipeline.io import buckets, imaging, storage
 from pipeline.io.tarshards import Sample, TarShardWriter, iter_samples, npy_bytes
-from pipeline.ray_setup import cpu_worker_env
 
 if TYPE_CHECKING:
     from pipeline.stages.encode import EncodeConfig
 
 SETTINGS_NAME = "_settings.json"  # the settings fingerprint that owns an output
+# Environment of the encode tasks' worker processes. OpenMP threads that spin-wait after each
+# parallel region (libgomp's default) take the cores the decode threads need, while a real
+# encoder's forward is as fast without spinning (bench/encode.py measures both; the figures are
+# in docs/benchmarks.md). A variable set in the driver's environment is left to the user.
+TASK_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 _ENCODERS: dict[tuple, Any] = {}
 _TEXT_ENCODERS: dict[tuple, Any] = {}
 
@@ -486,8 +492,8 @@ def text_encoder_facts(cfg: EncodeConfig) -> list[TextEncoderFacts]:
 
 
 def task_options(cfg: EncodeConfig) -> dict[str, Any]:
-    """Ray options of an encode task: its resources, and :func:`ray_setup.cpu_worker_env`."""
-    env = cpu_worker_env()
+    """Ray options of an encode task: its resources, and :data:`TASK_ENV_VARS` not set by the user."""
+    env = {k: v for k, v in TASK_ENV_VARS.items() if k not in os.environ}
     options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "name": "encode_shard"}
     if env:
         options["runtime_env"] = {"env_vars": env}

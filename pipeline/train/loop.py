@@ -451,7 +451,7 @@ def fit(loop_fn, loop_config: dict, cfg: LoopConfig):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_setup import check_fits, cpu_worker_env, ensure_ray
+    from pipeline.ray_setup import check_fits, ensure_ray
 
     verbose = logging.getLogger("pipeline").level == logging.DEBUG
     ensure_ray(cfg.ray.address)
@@ -466,7 +466,6 @@ def fit(loop_fn, loop_config: dict, cfg: LoopConfig):
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.gpus_per_worker:
         resources["GPU"] = cfg.gpus_per_worker
-    env = {} if cfg.gpus_per_worker else cpu_worker_env()
     trainer = TorchTrainer(
         loop_fn,
         train_loop_config=loop_config,
@@ -479,7 +478,6 @@ def fit(loop_fn, loop_config: dict, cfg: LoopConfig):
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            worker_runtime_env={"env_vars": env} if env else None,
             # Ray Train's own "worker group started" lines only with --verbose (a Train v2 option:
             # ray.train exports v2's RunConfig at run time, the type stubs see the v1 one)
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),  # type: ignore[call-arg]
