@@ -24,7 +24,7 @@ from pipeline.models import base as basemod
 from pipeline.models import objectives
 from pipeline.models.base_model import FAMILIES, sdxl_time_ids
 from pipeline.stages.export import ExportConfig, run_export
-from pipeline.train.finetune import FinetuneConfig, FrozenConv2d, add_lora, cache_stream, run_finetune
+from pipeline.train.finetune import FinetuneConfig, add_lora, cache_stream, run_finetune
 from pipeline.train.loop import LoopConfig, new_optimizer
 
 
@@ -52,40 +52,6 @@ def _cfg(sd, out, **kw) -> FinetuneConfig:
         "max_failures": 0,
     }
     return FinetuneConfig(**{**opts, **kw})
-
-
-def test_lora_frozen_convolutions_keep_no_input_and_give_the_same_gradients():
-    """A LoRA step back-propagates through the frozen convolutions; keeping their inputs (which
-    only a weight gradient needs) was most of what LoRA held beyond its needs (bench/train.py)."""
-    cfg = FinetuneConfig(latents="x", base="y", output="/tmp/o", lora_rank=4, lora_targets=basemod.ATTENTION)
-    eps = objectives.from_scheduler_config(json.loads(json.dumps(_sd_scheduler())))
-    g = torch.Generator().manual_seed(0)
-    x, n = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    t, text = objectives.sample_timesteps(eps, 2, g), torch.randn(2, 5, 32, generator=g)
-    grads, kept = [], []
-    for frozen in (False, True):
-        unet = tiny_unet("sd")
-        trained = add_lora(unet, cfg.lora())
-        if not frozen:  # the plain convolutions, as peft's add_adapter leaves them
-            for m in unet.modules():
-                if type(m) is FrozenConv2d:
-                    m.__class__ = torch.nn.Conv2d
-        saved: dict[int, int] = {}
-
-        def keep(tensor, saved=saved):
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            out = unet(objectives.noisy_latents(eps, x, n, t), t, encoder_hidden_states=text).sample
-        objectives.loss(eps, out, x, n, t).backward()
-        grads.append({k: p.grad.clone() for k, p in trained.named_parameters()})
-        kept.append(sum(saved.values()))
-    assert any(type(m) is FrozenConv2d for m in unet.modules())
-    assert grads[0].keys() == grads[1].keys()
-    for k in grads[0]:
-        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
-    assert kept[1] < 0.8 * kept[0]
 
 
 def test_lora_trains_only_the_adapters_and_leaves_every_base_weight_bit_identical():

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.grad import conv2d_input
 
 from pipeline.config import ConfigError, option, public_dict, redefault, require
 from pipeline.io import checkpoint, manifest, storage
@@ -153,51 +152,11 @@ class Trained(torch.nn.Module):
                 self.register_parameter(name.replace(".", "/"), p)
 
 
-class _FrozenConvFn(torch.autograd.Function):
-    """A convolution of a frozen weight: keeps nothing for the backward pass but the module (an
-    ordinary convolution also keeps its input, which only the weight's gradient needs)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-        ctx.conv, ctx.shape = conv, x.shape
-        return conv._conv_forward(x, conv.weight, conv.bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        c = ctx.conv
-        return conv2d_input(ctx.shape, c.weight, grad, c.stride, c.padding, c.dilation, c.groups), None
-
-
-class FrozenConv2d(torch.nn.Conv2d):
-    """``nn.Conv2d`` that, while its weight and bias do not train, back-propagates to its input
-    without keeping the input (:class:`_FrozenConvFn`); the same weights and state dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        trains = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
-        if trains or not (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
-        return _FrozenConvFn.apply(x, self)
-
-
-def freeze_convolutions(model: torch.nn.Module) -> int:
-    """Make ``model``'s plain zero-padded ``nn.Conv2d`` layers :class:`FrozenConv2d` (in place:
-    the class only; weights, names and state dict are unchanged); returns how many. A LoRA run
-    back-propagates through every frozen convolution of the denoiser, and those inputs were what
-    it kept beyond its needs (docs/benchmarks.md, ``bench/train.py --parts finetune``)."""
-    n = 0
-    for m in model.modules():
-        if type(m) is torch.nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-            m.__class__ = FrozenConv2d
-            n += 1
-    return n
-
-
 def add_lora(model: Any, lora: dict) -> torch.nn.Module:
     """Freeze ``model`` (a diffusers denoiser) and add trainable peft adapters (as diffusers' LoRA
     training examples do: ``add_adapter``, or for a model without it, such as PixArt's
     transformer, peft's ``inject_adapter_in_model``, which ``add_adapter`` calls; the parameter
-    names are the same); its frozen convolutions keep no input for the backward pass
-    (:func:`freeze_convolutions`). Returns the module of the trained adapter tensors."""
+    names are the same); returns the module of the trained adapter tensors."""
     from peft import LoraConfig, inject_adapter_in_model
 
     model.requires_grad_(False)
@@ -207,7 +166,6 @@ def add_lora(model: Any, lora: dict) -> torch.nn.Module:
         inject_adapter_in_model(LoraConfig(**lora), model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
-    freeze_convolutions(model)
     return Trained(model)
 
 
