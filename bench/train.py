@@ -18,7 +18,9 @@ Part ``finetune`` (``finetune``'s step on a small SDXL-architecture UNet, random
 (f) full fine-tune vs LoRA (rank 8 on the attention projections), each with and without
     gradient checkpointing, one process each (a fresh spawned process, so the peak RSS is its
     own): median step time and the peak resident memory the step adds over the built model
-    (weights, gradients, AdamW state, activations); ratios against the full fine-tune;
+    (weights, gradients, AdamW state, activations), split into the activations autograd keeps for
+    backward, the gradients + AdamW moments of what trains, and the rest (what glibc malloc keeps
+    of freed temporaries); ratios against the full fine-tune;
     ``--ft-rounds`` interleaved rounds (each runs every variant once, in a rotated order), medians.
 Part ``finetune-naive`` (the same UNet inside the tests' tiny SDXL pipeline, a cache of 32
 128-px images written as `encode --base` writes it):
