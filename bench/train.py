@@ -18,7 +18,9 @@ Part ``finetune`` (``finetune``'s step on a small SDXL-architecture UNet, random
 (f) full fine-tune vs LoRA (rank 8 on the attention projections), each with and without
     gradient checkpointing, one process each (a fresh spawned process, so the peak RSS is its
     own): median step time and the peak resident memory the step adds over the built model
-    (weights, gradients, AdamW state, activations); ratios against the full fine-tune;
+    (weights, gradients, AdamW state, activations), split into the activations autograd keeps for
+    backward, the gradients + AdamW moments of what trains, and the rest (what glibc malloc keeps
+    of freed temporaries); ratios against the full fine-tune;
     ``--ft-rounds`` interleaved rounds (each runs every variant once, in a rotated order), medians.
 Part ``finetune-naive`` (the same UNet inside the tests' tiny SDXL pipeline, a cache of 32
 128-px images written as `encode --base` writes it):
@@ -33,6 +35,7 @@ Usage: python bench/train.py [--parts cache,t2i,finetune,finetune-naive --images
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -154,8 +157,16 @@ def _finetune_step_probe(lora: bool, checkpointing: bool, steps: int, batch: int
     obj = objectives.from_scheduler_config({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear"})
     built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     g = torch.Generator().manual_seed(0)
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    saved: dict[int, int] = {}  # storage -> bytes of what autograd keeps for the backward pass
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
     times = []
-    for _ in range(steps + 1):
+    for i in range(steps + 1):
         x, n = torch.randn(batch, 4, 32, 32, generator=g), torch.randn(batch, 4, 32, 32, generator=g)
         t = objectives.sample_timesteps(obj, batch, g)
         cond = {
@@ -163,22 +174,29 @@ def _finetune_step_probe(lora: bool, checkpointing: bool, steps: int, batch: int
             "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * batch),
         }
         t0 = time.perf_counter()
-        out_ = unet(
-            objectives.noisy_latents(obj, x, n, t),
-            t,
-            encoder_hidden_states=torch.randn(batch, 77, 256),
-            added_cond_kwargs=cond,
-        ).sample
-        objectives.loss(obj, out_, x, n, t).backward()
+        # the untimed first step also counts the saved activations (the hook costs time)
+        hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t) if i == 0 else contextlib.nullcontext()
+        with hooks:
+            out_ = unet(
+                objectives.noisy_latents(obj, x, n, t),
+                t,
+                encoder_hidden_states=torch.randn(batch, 77, 256),
+                added_cond_kwargs=cond,
+            ).sample
+            loss = objectives.loss(obj, out_, x, n, t)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trained_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     out.put(
         {
-            "trained_params": sum(p.numel() for p in trained.parameters()),
+            "trained_params": trained_params,
             "step_s": float(np.median(times[1:])),
             "peak_added_mb": (peak - built) / 1024,
+            "saved_activations_mb": sum(saved.values()) / 2**20,
+            "grads_adam_mb": 3 * 4 * trained_params / 2**20,  # fp32 gradient + AdamW's two moments
         }
     )
 
@@ -209,13 +227,18 @@ def finetune_parts(args) -> dict:
             p.join()
     rows = {}
     for name, measured in runs.items():
-        rows[name] = {
+        rows[name] = row = {
             "trained_params": measured[0]["trained_params"],
             "step_s": round(float(np.median([m["step_s"] for m in measured])), 3),
             "step_s_rounds": [round(m["step_s"], 3) for m in measured],
             "peak_added_mb": round(float(np.median([m["peak_added_mb"] for m in measured])), 1),
             "peak_added_mb_rounds": [round(m["peak_added_mb"], 1) for m in measured],
+            "saved_activations_mb": round(measured[0]["saved_activations_mb"], 1),
+            "grads_adam_mb": round(measured[0]["grads_adam_mb"], 1),
         }
+        # what the peak holds beyond the live tensors: memory the allocator (glibc malloc) keeps
+        # after freeing the step's temporaries, in holes between live activations
+        row["allocator_kept_mb"] = round(row["peak_added_mb"] - row["saved_activations_mb"] - row["grads_adam_mb"], 1)
     full = rows["full"]
     for row in rows.values():
         row["step_time_vs_full"] = round(row["step_s"] / full["step_s"], 3)
