@@ -8,8 +8,14 @@
     restoring one image of growing size with a fixed tile size, next to the untiled path:
     flat in image size means memory is bounded by the tile.
 The model: a tiny upscale2 checkpoint trained here for a few steps (speed does not depend on
-how well it is trained). Prints JSON (also written to --json).
+how well it is trained).
+(4) pretrained inpainting networks (`--inpaint-networks`, run alone): LaMa (big-lama's
+    architecture) and MAT (`--nets`), random weights, on photos with a generated hole each:
+    the Ray Data job vs the naive loop, per core, end to end (actor start-up and the network's
+    load included).
+Prints JSON (also written to --json).
 Usage: python bench/restore.py [--images 160 --size 96 --steps 8]
+       python bench/restore.py --inpaint-networks [--nets lama,mat --inpaint-images 16 --inpaint-size 128]
 """
 
 from __future__ import annotations
@@ -120,12 +126,57 @@ def naive_loop(cfg: RestoreConfig, files: list[str]) -> float:
     import torch
 
     torch.set_num_threads(1)
-    actor = RestoreActor(cfg, "upscale2")
+    actor = RestoreActor(cfg, cfg.task)
     t = time.perf_counter()
     for f in files:
         rel = os.path.relpath(f, cfg.input)
         actor.restore_one(rel, storage.read_bytes(f))
     return len(files) / (time.perf_counter() - t)
+
+
+def inpaint_networks(root: str, images: int, size: int, names: list[str]) -> dict:
+    """(4): per network, images/s of the naive loop (1 core) and of the Ray Data job, per core."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+    from spandrel.architectures.LaMa import LaMa
+
+    from pipeline.models import degrade
+    from pipeline.restoration import networks
+
+    inp, masks = os.path.join(root, "inpaint-in"), os.path.join(root, "inpaint-masks")
+    os.makedirs(inp)
+    os.makedirs(masks)
+    for i, im in enumerate(photo_crops(images, size, seed=9)):
+        im.save(os.path.join(inp, f"img{i:04d}.png"))
+        hole = degrade.inpaint_mask(size, size, seed=i)
+        Image.fromarray(hole.astype(np.uint8) * 255, "L").save(os.path.join(masks, f"img{i:04d}.png"))
+    files = sorted(os.path.join(inp, f) for f in os.listdir(inp))
+    networks.install_extra_arches()
+    from spandrel_extra_arches.architectures.MAT import MAT
+
+    builds = {"lama": lambda: LaMa(in_nc=4, out_nc=3), "mat": MAT}
+    cores, result = os.cpu_count() or 1, {}
+    for name in names:
+        net = builds[name]()
+        path = os.path.join(root, f"{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+        common = {"input": inp, "checkpoint": path, "task": "inpaint", "mask": masks, "batch_size": 2}
+        naive = naive_loop(RestoreConfig(output=os.path.join(root, f"{name}-naive"), **common), files)
+        t = time.perf_counter()
+        report = run_restore(RestoreConfig(output=os.path.join(root, f"{name}-ray"), cpus_per_actor=0.75, **common))
+        ray_rate = report["written"] / (time.perf_counter() - t)
+        result[name] = {
+            "images": images,
+            "px": size,
+            "naive_loop_img_s_1_core": round(naive, 3),
+            "ray_job_img_s_end_to_end": round(ray_rate, 3),
+            "ray_actors": len(report["actors"]),
+            "ray_per_core_vs_naive": round(ray_rate / cores / naive, 3),
+        }
+    torch.set_num_threads(cores)
+    return result
 
 
 def main() -> None:
@@ -137,8 +188,21 @@ def main() -> None:
     ap.add_argument("--memory-sizes", default="128,256,512,1024")
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--json", default="bench/results/restore.json")
+    ap.add_argument("--inpaint-networks", action="store_true", help="only (4): LaMa (and MAT) inpainting networks")
+    ap.add_argument("--inpaint-images", type=int, default=16)
+    ap.add_argument("--inpaint-size", type=int, default=128)
+    ap.add_argument("--nets", default="lama", help="(4) lama,mat (MAT runs 512x512 per image: ~10 s on one core)")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
+    if args.inpaint_networks:
+        with tempfile.TemporaryDirectory() as root:
+            ensure_ray()
+            names = args.nets.split(",")
+            nets = {"cores": cores, **inpaint_networks(root, args.inpaint_images, args.inpaint_size, names)}
+        print(json.dumps(nets, indent=2))
+        if args.json:
+            storage.write_json(args.json.replace(".json", f"-{args.nets.replace(',', '-')}.json"), nets)
+        return
 
     with tempfile.TemporaryDirectory() as root:
         ensure_ray()

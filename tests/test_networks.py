@@ -17,7 +17,6 @@ from pipeline.config import ConfigError
 from pipeline.io.checkpoint import CheckpointError
 from pipeline.models import tiling
 from pipeline.restoration import networks
-from pipeline.restoration.networks import NetworkRestorer
 from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.restore import RestoreConfig, run_restore
 
@@ -54,7 +53,7 @@ def _own_call(url: str, im: Image.Image) -> np.ndarray:
 
 def test_a_network_restores_at_its_scale_and_matches_the_library_call(x2_net):
     assert networks.describe(x2_net, "") == "upscale2"
-    r = NetworkRestorer(x2_net, "", RestoreSettings(tile=512))
+    r = networks.load(x2_net, "", RestoreSettings(tile=512))
     im = photo_crops(1, 24, seed=1)[0]
     out = r.restore(im)
     assert out.size == (48, 48) and r.task == "upscale2"
@@ -69,7 +68,7 @@ def test_tiled_network_matches_the_library_call_and_batches_by_size(tmp_path):
     # 64-px input tiles with a 16-px overlap: a quarter of it (4 px) covers the network's reach
     settings = RestoreSettings(tile=128, overlap=32)
     assert len(tiling.windows(150, 150, 64, 16)) > 4
-    tiled = NetworkRestorer(net, "upscale2", settings).restore_many(ims)
+    tiled = networks.load(net, "upscale2", settings).restore_many(ims)
     for out, im in zip(tiled, ims):
         assert out.size == (2 * im.width, 2 * im.height)
         diff = np.abs(np.asarray(out, np.float32) - _own_call(net, im))
@@ -82,7 +81,7 @@ def test_16bit_levels_go_through_a_network_unrounded(x2_net):
     from helpers import gradient_16bit
 
     levels = gradient_16bit(30, 20) / np.float32(257)
-    out = NetworkRestorer(x2_net, "", RestoreSettings()).restore(levels)
+    out = networks.load(x2_net, "", RestoreSettings()).restore(levels)
     own = spandrel.ModelLoader().load_from_file(x2_net).eval()
     with torch.no_grad():
         ref = own(torch.from_numpy(levels.transpose(2, 0, 1) / 255.0)[None])[0].numpy().transpose(1, 2, 0) * 255
@@ -150,7 +149,7 @@ def test_eval_scores_a_network_next_to_the_classical_rows(x2_net, tmp_path):
     assert set(scores) == {"model", "bicubic", "lanczos", "back_projection"}  # no autoencoder to reconstruct with
     assert result["calibration"] == {} and result["recommended_gain"] is None and result["checkpoint_step"] is None
     # the model row is the network's own output on the task's degradation of each photo
-    r = NetworkRestorer(x2_net, "upscale2", RestoreSettings())
+    r = networks.load(x2_net, "upscale2", RestoreSettings())
     want = []
     for i in range(2):
         hr = Image.open(tmp_path / "hr" / f"p{i}.png").convert("RGB")

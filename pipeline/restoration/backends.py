@@ -58,7 +58,7 @@ BACKENDS: list[Backend] = [
         "network",
         lambda url, so: networks.is_network_file(url),
         _no_prompt(networks.describe),
-        lambda url, task, opts, so, prompt: networks.NetworkRestorer(url, task, opts, so),
+        lambda url, task, opts, so, prompt: networks.load(url, task, opts, so),
     ),
     Backend(
         "pipeline",

@@ -1,6 +1,7 @@
-"""Pretrained super-resolution and restoration networks in the same job: any single-image network
-that `spandrel` recognises from its weights (ESRGAN / Real-ESRGAN, Compact, SwinIR, HAT, DAT,
-SPAN, DRUNet, NAFNet, ...).
+"""Pretrained networks in the same job: any single-image network that `spandrel` recognises from
+its weights (ESRGAN / Real-ESRGAN, Compact, SwinIR, HAT, DAT, SPAN, DRUNet, NAFNet, ...), and its
+inpainting networks (LaMa; MAT from ``spandrel_extra_arches``, whose architectures are added to
+spandrel's registry once, before the first load), which :mod:`inpaint_networks` runs.
 
 Weights are read from ``.safetensors`` files only, with safetensors, and handed to spandrel as a
 state dict, so nothing is ever unpickled (``.pth`` / ``.ckpt`` / ``.pt`` are refused: they are
@@ -11,12 +12,14 @@ are batched into one call. An image within one tile gets exactly the network's o
 (``descriptor(uint8 / 255)`` in float32, rounded to 8 bits); a tiled one agrees with it where the
 network's reach is within a quarter of the overlap (:func:`tiling.tiled_apply` leaves each tile's
 edge pixels out). The task follows the network's scale: x2 -> ``upscale2``, x4 ->
-``upscale4``, x1 -> ``restore``.
+``upscale4``, x1 -> ``restore``; an inpainting network's task is ``inpaint``. A network asked for
+another task than its own is a one-line ConfigError on the driver (:func:`describe`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +29,9 @@ from PIL import Image
 from pipeline.config import ConfigError
 from pipeline.io import checkpoint, folders, storage
 from pipeline.io.imaging import PixelsT, like, rgb_levels
+from pipeline.models.degrade import INPAINT
 from pipeline.models.tiling import tiled_apply
+from pipeline.restoration.inpaint_networks import NetworkInpainter
 from pipeline.restoration.restorer import RestoreSettings, indices_by_size
 
 SUFFIX = ".safetensors"
@@ -44,6 +49,15 @@ class NetworkInfo:
     architecture: str
     scale: int
     task: str
+
+
+def install_extra_arches() -> None:
+    """Add ``spandrel_extra_arches``' architectures (MAT, ...) to spandrel's registry; idempotent."""
+    with warnings.catch_warnings():  # its import uses torch.jit.script, deprecated in torch 2.9
+        warnings.simplefilter("ignore", FutureWarning)
+        import spandrel_extra_arches
+
+    spandrel_extra_arches.install(ignore_duplicates=True)
 
 
 def _load(url: str, storage_options: dict | None = None):
@@ -67,18 +81,18 @@ def _load(url: str, storage_options: dict | None = None):
         state = load(storage.read_bytes(url, storage_options)) if storage.is_remote(url) else load_file(path)
     except (SafetensorError, OSError) as exc:
         raise checkpoint.CheckpointError(f"{where} is not a readable safetensors file ({str(exc)[:120]})") from None
+    install_extra_arches()
     try:
         descriptor = spandrel.ModelLoader().load_from_state_dict(state)
     except spandrel.UnsupportedModelError:
         raise checkpoint.CheckpointError(f"{where}: spandrel recognises no network architecture in it") from None
-    if (
-        not isinstance(descriptor, spandrel.ImageModelDescriptor)
-        or descriptor.input_channels != 3
-        or descriptor.output_channels != 3
-    ):
+    rgb = descriptor.input_channels == 3 and descriptor.output_channels == 3
+    if isinstance(descriptor, spandrel.MaskedImageModelDescriptor) and rgb:
+        return descriptor, NetworkInfo(descriptor.architecture.name, 1, INPAINT)
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or not rgb:
         raise ConfigError(
-            f"{where}: {descriptor.architecture.name} is not a single-image RGB network "
-            "(inpainting, face or greyscale networks are not supported)"
+            f"{where}: {descriptor.architecture.name} is neither a single-image RGB network nor an RGB "
+            "inpainting network (face or greyscale networks are not supported)"
         )
     if descriptor.scale not in TASK_BY_SCALE:
         raise ConfigError(f"{where}: a x{descriptor.scale} network; supported scales: {sorted(TASK_BY_SCALE)}")
@@ -87,25 +101,37 @@ def _load(url: str, storage_options: dict | None = None):
 
 def describe(url: str, task: str, storage_options: dict | None = None) -> str:
     """The task the network at ``url`` runs, checked against ``--task`` on the driver (one line)."""
-    _descriptor, info = _load(url, storage_options)
+    return _checked(_load(url, storage_options)[1], task)
+
+
+def _checked(info: NetworkInfo, task: str) -> str:
     if task and task != info.task:
+        kind = "an inpainting network" if info.task == INPAINT else f"x{info.scale}"
         raise ConfigError(
-            f"option 'task': the network is x{info.scale} ({info.architecture}), so its task is "
-            f"{info.task!r}, not {task!r}"
+            f"option 'task': the network is {kind} ({info.architecture}), so its task is {info.task!r}, not {task!r}"
         )
     return info.task
+
+
+def load(
+    url: str, task: str, opts: RestoreSettings, storage_options: dict | None = None, device: str | None = None
+) -> NetworkRestorer | NetworkInpainter:
+    """The restorer of the network file at ``url`` (loaded once): a :class:`NetworkRestorer`, or
+    for an inpainting network a :class:`inpaint_networks.NetworkInpainter`."""
+    descriptor, info = _load(url, storage_options)
+    _checked(info, task)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if info.task == INPAINT:
+        return NetworkInpainter(descriptor, opts, dev)
+    return NetworkRestorer(descriptor, info, opts, dev)
 
 
 class NetworkRestorer:
     """Restores images with a spandrel network; the same interface as :class:`Restorer`."""
 
-    def __init__(
-        self, url: str, task: str, opts: RestoreSettings, storage_options: dict | None = None, device: str | None = None
-    ):
-        descriptor, info = _load(url, storage_options)
-        self.task = task or info.task
-        self.scale, self.opts, self.gain = info.scale, opts, 1.0
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def __init__(self, descriptor, info: NetworkInfo, opts: RestoreSettings, device: torch.device):
+        self.task, self.scale, self.opts, self.gain = info.task, info.scale, opts, 1.0
+        self.device = device
         self.net = descriptor.to(self.device).eval()
 
     @torch.no_grad()
