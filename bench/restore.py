@@ -13,26 +13,34 @@ how well it is trained).
     architecture) and MAT (`--nets`), random weights, on photos with a generated hole each:
     the Ray Data job vs the naive loop, per core, end to end (actor start-up and the network's
     load included).
+(5) with ``--sd-inpaint``, only this: a tiny random ``StableDiffusionInpaintPipeline`` folder
+    (built offline) inpainting generated holes (``--mask FOLDER``): (1) vs (2) as above.
 Prints JSON (also written to --json).
 Usage: python bench/restore.py [--images 160 --size 96 --steps 8]
        python bench/restore.py --inpaint-networks [--nets lama,mat --inpaint-images 16 --inpaint-size 128]
+       python bench/restore.py --sd-inpaint [--images 16 --size 96 --steps 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
 import time
 
+import numpy as np
+from PIL import Image
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from helpers import photo_crops, write_photo_folder
 from pipeline.io import storage
-from pipeline.models import autoencoder
+from pipeline.models import autoencoder, degrade
 from pipeline.ray_setup import ensure_ray
 from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.encode import EncodeConfig, run_encode
@@ -179,6 +187,74 @@ def inpaint_networks(root: str, images: int, size: int, names: list[str]) -> dic
     return result
 
 
+def ray_job(cfg: RestoreConfig) -> tuple[float, float, float, dict]:
+    """The Ray Data job on ``cfg`` (actors of 0.75 CPU): its images/s end to end, in steady
+    state (between the first and the last progress line), its start-up seconds and report."""
+    marks: list[tuple[float, int]] = []
+
+    class Progress(logging.Handler):  # "[restore] images N/total ..." lines, every ~2 s
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if msg.startswith("[restore] images "):
+                marks.append((time.perf_counter(), int(msg.split()[2].split("/")[0])))
+
+    restore_log = logging.getLogger("pipeline.restore")
+    restore_log.setLevel(logging.INFO)
+    handler = Progress()
+    restore_log.addHandler(handler)
+    t = time.perf_counter()
+    try:
+        report = run_restore(dataclasses.replace(cfg, cpus_per_actor=0.75))
+    finally:
+        restore_log.removeHandler(handler)
+    rate = report["written"] / (time.perf_counter() - t)
+    (t1, n1), (t2, n2) = marks[0], marks[-1]
+    steady = (n2 - n1) / (t2 - t1) if t2 > t1 else rate
+    return rate, steady, marks[0][0] - t, report
+
+
+def sd_inpaint(args: argparse.Namespace) -> dict:
+    """(5): a tiny random StableDiffusionInpaintPipeline folder, naive loop vs the Ray Data job."""
+    from tiny_bases import save, sd_pipeline
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as root:
+        ensure_ray()
+        folder = save(sd_pipeline(pathlib.Path(root), 0, inpaint=True), os.path.join(root, "sd-inpaint"))
+        inp, masks = os.path.join(root, "in"), os.path.join(root, "masks")
+        os.makedirs(inp)
+        os.makedirs(masks)
+        for i, im in enumerate(photo_crops(args.images, args.size, seed=5)):
+            im.save(os.path.join(inp, f"img{i:04d}.png"))
+            hole = degrade.inpaint_mask(args.size, args.size, seed=i)
+            Image.fromarray(hole.astype(np.uint8) * 255, "L").save(os.path.join(masks, f"img{i:04d}.png"))
+        files = sorted(os.path.join(inp, f) for f in os.listdir(inp))
+        common = {
+            "input": inp,
+            "checkpoint": folder,
+            "task": "inpaint",
+            "mask": masks,
+            "batch_size": 8,
+            "settings": RestoreSettings(steps=args.steps),
+        }
+        naive = naive_loop(RestoreConfig(output=os.path.join(root, "naive"), **common), files)
+        rate, steady, startup, report = ray_job(RestoreConfig(output=os.path.join(root, "ray"), **common))
+    return {
+        "backend": "StableDiffusionInpaintPipeline (tiny random, 9-channel UNet)",
+        "images": args.images,
+        "px": args.size,
+        "steps": args.steps,
+        "cores": cores,
+        "naive_loop_img_s_1_core": round(naive, 3),
+        "ray_job_img_s": round(rate, 3),
+        "ray_actors": len(report["actors"]),
+        "ray_per_core_vs_naive": round(rate / cores / naive, 3),
+        "ray_job_steady_img_s": round(steady, 3),
+        "startup_s": round(startup, 1),
+        "ray_steady_per_core_vs_naive": round(steady / cores / naive, 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=160)
@@ -192,7 +268,14 @@ def main() -> None:
     ap.add_argument("--inpaint-images", type=int, default=16)
     ap.add_argument("--inpaint-size", type=int, default=128)
     ap.add_argument("--nets", default="lama", help="(4) lama,mat (MAT runs 512x512 per image: ~10 s on one core)")
+    ap.add_argument("--sd-inpaint", action="store_true", help="only (5): the SD inpainting pipeline folder")
     args = ap.parse_args()
+    if args.sd_inpaint:
+        result = sd_inpaint(args)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            storage.write_json(args.json.replace(".json", "_sd_inpaint.json"), result)
+        return
     cores = os.cpu_count() or 1
     if args.inpaint_networks:
         with tempfile.TemporaryDirectory() as root:
@@ -242,22 +325,7 @@ def main() -> None:
         modes["network"] = naive_loop(
             RestoreConfig(output=os.path.join(root, "net"), **dict(common, checkpoint=net_file)), sample
         )
-        marks: list[tuple[float, int]] = []
-
-        class Progress(logging.Handler):  # "[restore] images N/total ..." lines, every ~2 s
-            def emit(self, record: logging.LogRecord) -> None:
-                msg = record.getMessage()
-                if msg.startswith("[restore] images "):
-                    marks.append((time.perf_counter(), int(msg.split()[2].split("/")[0])))
-
-        restore_log = logging.getLogger("pipeline.restore")
-        restore_log.setLevel(logging.INFO)
-        restore_log.addHandler(Progress())
-        t = time.perf_counter()
-        report = run_restore(RestoreConfig(output=os.path.join(root, "ray"), cpus_per_actor=0.75, **common))
-        ray_rate = report["written"] / (time.perf_counter() - t)
-        (t1, n1), (t2, n2) = marks[0], marks[-1]
-        steady = (n2 - n1) / (t2 - t1) if t2 > t1 else ray_rate
+        ray_rate, steady, startup, report = ray_job(RestoreConfig(output=os.path.join(root, "ray"), **common))
 
         memory: dict[str, dict[str, float]] = {"tiled": {}, "untiled": {}}
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -283,7 +351,7 @@ def main() -> None:
         "ray_actors": len(report["actors"]),
         "ray_per_core_vs_naive": round(ray_rate / cores / naive, 3),
         "ray_job_steady_img_s": round(steady, 3),
-        "startup_s": round(marks[0][0] - t, 1),
+        "startup_s": round(startup, 1),
         "ray_steady_per_core_vs_naive": round(steady / cores / naive, 3),
         "peak_extra_rss_mb_by_output_size": memory,
         "naive_img_s_fidelity_mode": round(modes["fidelity"], 3),

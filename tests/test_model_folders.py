@@ -252,23 +252,23 @@ def test_a_sharded_folder_inside_loads_and_each_shard_is_in_the_identity(tmp_pat
 def test_a_pipeline_component_whose_weights_lie_outside_is_refused_on_the_driver(tmp_path):
     from test_pipelines import _ldm, _save
 
-    from pipeline.restoration import pipelines
+    from pipeline.restoration import pipeline_folders
 
     folder = _save(_ldm(0), tmp_path / "ldm")
-    assert pipelines.describe(folder, "") == "upscale4"
+    assert pipeline_folders.describe(folder, "") == "upscale4"
     outside = tmp_path / "outside"
     outside.mkdir()
     unet = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     shutil.move(unet, outside / "unet.safetensors")
     os.symlink(outside / "unet.safetensors", unet)
     with pytest.raises(CheckpointError, match=r"unet/diffusion_pytorch_model.safetensors is a link to a file outside"):
-        pipelines.describe(folder, "")
+        pipeline_folders.describe(folder, "")
     os.remove(unet)
     shutil.copy(outside / "unet.safetensors", unet)
     with open(unet, "r+b") as f:  # damaged: cut short
         f.truncate(os.path.getsize(unet) // 2)
     with pytest.raises(CheckpointError, match=r"unet/diffusion_pytorch_model.safetensors is not a readable"):
-        pipelines.describe(folder, "")
+        pipeline_folders.describe(folder, "")
 
 
 # --------------------------------------------------------------------------- 2. damaged weights

@@ -20,7 +20,7 @@ from helpers import photo_crops
 from pipeline import cli
 from pipeline.config import ConfigError
 from pipeline.io.checkpoint import CheckpointError
-from pipeline.restoration import pipelines
+from pipeline.restoration import pipeline_folders
 from pipeline.restoration.pipelines import PipelineRestorer
 from pipeline.restoration.restorer import RestoreSettings
 from pipeline.stages.restore import RestoreConfig, run_restore
@@ -143,7 +143,7 @@ def _px(im: Image.Image) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["ldm", "sd"])
 def test_outputs_are_exactly_four_times_the_input_whatever_its_size(saved, kind):
     folder, _pipe = saved[kind]
-    assert pipelines.is_pipeline_folder(folder) and pipelines.describe(folder, "") == "upscale4"
+    assert pipeline_folders.is_pipeline_folder(folder) and pipeline_folders.describe(folder, "") == "upscale4"
     r = PipelineRestorer(folder, "", RestoreSettings(steps=2))
     assert (r.task, r.scale, r.gain) == ("upscale4", 4, 1.0)
     ims = [photo_crops(1, 40, seed=1)[0].crop((0, 0, w, h)) for w, h in ((24, 16), (40, 40), (21, 13), (24, 16))]
@@ -230,24 +230,24 @@ def test_unsupported_pickled_or_mismatched_pipelines_are_refused_on_the_driver(t
     other = tmp_path / "sd_txt2img"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    assert pipelines.is_pipeline_folder(str(other))
+    assert pipeline_folders.is_pipeline_folder(str(other))
     with pytest.raises(ConfigError, match="'StableDiffusionPipeline' pipeline; restore runs only"):
-        pipelines.describe(str(other), "")
+        pipeline_folders.describe(str(other), "")
     pickled = _save(_ldm(2), tmp_path / "pickled", safe=False)
     with pytest.raises(CheckpointError, match=r"unet/ has only pickle weights \(diffusion_pytorch_model.bin\)"):
-        pipelines.describe(pickled, "")
+        pipeline_folders.describe(pickled, "")
     with pytest.raises(CheckpointError, match="only pickle weights"):
         PipelineRestorer(pickled, "", RestoreSettings())
     with pytest.raises(ConfigError, match="its task is 'upscale4', not 'upscale2'"):
-        pipelines.describe(saved["ldm"][0], "upscale2")
+        pipeline_folders.describe(saved["ldm"][0], "upscale2")
     custom = tmp_path / "custom"
     shutil.copytree(saved["ldm"][0], custom)
     index = json.loads((custom / "model_index.json").read_text())
     index["unet"] = ["my_unet", "MyUNet"]
     (custom / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match=r"comes from 'my_unet'.*no code from the folder is run"):
-        pipelines.describe(str(custom), "")
-    assert not pipelines.is_pipeline_folder(str(tmp_path / "nothing"))
+        pipeline_folders.describe(str(custom), "")
+    assert not pipeline_folders.is_pipeline_folder(str(tmp_path / "nothing"))
     (tmp_path / "in").mkdir()
     photo_crops(1, 16)[0].save(tmp_path / "in" / "a.png")
     for checkpoint, task, words in ((pickled, "", "pickle weights"), (saved["ldm"][0], "upscale2", "not 'upscale2'")):
@@ -298,8 +298,8 @@ def test_a_prompt_reaches_the_sd_upscaler_and_is_refused_elsewhere(saved, tmp_pa
     (tmp_path / "in").mkdir()
     im.save(tmp_path / "in" / "a.png")
     for checkpoint, words in (
-        (saved["ldm"][0], "only a StableDiffusionUpscalePipeline takes a prompt, not a LDM"),
-        (str(tmp_path / "net.safetensors"), "only a StableDiffusionUpscalePipeline folder takes a prompt"),
+        (saved["ldm"][0], "or StableDiffusionInpaintPipeline takes a prompt, not a LDM"),
+        (str(tmp_path / "net.safetensors"), "or StableDiffusionInpaintPipeline folder takes a prompt"),
     ):
         argv = ["restore", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"), "--prompt", "a photo"]
         rc = cli.main([*argv, "--checkpoint", checkpoint])

@@ -28,9 +28,10 @@ WIDTH = 32  # text width of the stand-in CLIP encoders
 PROMPTS = ["a photo of a cat", "a red dog", "a green tree", "a cat on a tree", "a dog in the snow", "a blue sky"]
 
 
-def tiny_unet(family: str = "sd", seed: int = 0):
+def tiny_unet(family: str = "sd", seed: int = 0, in_channels: int = 4):
     """A UNet2DConditionModel of the SD 1.x (``sd``) or SDXL (``sdxl``: text_time added
-    conditioning on pooled text + 6 time ids) architecture, at a tiny size."""
+    conditioning on pooled text + 6 time ids) architecture, at a tiny size (``in_channels`` 9:
+    SD's inpainting UNet, latent + mask + masked-image latent)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -46,7 +47,7 @@ def tiny_unet(family: str = "sd", seed: int = 0):
         }
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -76,19 +77,22 @@ def tiny_vae(seed: int = 0):
     )
 
 
-def sd_pipeline(root, seed: int = 0):
-    """A tiny StableDiffusionPipeline (stand-in CLIP text encoder with its tokenizer)."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def sd_pipeline(root, seed: int = 0, *, inpaint: bool = False, unet_channels: int = 0):
+    """A tiny StableDiffusionPipeline (stand-in CLIP text encoder with its tokenizer), or with
+    ``inpaint`` a StableDiffusionInpaintPipeline of the same parts with SD's 9-channel inpainting
+    UNet (``unet_channels`` another count: 4 is a text-to-image UNet in an inpainting folder)."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import AutoTokenizer, CLIPTextModel
 
     from pipeline.models.text import build_stand_in
 
     text_dir = build_stand_in(str(root / f"text{seed}"), PROMPTS, kind="clip", width=WIDTH, seed=seed)
-    pipe = StableDiffusionPipeline(
+    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    pipe = cls(
         vae=tiny_vae(seed),
         text_encoder=CLIPTextModel.from_pretrained(text_dir),
         tokenizer=AutoTokenizer.from_pretrained(text_dir),
-        unet=tiny_unet("sd", seed),
+        unet=tiny_unet("sd", seed, in_channels=unet_channels or (9 if inpaint else 4)),
         scheduler=PNDMScheduler.from_config(SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,

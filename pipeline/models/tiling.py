@@ -10,6 +10,9 @@
   of the overlap (:func:`_ramp`, as chaiNNer's half-sine blend), so a map that reaches no
   further than a quarter of the overlap gives its untiled result, up to float rounding.
 
+* :func:`pad_reflect` pads an image up to a model's size unit (the pipelines' VAE or UNet
+  multiple) by reflection, so the padding continues the image.
+
 Peak activation memory is set by the tile size, not the image size.
 """
 
@@ -18,6 +21,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+
+
+def pad_reflect(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad the bottom and right of (B, C, h, w) up to a multiple (repeatedly for tiny sides,
+    replicating a side of one pixel)."""
+    ph, pw = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
+    while ph or pw:
+        dh, dw = min(ph, x.shape[-2] - 1), min(pw, x.shape[-1] - 1)
+        if not dh and not dw:
+            return F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x = F.pad(x, (0, dw, 0, dh), mode="reflect")
+        ph, pw = ph - dh, pw - dw
+    return x
 
 
 def _starts(size: int, tile: int, overlap: int) -> list[int]:

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.config import ConfigError
 from pipeline.io.imaging import PixelsT
 from pipeline.models import loading
-from pipeline.restoration import inpaint_refiner, networks, pipelines
+from pipeline.restoration import inpaint_pipeline, inpaint_refiner, networks, pipeline_folders, pipelines
 from pipeline.restoration.restorer import Restorer, RestoreSettings, check_compatible
 
 
@@ -60,10 +60,17 @@ BACKENDS: list[Backend] = [
         _no_prompt(networks.describe),
         lambda url, task, opts, so, prompt: networks.load(url, task, opts, so),
     ),
-    Backend(
+    Backend(  # a StableDiffusionInpaintPipeline folder (before the other pipeline folders)
+        "inpaint-pipeline",
+        lambda url, so: pipeline_folders.class_of(url, so) == pipeline_folders.SD_INPAINT,
+        inpaint_pipeline.describe,
+        lambda url, task, opts, so, prompt: inpaint_pipeline.PipelineInpainter(url, task, opts, so, prompt=prompt),
+        takes_prompt=True,
+    ),
+    Backend(  # the x4 super-resolution pipeline folders (and any other folder, refused by its check)
         "pipeline",
-        pipelines.is_pipeline_folder,
-        lambda url, task, so, prompt: pipelines.describe(url, task, so, prompt=prompt),
+        pipeline_folders.is_pipeline_folder,
+        pipeline_folders.describe,
         lambda url, task, opts, so, prompt: pipelines.PipelineRestorer(url, task, opts, so, prompt=prompt),
         takes_prompt=True,
     ),
@@ -92,7 +99,8 @@ def check(url: str, task: str, storage_options: dict | None = None, prompt: str 
     it cannot; reads descriptions only, so drivers call it before any Ray work."""
     backend = backend_for(url, storage_options)
     if prompt and not backend.takes_prompt:
-        raise ConfigError(f"option 'prompt': only a {pipelines.SD_UPSCALE} folder takes a prompt")
+        takers = " or ".join(name for name, kind in pipeline_folders.KINDS.items() if kind.takes_prompt)
+        raise ConfigError(f"option 'prompt': only a {takers} folder takes a prompt")
     return backend.check(url, task, storage_options, prompt)
 
 

@@ -53,7 +53,8 @@ class RestoreConfig:
         "",
         "diffusion checkpoint (or a training output: its newest checkpoint), or a pretrained network file "
         "that spandrel recognises (ESRGAN, Real-ESRGAN, SwinIR, HAT, ...; .safetensors only), or for "
-        "--task inpaint a train-refiner --task inpaint output (the refiner over the biharmonic fill)",
+        "--task inpaint a train-refiner --task inpaint output (the refiner over the biharmonic fill), or a "
+        "diffusers pipeline folder (LDM / SD x4 upscalers; a StableDiffusionInpaintPipeline for --task inpaint)",
     )
     task: str = option("", "restoration task (default: the checkpoint's task)", choices=RESTORE_TASKS, noun="task")
     scale: int = option(
@@ -63,8 +64,8 @@ class RestoreConfig:
     )
     prompt: str = option(
         "",
-        "StableDiffusionUpscalePipeline folders only: the text prompt, with the pipeline's default guidance "
-        "scale 9 (default: the empty prompt, no guidance)",
+        "StableDiffusionUpscalePipeline and StableDiffusionInpaintPipeline folders only: the text prompt, "
+        "with the pipeline's default guidance scale (9 and 7.5; default: the empty prompt, no guidance)",
     )
     mask: str = option(
         "",
