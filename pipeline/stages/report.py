@@ -327,29 +327,43 @@ def _samples_section(p: dict[str, str]) -> list[str]:
     ]
 
 
-def _upscaling_section(p: dict[str, str]) -> list[str]:
-    ev = storage.read_json(os.path.join(p["eval"], "eval.json"))
-    restore_report = storage.read_json(os.path.join(p["restored"], "_report.json"))
-    with open(os.path.join(p["eval"], "side_by_side.png"), "rb") as f:
+def _eval_outputs(eval_dir: str, job_dir: str) -> tuple[dict, dict, bytes]:
+    """An ``eval`` output's result, the restore job's report and eval's side-by-side PNG."""
+    with open(os.path.join(eval_dir, "side_by_side.png"), "rb") as f:
         side_by_side = f.read()
+    return (
+        storage.read_json(os.path.join(eval_dir, "eval.json")),
+        storage.read_json(os.path.join(job_dir, "_report.json")),
+        side_by_side,
+    )
+
+
+def _eval_tables(ev: dict, scored: str, gain: str, floor: str) -> tuple[str, str]:
+    """The scores table of an ``eval`` result (``scored``: what PSNR/SSIM are measured on) and its
+    gain calibration table (never below ``floor``)."""
+    scores = _table(
+        ["method", f"{scored}PSNR dB", f"{scored}SSIM"],
+        [[k, f"{v['psnr']:.2f}", f"{v['ssim']:.4f}"] for k, v in ev["scores"].items()],
+    )
+    calibration = _table(
+        [gain, f"{scored}PSNR dB", f"{scored}SSIM", f"never below {floor}"],
+        [[g, f"{c['psnr']:.2f}", f"{c['ssim']:.4f}", c["never_below_baseline"]] for g, c in ev["calibration"].items()],
+    )
+    return scores, calibration
+
+
+def _upscaling_section(p: dict[str, str]) -> list[str]:
+    ev, restore_report, side_by_side = _eval_outputs(p["eval"], p["restored"])
+    scores, calibration = _eval_tables(ev, "", "detail gain", "Lanczos")
     return [
         "<h2 id='upscaling'>Upscaling x4 (held-out photo)</h2>",
-        _table(
-            ["method", "PSNR dB", "SSIM"],
-            [[k, f"{v['psnr']:.2f}", f"{v['ssim']:.4f}"] for k, v in ev["scores"].items()],
-        ),
+        scores,
         f"<p>Model at detail gain {ev['gain']} (calibrated on held-out photos at training; the restore job "
         f"uses it too); never below Lanczos per image and at least the back-projection base on average: "
         f"{ev['model_never_below_lanczos']}; the gain these images recommend: {ev['recommended_gain']}. "
         "The autoencoder row is the original passed through the "
         "autoencoder: the ceiling of a method that decodes whole images.</p>",
-        _table(
-            ["detail gain", "PSNR dB", "SSIM", "never below Lanczos"],
-            [
-                [g, f"{c['psnr']:.2f}", f"{c['ssim']:.4f}", c["never_below_baseline"]]
-                for g, c in ev["calibration"].items()
-            ],
-        ),
+        calibration,
         f"<figure>{_img(side_by_side, 'eval side by side', 900)}<figcaption>Per row: low-resolution "
         "input (nearest), bicubic, Lanczos, model, original.</figcaption></figure>",
         f"<figure>{_img(_before_after(p['lowres'], p['restored']), 'restore job output', 600)}"
@@ -360,22 +374,17 @@ def _upscaling_section(p: dict[str, str]) -> list[str]:
 
 
 def _inpainting_section(p: dict[str, str]) -> list[str]:
-    ev = storage.read_json(os.path.join(p["eval-inpaint"], "eval.json"))
-    job = storage.read_json(os.path.join(p["inpainted"], "_report.json"))
-    with open(os.path.join(p["eval-inpaint"], "side_by_side.png"), "rb") as f:
-        side_by_side = f.read()
+    ev, job, side_by_side = _eval_outputs(p["eval-inpaint"], p["inpainted"])
+    scores, calibration = _eval_tables(ev, "hole ", "gain", "the base")
     base = ev["scores"]["classical_base"]["psnr"]
     return [
         "<h2 id='inpainting'>Inpainting (held-out photo, generated holes)</h2>",
-        _table(
-            ["method", "hole PSNR dB", "hole SSIM"],
-            [[k, f"{v['psnr']:.2f}", f"{v['ssim']:.4f}"] for k, v in ev["scores"].items()],
-        ),
+        scores,
         f"<p>A pixel refiner over the biharmonic fill (classical_base), trained on the demo's photo crops with "
         f"generated holes (boxes and strokes); scored in the hole only (outside it every output is the "
         f"original). Model at gain {ev['gain']}, calibrated at training on other held-out photos: "
         + (
-            "no gain was never below the base on every calibration photo, so the default is the base itself; "
+            "every gain above 0 fell below the base on some calibration photo, so the default is the base itself; "
             if not ev["gain"]
             else ""
         )
@@ -383,13 +392,7 @@ def _inpainting_section(p: dict[str, str]) -> list[str]:
         f"average: {ev['model_never_below_lanczos']}; the gain these photos recommend: {ev['recommended_gain']}. "
         f"After the demo, <code>latent-pipeline restore --task inpaint --checkpoint {html.escape(p['inpaint'])} "
         "--mask FOLDER</code> fills your own holes with it.</p>",
-        _table(
-            ["gain", "hole PSNR dB", "hole SSIM", "never below the base"],
-            [
-                [g, f"{c['psnr']:.2f}", f"{c['ssim']:.4f}", c["never_below_baseline"]]
-                for g, c in ev["calibration"].items()
-            ],
-        ),
+        calibration,
         f"<figure>{_img(side_by_side, 'inpainting side by side', 800)}<figcaption>Per row: the hole (grey), the "
         "classical base (biharmonic fill), the refiner at gain 1, the model at its calibrated gain, the "
         "original.</figcaption></figure>",
