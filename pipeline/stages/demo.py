@@ -8,11 +8,14 @@ Stages: photos (crops of the bundled photos; one photo held out; captioned crops
 aspect ratios) -> shards -> train-vae -> encode (with the upscale4 view) -> text-encoder (a tiny
 random-weight stand-in, built offline) -> encode-captioned (aspect-ratio buckets, caption
 embeddings, flipped latents) -> train (a text-conditioned transformer on the buckets) ->
-train-refiner (the x4 pixel refiner, on crops at the photos' own scale) -> train --task upscale4
---refiner (the refiner bundled; the gain calibrated on other held-out crops) -> sample (per
-prompt, at two aspect ratios) -> eval (held-out photos vs bicubic
-/ Lanczos / back-projection / autoencoder) -> restore (Ray Data job over the degraded held-out
-photos) -> report.html.
+train-refiner (the x4 pixel refiner, on crops at the photos' own scale) -> train-inpaint
+(train-refiner --task inpaint on the same crops, its gain calibrated on the calibration photos:
+the checkpoint of ``restore --task inpaint``) -> train --task upscale4 --refiner (the refiner
+bundled; the gain calibrated on other held-out crops) -> sample (per prompt, at two aspect
+ratios) -> eval (held-out photos vs bicubic / Lanczos / back-projection / autoencoder) -> restore
+(Ray Data job over the degraded held-out photos) -> eval-inpaint (hole PSNR/SSIM next to the
+biharmonic base) -> restore-inpaint (Ray Data job over the held-out photos with generated holes
+and a mask folder) -> report.html. Each stage's seconds are logged and kept in stages.json.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from pipeline.config import RayOptions, group, option
 from pipeline.io import checkpoint, sample_photos, storage
@@ -37,8 +42,8 @@ from pipeline.stages.restore import RestoreConfig, run_restore
 from pipeline.stages.sample import SampleConfig, run_sample
 from pipeline.stages.shards import ShardsConfig, run_shards
 from pipeline.stages.train import TrainConfig, run_train
+from pipeline.stages.train_refiner import RefinerTrainConfig, run_train_refiner
 from pipeline.train.autoencoder import VAETrainConfig, run_train_vae
-from pipeline.train.refiner import RefinerTrainConfig, run_train_refiner
 
 log = logging.getLogger("pipeline.demo")
 
@@ -99,6 +104,7 @@ class Budget:
     task_steps: int
     refiner_crops_per_photo: int
     refiner_steps: int
+    inpaint_steps: int
     heldout: int
     sample_steps: int
     restore_steps: int
@@ -109,9 +115,10 @@ FULL = Budget(
     captioned_per_photo=48,
     vae_steps=450,
     diffusion_steps=600,
-    task_steps=500,
+    task_steps=150,  # the eval table is the fidelity mode: the refiner's, whatever these steps
     refiner_crops_per_photo=48,
-    refiner_steps=700,
+    refiner_steps=300,
+    inpaint_steps=200,
     heldout=6,
     sample_steps=30,
     restore_steps=20,
@@ -124,6 +131,7 @@ QUICK = Budget(
     task_steps=30,
     refiner_crops_per_photo=4,
     refiner_steps=20,
+    inpaint_steps=10,
     heldout=3,
     sample_steps=6,
     restore_steps=4,
@@ -152,9 +160,14 @@ PATHS = (  # the artefacts of a demo, each at workdir/NAME
     "refiner-shards",
     "heldout-shards",
     "refiner4",
+    "inpaint",
     "samples.png",
     "eval",
     "restored",
+    "eval-inpaint",
+    "masks",
+    "damaged",
+    "inpainted",
     "captioned",
     "captioned-shards",
     "text-encoder",
@@ -294,22 +307,34 @@ def make_refiner_shards(d: DemoRun) -> None:
     run_shards(ShardsConfig(src=d.p["heldout"], out=d.p["heldout-shards"], samples_per_shard=64))
 
 
-def train_refiner4(d: DemoRun) -> None:
+def _train_refiner(d: DemoRun, task: str, output: str, steps: int, **extra: Any) -> None:
+    """A pixel refiner for ``task`` on the refiner crops (one rank with both cores: the batch is small)."""
     run_train_refiner(
         RefinerTrainConfig(
-            task="upscale4",
+            task=task,
             images=d.shard_glob("refiner-shards"),
             heldout=d.shard_glob("heldout-shards"),
-            output=d.p["refiner4"],
-            steps=d.b.refiner_steps,
-            checkpoint_every=max(10, d.b.refiner_steps // 2),
+            output=d.p[output],
+            steps=steps,
+            checkpoint_every=max(10, steps // 2),
             eval_images=d.b.heldout,
             workers=1,
-            cpus_per_worker=2.0,  # one rank with both cores: the batch is small
+            cpus_per_worker=2.0,
             ray=d.cfg.ray,
             log_every=d.common["log_every"],
+            **extra,
         )
     )
+
+
+def train_refiner4(d: DemoRun) -> None:
+    _train_refiner(d, "upscale4", "refiner4", d.b.refiner_steps)
+
+
+def train_inpaint(d: DemoRun) -> None:
+    # itself the checkpoint of `restore --task inpaint`: its gain is calibrated on the demo's
+    # calibration photos (generated holes), never below the biharmonic fill
+    _train_refiner(d, "inpaint", "inpaint", d.b.inpaint_steps, calibration_images=d.p["calibration"])
 
 
 def train_upscale4(d: DemoRun) -> None:
@@ -342,18 +367,50 @@ def evaluate_upscale4(d: DemoRun) -> None:
     )
 
 
-def restore_lowres(d: DemoRun) -> None:
+def evaluate_inpaint(d: DemoRun) -> None:
+    evaluate(EvalConfig(task="inpaint", checkpoint=d.p["inpaint"], images=d.p["heldout"], out=d.p["eval-inpaint"]))
+
+
+def _restore(d: DemoRun, task: str, source: str, output: str, **extra: Any) -> None:
+    """The Ray Data restore job over the folder ``source`` with the demo's checkpoint for ``task``
+    (the artefact of that name)."""
     run_restore(
         RestoreConfig(
-            input=d.p["lowres"],
-            output=d.p["restored"],
-            checkpoint=d.p["upscale4"],
-            task="upscale4",
+            input=d.p[source],
+            output=d.p[output],
+            checkpoint=d.p[task],
+            task=task,
             cpus_per_actor=0.75,
             ray=d.cfg.ray,
             settings=RestoreSettings(steps=d.b.restore_steps),  # the gain calibrated at training
+            **extra,
         )
     )
+
+
+def restore_lowres(d: DemoRun) -> None:
+    _restore(d, "upscale4", "lowres", "restored")
+
+
+def write_holes(d: DemoRun) -> None:
+    """Per held-out photo a generated hole (the one ``eval --task inpaint`` scores, seeded by the
+    file name) as a mask file (white = fill) in ``masks``, and the photo with the hole blanked in
+    ``damaged``: what a user brings to ``restore --task inpaint --mask FOLDER``."""
+    from PIL import Image
+
+    os.makedirs(d.p["masks"], exist_ok=True)
+    os.makedirs(d.p["damaged"], exist_ok=True)
+    for name in sorted(os.listdir(d.p["heldout"])):
+        photo = np.asarray(Image.open(os.path.join(d.p["heldout"], name)).convert("RGB")).copy()
+        hole = degrade.inpaint_mask(photo.shape[0], photo.shape[1], degrade.seed_for(name))
+        Image.fromarray(hole.astype(np.uint8) * 255).save(os.path.join(d.p["masks"], name))
+        photo[hole] = 128
+        Image.fromarray(photo).save(os.path.join(d.p["damaged"], name))
+
+
+def restore_inpaint(d: DemoRun) -> None:
+    write_holes(d)
+    _restore(d, "inpaint", "damaged", "inpainted", mask=d.p["masks"])
 
 
 # --------------------------------------------------------------------------- the table of stages
@@ -408,10 +465,13 @@ STAGES = (
         lambda b: b.refiner_crops_per_photo * len(sample_photos.PHOTOS) + b.heldout,
     ),
     _training("train-refiner", "refiner4", lambda b: b.refiner_steps, train_refiner4, 16),
+    _training("train-inpaint", "inpaint", lambda b: b.inpaint_steps, train_inpaint, 16),
     _training("train-upscale4", "upscale4", lambda b: b.task_steps, train_upscale4, 32 * 2),
     _images("sample", _has("samples.png"), sample_prompts, lambda b: len(DEMO_PROMPTS) * 2 * len(SAMPLE_SIZES)),
     _images("eval", _has("eval", "eval.json"), evaluate_upscale4, lambda b: b.heldout),
     _images("restore", _has("restored", "_report.json"), restore_lowres, lambda b: b.heldout),
+    _images("eval-inpaint", _has("eval-inpaint", "eval.json"), evaluate_inpaint, lambda b: b.heldout),
+    _images("restore-inpaint", _has("inpainted", "_report.json"), restore_inpaint, lambda b: b.heldout),
 )
 
 
@@ -437,6 +497,7 @@ class StageLog:
         t0 = time.time()
         stage.run(d)
         secs = round(time.time() - t0, 2)
+        log.info(f"[demo] {stage.name}: {secs:.1f}s")
         self.stages[stage.name] = {
             "seconds": secs,
             "items": items,
