@@ -144,7 +144,8 @@ def _inpaint_job(bucket: str, ckpt: str, out: str, **settings) -> dict:
 def test_lama_inpaints_on_s3_exactly_as_its_own_call(lama_file, bucket, ray_cluster):
     # one image within the tile (one call: the network's own), one larger (crops around its holes)
     images = [photo_crops(1, 48, seed=50)[0], photo_crops(1, 150, seed=51)[0].crop((0, 0, 150, 100))]
-    holes = [degrade.inpaint_mask(48, 48, seed=60), np.zeros((100, 150), bool)]
+    holes = [degrade.inpaint_mask(48, 48, seed=60).copy(), np.zeros((100, 150), bool)]
+    holes[0][20:34, 16:32] = True  # a box too, so that the hole has an interior (feather weight 1)
     holes[1][10:22, 12:30] = True
     holes[1][70:90, 120:135] = True
     for i, (im, hole) in enumerate(zip(images, holes)):
