@@ -14,7 +14,7 @@ from pipeline.models import autoencoder
 from pipeline.stages import report
 from pipeline.stages.demo import PATHS
 
-STAGE_OUTPUTS = ("vae", "diffusion", "refiner4", "upscale4")
+STAGE_OUTPUTS = ("vae", "diffusion", "refiner4", "inpaint", "upscale4")
 
 
 def _json(path: str, obj: object) -> None:
@@ -84,15 +84,27 @@ def synthetic_workdir(root: str) -> dict[str, str]:
             "calibration": gains,
         },
     )
-    _json(os.path.join(p["restored"], "_report.json"), {"written": 2, "errors": 0, "images_per_s": 1.5})
-    os.makedirs(p["heldout"])
-    os.makedirs(p["lowres"])
+    _json(
+        os.path.join(p["eval-inpaint"], "eval.json"),
+        {
+            "scores": {"model": {"psnr": 17.25, "ssim": 0.8}, "classical_base": {"psnr": 16.5, "ssim": 0.78}},
+            "gain": 1.0,
+            "model_never_below_lanczos": True,
+            "recommended_gain": 1.0,
+            "calibration": {"1.0": {"psnr": 17.25, "ssim": 0.8, "never_below_baseline": True}},
+        },
+    )
+    for job in ("restored", "inpainted"):
+        _json(os.path.join(p[job], "_report.json"), {"written": 2, "errors": 0, "images_per_s": 1.5})
+    for folder in ("heldout", "lowres", "damaged"):
+        os.makedirs(p[folder])
     for i, im in enumerate(photo_crops(2, 64)):
-        im.save(os.path.join(p["heldout"], f"h{i}.png"))
+        for folder in ("heldout", "restored", "damaged", "inpainted"):
+            im.save(os.path.join(p[folder], f"h{i}.png"))
         im.resize((16, 16)).save(os.path.join(p["lowres"], f"h{i}.png"))
-        im.save(os.path.join(p["restored"], f"h{i}.png"))
     Image.new("RGB", (40, 20), "gray").save(p["samples.png"])
-    Image.new("RGB", (40, 20), "gray").save(os.path.join(p["eval"], "side_by_side.png"))
+    for ev in ("eval", "eval-inpaint"):
+        Image.new("RGB", (40, 20), "gray").save(os.path.join(p[ev], "side_by_side.png"))
     for i, name in enumerate(STAGE_OUTPUTS):
         write_metrics(os.path.join(p[name], "metrics.jsonl"), training_rows(1.0 + i, 0.1 + i / 10))
     return p
@@ -195,12 +207,13 @@ def test_write_report_on_a_synthetic_workdir(tmp_path):
     html = open(out).read()
     for section in report.SECTIONS:
         assert f"id='{section}'" in html, section
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 6
+    assert "+0.75 dB over the base" in html  # the inpainting section: model vs the biharmonic fill
     assert "<td>photos</td><td>2.0</td><td>24</td><td>12.0 images/s</td>" in html
     assert "<td>image shards</td><td>10</td><td>9</td><td>1</td><td>2</td>" in html
     assert "<td>autoencoder</td><td>40</td><td>1.0000</td><td>0.1000</td><td>21.5</td>" in html
     charts = re.findall(r"<svg.*?</svg>", html, re.S)
-    assert len(charts) == len(report.LOSS_CURVES) == 4
+    assert len(charts) == len(report.LOSS_CURVES) == 5
     titles = [_labels(_chart(c))[0] for c in charts]
     assert titles == [f"{stage} ({what})" for stage, _, what in report.LOSS_CURVES]
     assert html.index("id='training'") < html.index("<svg")
@@ -209,6 +222,6 @@ def test_write_report_on_a_synthetic_workdir(tmp_path):
     os.remove(os.path.join(p["refiner4"], "metrics.jsonl"))
     write_metrics(os.path.join(p["upscale4"], "metrics.jsonl"), [{"step": 10, "psnr": 20.0}])
     html = open(report.write_report(str(tmp_path), p, stages, total_seconds=3.0)).read()
-    assert html.count("<svg") == 2
+    assert html.count("<svg") == 3
     assert "train-refiner (x4 pixel refiner): no metrics.jsonl." in html
     assert "train-upscale4 (x4 upscaling diffusion): no loss logged in its metrics.jsonl." in html
