@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	RAY_AUTH_MODE=disabled $(VENV)/bin/latent-pipeline demo --workdir demo-out
 
-# the full suite: real Ray, a real S3 endpoint, real models (353 passed in 24 min 56 s on 2
-# cores in a fresh-clone CI run on 2026-12-07; 312 took 17 min 35 s on 2026-12-02)
+# the full suite: real Ray, a real S3 endpoint, real models (368 passed in 26 min 5 s on 2
+# cores in a fresh-clone CI run on 2026-12-08; 312 took 17 min 35 s on 2026-12-02)
 test: install
 	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q
 
