@@ -142,25 +142,28 @@ def naive_loop(cfg: RestoreConfig, files: list[str]) -> float:
     return len(files) / (time.perf_counter() - t)
 
 
-def inpaint_networks(root: str, images: int, size: int, names: list[str]) -> dict:
-    """(4): per network, images/s of the naive loop (1 core) and of the Ray Data job, per core."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from safetensors.torch import save_file
-    from spandrel.architectures.LaMa import LaMa
-
-    from pipeline.models import degrade
-    from pipeline.restoration import networks
-
+def inpaint_inputs(root: str, n: int, size: int, seed: int) -> tuple[str, str, list[str]]:
+    """``n`` photo crops of ``size`` px under ``root/inpaint-in`` and a generated hole each, of the
+    same name, under ``root/inpaint-masks`` (``--mask FOLDER``); returns both folders and the files."""
     inp, masks = os.path.join(root, "inpaint-in"), os.path.join(root, "inpaint-masks")
     os.makedirs(inp)
     os.makedirs(masks)
-    for i, im in enumerate(photo_crops(images, size, seed=9)):
+    for i, im in enumerate(photo_crops(n, size, seed=seed)):
         im.save(os.path.join(inp, f"img{i:04d}.png"))
         hole = degrade.inpaint_mask(size, size, seed=i)
         Image.fromarray(hole.astype(np.uint8) * 255, "L").save(os.path.join(masks, f"img{i:04d}.png"))
-    files = sorted(os.path.join(inp, f) for f in os.listdir(inp))
+    return inp, masks, sorted(os.path.join(inp, f) for f in os.listdir(inp))
+
+
+def inpaint_networks(root: str, images: int, size: int, names: list[str]) -> dict:
+    """(4): per network, images/s of the naive loop (1 core) and of the Ray Data job, per core."""
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.LaMa import LaMa
+
+    from pipeline.restoration import networks
+
+    inp, masks, files = inpaint_inputs(root, images, size, seed=9)
     networks.install_extra_arches()
     from spandrel_extra_arches.architectures.MAT import MAT
 
@@ -221,14 +224,7 @@ def sd_inpaint(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as root:
         ensure_ray()
         folder = save(sd_pipeline(pathlib.Path(root), 0, inpaint=True), os.path.join(root, "sd-inpaint"))
-        inp, masks = os.path.join(root, "in"), os.path.join(root, "masks")
-        os.makedirs(inp)
-        os.makedirs(masks)
-        for i, im in enumerate(photo_crops(args.images, args.size, seed=5)):
-            im.save(os.path.join(inp, f"img{i:04d}.png"))
-            hole = degrade.inpaint_mask(args.size, args.size, seed=i)
-            Image.fromarray(hole.astype(np.uint8) * 255, "L").save(os.path.join(masks, f"img{i:04d}.png"))
-        files = sorted(os.path.join(inp, f) for f in os.listdir(inp))
+        inp, masks, files = inpaint_inputs(root, args.images, args.size, seed=5)
         common = {
             "input": inp,
             "checkpoint": folder,
